@@ -1,1 +1,190 @@
-// placeholder
+#include "engine/model_weights.h"
+
+#include <cstring>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "engine/status_macros.h"
+#include "kernels/cpu/half.h"
+
+namespace nibble::engine {
+namespace {
+
+// Where each architecture keeps a layer's tensors.
+struct LayerTensorNames {
+  std::string attention_norm, q, k, v, o, wqkv, ffn_norm, gate, up, down;
+};
+
+LayerTensorNames NamesForLayer(Architecture arch, int64_t layer) {
+  LayerTensorNames n;
+  if (arch == Architecture::kInternLM2) {
+    const std::string p = absl::StrCat("model.layers.", layer, ".");
+    n.attention_norm = p + "attention_norm.weight";
+    n.wqkv = p + "attention.wqkv.weight";
+    n.o = p + "attention.wo.weight";
+    n.ffn_norm = p + "ffn_norm.weight";
+    n.gate = p + "feed_forward.w1.weight";
+    n.up = p + "feed_forward.w3.weight";
+    n.down = p + "feed_forward.w2.weight";
+    return n;
+  }
+  const std::string p = absl::StrCat("model.layers.", layer, ".");
+  n.attention_norm = p + "input_layernorm.weight";
+  n.q = p + "self_attn.q_proj.weight";
+  n.k = p + "self_attn.k_proj.weight";
+  n.v = p + "self_attn.v_proj.weight";
+  n.o = p + "self_attn.o_proj.weight";
+  n.ffn_norm = p + "post_attention_layernorm.weight";
+  n.gate = p + "mlp.gate_proj.weight";
+  n.up = p + "mlp.up_proj.weight";
+  n.down = p + "mlp.down_proj.weight";
+  return n;
+}
+
+std::string BiasName(const std::string& weight_name) {
+  return weight_name.substr(0, weight_name.size() - std::string("weight").size()) + "bias";
+}
+
+class WeightReader {
+ public:
+  WeightReader(const TensorStore& store, const ModelConfig& config, WeightStorage storage)
+      : store_(store), config_(config), storage_(storage) {}
+
+  absl::StatusOr<std::vector<float>> Vector(const std::string& name, int64_t size) {
+    return store_.ReadF32(name, {size});
+  }
+
+  // A linear weight [out, in] and, when `with_bias`, its bias [out].
+  absl::StatusOr<std::unique_ptr<LinearWeight>> Linear(const std::string& name, int64_t in,
+                                                       int64_t out, bool with_bias) {
+    NIBBLE_ASSIGN_OR_RETURN(std::vector<float> weight, store_.ReadF32(name, {out, in}));
+    std::vector<float> bias;
+    if (with_bias) {
+      NIBBLE_ASSIGN_OR_RETURN(bias, store_.ReadF32(BiasName(name), {out}));
+    }
+    return MakeDenseLinear(in, out, std::move(weight), std::move(bias), storage_);
+  }
+
+  // InternLM2's fused wqkv: output rows grouped per KV head as [q_0 .. q_{G-1}, k, v], each
+  // head_dim rows (MODELS.md §2); split into separate q, k, v projections.
+  absl::Status FusedQkv(const std::string& name, LayerWeights& layer) {
+    const int64_t hidden = config_.hidden_size;
+    const int64_t d = config_.head_dim;
+    const int64_t kv_heads = config_.num_kv_heads;
+    const int64_t group = config_.num_heads / kv_heads;
+    const int64_t rows = (config_.num_heads + 2 * kv_heads) * d;
+    NIBBLE_ASSIGN_OR_RETURN(std::vector<float> fused, store_.ReadF32(name, {rows, hidden}));
+    std::vector<float> q(config_.q_dim() * hidden), k(config_.kv_dim() * hidden),
+        v(config_.kv_dim() * hidden);
+    const size_t head_bytes = static_cast<size_t>(d * hidden) * sizeof(float);
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      for (int64_t slot = 0; slot < group + 2; ++slot) {
+        const float* src = fused.data() + (g * (group + 2) + slot) * d * hidden;
+        float* dst = slot < group   ? q.data() + (g * group + slot) * d * hidden
+                     : slot == group ? k.data() + g * d * hidden
+                                     : v.data() + g * d * hidden;
+        std::memcpy(dst, src, head_bytes);
+      }
+    }
+    layer.q_proj = MakeDenseLinear(hidden, config_.q_dim(), std::move(q), {}, storage_);
+    layer.k_proj = MakeDenseLinear(hidden, config_.kv_dim(), std::move(k), {}, storage_);
+    layer.v_proj = MakeDenseLinear(hidden, config_.kv_dim(), std::move(v), {}, storage_);
+    return absl::OkStatus();
+  }
+
+ private:
+  const TensorStore& store_;
+  const ModelConfig& config_;
+  WeightStorage storage_;
+};
+
+}  // namespace
+
+EmbeddingTable::EmbeddingTable(int64_t vocab, int64_t hidden, const std::vector<float>& table,
+                               WeightStorage storage)
+    : vocab_(vocab), hidden_(hidden) {
+  if (storage == WeightStorage::kF16) {
+    f16_.resize(table.size());
+    kernels::cpu::FloatToHalf(table.data(), table.size(), f16_.data());
+  } else {
+    f32_ = table;
+  }
+}
+
+void EmbeddingTable::Lookup(int32_t token, float* out) const {
+  const size_t offset = static_cast<size_t>(token) * static_cast<size_t>(hidden_);
+  if (!f16_.empty()) {
+    kernels::cpu::HalfToFloat(f16_.data() + offset, static_cast<size_t>(hidden_), out);
+  } else {
+    std::memcpy(out, f32_.data() + offset, static_cast<size_t>(hidden_) * sizeof(float));
+  }
+}
+
+size_t EmbeddingTable::StorageBytes() const {
+  return f32_.size() * sizeof(float) + f16_.size() * sizeof(uint16_t);
+}
+
+size_t ModelWeights::StorageBytes() const {
+  size_t bytes = embedding.StorageBytes() + final_norm.size() * sizeof(float);
+  if (lm_head) bytes += lm_head->StorageBytes();
+  for (const LayerWeights& layer : layers) {
+    bytes += (layer.attention_norm.size() + layer.ffn_norm.size()) * sizeof(float);
+    for (const auto* linear : {&layer.q_proj, &layer.k_proj, &layer.v_proj, &layer.o_proj,
+                               &layer.gate_proj, &layer.up_proj, &layer.down_proj}) {
+      bytes += (*linear)->StorageBytes();
+    }
+  }
+  return bytes;
+}
+
+absl::StatusOr<ModelWeights> LoadModelWeights(const TensorStore& store,
+                                              const ModelConfig& config,
+                                              WeightStorage storage) {
+  const int64_t hidden = config.hidden_size;
+  const int64_t ffn = config.intermediate_size;
+  const bool internlm2 = config.architecture == Architecture::kInternLM2;
+  WeightReader reader(store, config, storage);
+  ModelWeights weights;
+
+  const std::string embed_name =
+      internlm2 ? "model.tok_embeddings.weight" : "model.embed_tokens.weight";
+  NIBBLE_ASSIGN_OR_RETURN(std::vector<float> embedding,
+                          store.ReadF32(embed_name, {config.vocab_size, hidden}));
+  weights.embedding = EmbeddingTable(config.vocab_size, hidden, embedding, storage);
+
+  for (int64_t i = 0; i < config.num_layers; ++i) {
+    const LayerTensorNames names = NamesForLayer(config.architecture, i);
+    LayerWeights layer;
+    NIBBLE_ASSIGN_OR_RETURN(layer.attention_norm, reader.Vector(names.attention_norm, hidden));
+    if (internlm2) {
+      NIBBLE_RETURN_IF_ERROR(reader.FusedQkv(names.wqkv, layer));
+    } else {
+      const bool bias = config.attention_bias;
+      NIBBLE_ASSIGN_OR_RETURN(layer.q_proj, reader.Linear(names.q, hidden, config.q_dim(), bias));
+      NIBBLE_ASSIGN_OR_RETURN(layer.k_proj,
+                              reader.Linear(names.k, hidden, config.kv_dim(), bias));
+      NIBBLE_ASSIGN_OR_RETURN(layer.v_proj,
+                              reader.Linear(names.v, hidden, config.kv_dim(), bias));
+    }
+    NIBBLE_ASSIGN_OR_RETURN(layer.o_proj, reader.Linear(names.o, config.q_dim(), hidden,
+                                                        config.attention_bias && !internlm2));
+    NIBBLE_ASSIGN_OR_RETURN(layer.ffn_norm, reader.Vector(names.ffn_norm, hidden));
+    NIBBLE_ASSIGN_OR_RETURN(layer.gate_proj, reader.Linear(names.gate, hidden, ffn, false));
+    NIBBLE_ASSIGN_OR_RETURN(layer.up_proj, reader.Linear(names.up, hidden, ffn, false));
+    NIBBLE_ASSIGN_OR_RETURN(layer.down_proj, reader.Linear(names.down, ffn, hidden, false));
+    weights.layers.push_back(std::move(layer));
+  }
+  NIBBLE_ASSIGN_OR_RETURN(weights.final_norm, reader.Vector("model.norm.weight", hidden));
+
+  const std::string head_name = internlm2 ? "output.weight" : "lm_head.weight";
+  if (store.Contains(head_name) || !config.tie_word_embeddings) {
+    NIBBLE_ASSIGN_OR_RETURN(weights.lm_head,
+                            reader.Linear(head_name, hidden, config.vocab_size, false));
+  } else {
+    weights.lm_head = MakeDenseLinear(hidden, config.vocab_size, std::move(embedding), {},
+                                      storage);
+  }
+  return weights;
+}
+
+}  // namespace nibble::engine

@@ -1,1 +1,56 @@
-// placeholder
+#include "kernels/cpu/matmul.h"
+
+#include <omp.h>
+
+#include <vector>
+
+#include "kernels/cpu/half.h"
+
+namespace nibble::kernels::cpu {
+namespace {
+
+// Below this many multiply-adds a parallel region costs more than it saves.
+constexpr int64_t kMinParallelWork = 1 << 15;
+
+bool WorthParallel(int64_t m, int64_t n, int64_t k) { return m * n * k >= kMinParallelWork; }
+
+}  // namespace
+
+float Dot(const float* a, const float* b, int64_t k) {
+  float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    for (int j = 0; j < 8; ++j) partial[j] += a[i + j] * b[i + j];
+  }
+  for (int j = 0; i < k; ++i, ++j) partial[j] += a[i] * b[i];
+  return ((partial[0] + partial[4]) + (partial[1] + partial[5])) +
+         ((partial[2] + partial[6]) + (partial[3] + partial[7]));
+}
+
+void MatMulWeightsF32(const float* x, const float* w, const float* bias, int64_t m, int64_t n,
+                      int64_t k, float* y) {
+#pragma omp parallel for schedule(static) if (WorthParallel(m, n, k))
+  for (int64_t col = 0; col < n; ++col) {
+    const float* w_row = w + col * k;
+    const float b = bias ? bias[col] : 0.0f;
+    for (int64_t row = 0; row < m; ++row) y[row * n + col] = Dot(x + row * k, w_row, k) + b;
+  }
+}
+
+void MatMulWeightsF16(const float* x, const uint16_t* w, const float* bias, int64_t m,
+                      int64_t n, int64_t k, float* y) {
+#pragma omp parallel if (WorthParallel(m, n, k))
+  {
+    std::vector<float> w_row(static_cast<size_t>(k));
+#pragma omp for schedule(static)
+    for (int64_t col = 0; col < n; ++col) {
+      HalfToFloat(w + col * k, static_cast<size_t>(k), w_row.data());
+      const float b = bias ? bias[col] : 0.0f;
+      for (int64_t row = 0; row < m; ++row) {
+        y[row * n + col] = Dot(x + row * k, w_row.data(), k) + b;
+      }
+    }
+  }
+}
+
+}  // namespace nibble::kernels::cpu

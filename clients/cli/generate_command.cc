@@ -1,0 +1,136 @@
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "clients/cli/commands.h"
+#include "clients/cli/model_options.h"
+#include "engine/generator.h"
+
+namespace nibble::cli {
+namespace {
+
+struct GenerateOptions {
+  ModelOptions model;
+  std::string prompt;
+  bool chat = false;
+  std::string chat_template;
+  int max_tokens = 256;
+  engine::SamplingParams sampling;
+  std::vector<std::string> stop;
+  bool ignore_eos = false;
+  bool json = false;
+};
+
+int RunGenerate(const GenerateOptions& options) {
+  auto model = options.model.Load("generate");
+  if (!model) return 1;
+  const engine::Tokenizer& tokenizer = model->tokenizer();
+
+  engine::ChatTemplate chat_template = model->chat_template();
+  if (!options.chat_template.empty()) {
+    auto kind = engine::ParseChatTemplateName(options.chat_template);
+    if (!kind) {
+      std::fprintf(stderr, "nibble generate: unknown chat template \"%s\" "
+                   "(plain, internlm, internlm2, llama2)\n", options.chat_template.c_str());
+      return 1;
+    }
+    chat_template = engine::ChatTemplate(*kind);
+  }
+  std::string prompt_text = options.prompt;
+  if (options.chat) {
+    auto rendered = chat_template.Render({{engine::ChatRole::kUser, options.prompt}});
+    if (!rendered.ok()) {
+      std::fprintf(stderr, "nibble generate: %s\n",
+                   std::string(rendered.status().message()).c_str());
+      return 1;
+    }
+    prompt_text = *rendered;
+  }
+
+  engine::GenerateRequest request;
+  request.prompt_ids.push_back(tokenizer.BosId());
+  if (!prompt_text.empty()) {
+    const std::vector<int32_t> ids = tokenizer.Encode(prompt_text);
+    request.prompt_ids.insert(request.prompt_ids.end(), ids.begin(), ids.end());
+  }
+  request.max_tokens = options.max_tokens;
+  request.sampling = options.sampling;
+  request.stop_strings = options.stop;
+  if (!options.ignore_eos) request.stop_token_ids = model->StopTokenIds();
+  if (options.chat) {
+    for (const std::string& word : chat_template.StopWords()) request.stop_strings.push_back(word);
+  }
+
+  engine::TextCallback stream_to_terminal;
+  if (!options.json) {
+    // Text appears as it is produced: the prompt first, then each delta, flushed.
+    std::fputs(options.chat ? "" : options.prompt.c_str(), stdout);
+    std::fflush(stdout);
+    stream_to_terminal = [](std::string_view delta) {
+      std::fwrite(delta.data(), 1, delta.size(), stdout);
+      std::fflush(stdout);
+    };
+  }
+  auto result = engine::Generate(*model, request, stream_to_terminal);
+  if (!result.ok()) {
+    std::fprintf(stderr, "\nnibble generate: %s\n", std::string(result.status().message()).c_str());
+    return 1;
+  }
+  const double decode_tokens = static_cast<double>(result->output_ids.size());
+  const double tokens_per_second =
+      result->decode_seconds > 0 ? decode_tokens / result->decode_seconds : 0.0;
+  if (options.json) {
+    nlohmann::json out;
+    out["prompt"] = options.prompt;
+    out["prompt_ids"] = request.prompt_ids;
+    out["generated_ids"] = result->output_ids;
+    out["text"] = result->text;
+    out["finish_reason"] = std::string(engine::FinishReasonName(result->finish_reason));
+    out["prefill_seconds"] = result->prefill_seconds;
+    out["decode_seconds"] = result->decode_seconds;
+    out["tokens_per_second"] = tokens_per_second;
+    std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+  } else {
+    std::printf("\n");
+    std::fprintf(stderr, "[%zu prompt + %zu generated tokens, %.1f tokens/s, finish: %s]\n",
+                 request.prompt_ids.size(), result->output_ids.size(), tokens_per_second,
+                 std::string(engine::FinishReasonName(result->finish_reason)).c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+
+CommandRunner RegisterGenerate(CLI::App& app) {
+  CLI::App* cmd = app.add_subcommand("generate", "Generate text from a model, streaming it");
+  auto options = std::make_shared<GenerateOptions>();
+  options->model.Register(*cmd);
+  cmd->add_option("--prompt", options->prompt, "prompt text (empty: start from BOS alone)");
+  cmd->add_flag("--chat", options->chat, "render --prompt as a user turn of the chat template");
+  cmd->add_option("--chat-template", options->chat_template,
+                  "plain, internlm, internlm2 or llama2 (default: from the architecture)");
+  cmd->add_option("--max-tokens", options->max_tokens, "tokens to generate at most")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--temperature", options->sampling.temperature, "0: greedy");
+  cmd->add_option("--top-k", options->sampling.top_k, "0: no limit");
+  cmd->add_option("--top-p", options->sampling.top_p, "nucleus mass in (0, 1]");
+  cmd->add_option("--repetition-penalty", options->sampling.repetition_penalty, "1: none");
+  cmd->add_option("--seed", options->sampling.seed, "random seed for sampling");
+  cmd->add_option("--stop", options->stop, "stop string (repeatable)");
+  cmd->add_flag("--ignore-eos", options->ignore_eos, "do not stop at EOS or template stop tokens");
+  cmd->add_flag("--json", options->json,
+                "print one JSON object (prompt ids, generated ids, text) instead of streaming");
+  return [options]() {
+    absl::Status valid = engine::ValidateSamplingParams(options->sampling);
+    if (!valid.ok()) {
+      std::fprintf(stderr, "nibble generate: %s\n", std::string(valid.message()).c_str());
+      return 1;
+    }
+    return RunGenerate(*options);
+  };
+}
+
+}  // namespace nibble::cli

@@ -1,0 +1,42 @@
+// Options every command that loads a model takes: --model, --dtype, --threads.
+#pragma once
+
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "engine/model.h"
+
+namespace nibble::cli {
+
+struct ModelOptions {
+  std::string dir;
+  std::string dtype = "float32";
+  int threads = 0;
+
+  void Register(CLI::App& command) {
+    command.add_option("--model", dir, "Hugging Face model directory")->required();
+    command.add_option("--dtype", dtype, "weight storage: float32 or float16 (compute is fp32)")
+        ->check(CLI::IsMember({"float32", "float16"}));
+    command.add_option("--threads", threads, "CPU threads (0: all cores)");
+  }
+
+  // Loads the model, or prints the error naming what is wrong and returns null.
+  std::unique_ptr<engine::Model> Load(const char* command) const {
+    engine::ModelLoadOptions options;
+    options.weight_storage =
+        dtype == "float16" ? engine::WeightStorage::kF16 : engine::WeightStorage::kF32;
+    options.cpu_threads = threads;
+    auto model = engine::Model::Load(dir, options);
+    if (!model.ok()) {
+      std::fprintf(stderr, "nibble %s: %s\n", command,
+                   std::string(model.status().message()).c_str());
+      return nullptr;
+    }
+    return std::move(model).value();
+  }
+};
+
+}  // namespace nibble::cli
