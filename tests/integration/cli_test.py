@@ -1,0 +1,233 @@
+#!/usr/bin/python3
+"""The `nibble` command end to end: what a user types, on the real stories260K model.
+
+Expectations come from the golden files of the independent numpy reference
+(tests/golden, tests/reference), never from nibble's own earlier output.
+"""
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import unittest
+
+NIBBLE = os.environ["NIBBLE_BIN"]
+SHARED = os.environ["NIBBLE_SHARED_DIR"]
+MODELS = os.environ["NIBBLE_TEST_MODELS"]
+GOLDEN = os.environ["NIBBLE_GOLDEN_DIR"]
+STORIES = os.path.join(SHARED, "models", "stories260K")
+MODEL = os.path.join(MODELS, "stories260K")
+SAMPLE = os.path.join(SHARED, "datasets", "tinystories", "sample.txt")
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference", "reference.py")
+
+
+def nibble(*args, check=True):
+    result = subprocess.run([NIBBLE, *args], capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"nibble {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def golden(name):
+    with open(os.path.join(GOLDEN, name)) as f:
+        return json.load(f)
+
+
+def generate_json(*args):
+    return json.loads(nibble("generate", "--model", MODEL, "--json", *args).stdout)
+
+
+class GenerateTest(unittest.TestCase):
+    def test_greedy_from_bos_matches_reference(self):
+        out = generate_json("--max-tokens", "200", "--ignore-eos")
+        expected = golden("stories260K_greedy200.json")
+        self.assertEqual(out["prompt_ids"], [1])  # empty prompt: BOS alone
+        self.assertEqual(out["generated_ids"], expected["ids"])
+        self.assertEqual(out["text"], expected["text"])
+        self.assertEqual(out["finish_reason"], "length")
+
+    def test_streams_text_to_the_terminal(self):
+        out = nibble("generate", "--model", MODEL, "--max-tokens", "30")
+        self.assertTrue(out.stdout.startswith("Once upon a time, there was a little girl named Lily."),
+                        out.stdout)
+        self.assertIn("tokens/s", out.stderr)
+
+    def test_prompt_is_bos_then_its_tokens(self):
+        prompt = "The little dog saw 3 big cats, and ran home."
+        with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
+            f.write(prompt)
+            f.flush()
+            reference = subprocess.run(
+                ["/usr/bin/python3", REFERENCE, "tokenize", "--tokenizer",
+                 os.path.join(STORIES, "tok512.bin"), "--text-file", f.name],
+                capture_output=True, text=True, check=True, timeout=60)
+        expected = json.loads(reference.stdout)["ids"]  # llama2.c's encoder, BOS first
+        out = generate_json("--prompt", prompt, "--max-tokens", "1")
+        self.assertEqual(out["prompt_ids"], expected)
+
+    def test_sampling_is_seeded_and_reproducible(self):
+        args = ["--temperature", "1.0", "--top-p", "0.9", "--top-k", "40", "--max-tokens", "60"]
+        a = generate_json(*args, "--seed", "7")
+        b = generate_json(*args, "--seed", "7")
+        c = generate_json(*args, "--seed", "8")
+        self.assertEqual(a["generated_ids"], b["generated_ids"])
+        self.assertNotEqual(a["generated_ids"], c["generated_ids"])
+
+    def test_stop_string_ends_the_text_before_it(self):
+        out = generate_json("--max-tokens", "200", "--stop", "park")
+        self.assertEqual(out["finish_reason"], "stop_string")
+        self.assertEqual(out["text"], "Once upon a time, there was a little girl named Lily. "
+                                      "She loved to play outside in the ")
+
+    def test_repetition_penalty_changes_greedy_output(self):
+        plain = generate_json("--max-tokens", "80")
+        penalized = generate_json("--max-tokens", "80", "--repetition-penalty", "1.3")
+        self.assertNotEqual(plain["generated_ids"], penalized["generated_ids"])
+
+    def test_bad_sampling_values_are_named(self):
+        for flag, value, word in [("--temperature", "-1", "temperature"),
+                                  ("--top-p", "0", "top_p"),
+                                  ("--top-k", "-3", "top_k"),
+                                  ("--repetition-penalty", "0", "repetition_penalty")]:
+            out = nibble("generate", "--model", MODEL, flag, value, check=False)
+            self.assertNotEqual(out.returncode, 0)
+            self.assertIn(word, out.stderr)
+
+    def test_missing_model_directory_is_named(self):
+        out = nibble("generate", "--model", "/nonexistent/model", check=False)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("/nonexistent/model", out.stderr)
+
+    def test_float16_weights_generate_the_same_story_start(self):
+        out = generate_json("--max-tokens", "20", "--dtype", "float16")
+        self.assertTrue(out["text"].startswith("Once upon a time, there was a little girl"), out["text"])
+
+
+class PerplexityTest(unittest.TestCase):
+    def test_matches_reference(self):
+        for seqlen, name in [(128, "stories260K_tinystories_sample_ppl.json"),
+                             (512, "stories260K_tinystories_sample_ppl512.json")]:
+            out = json.loads(nibble("perplexity", "--model", MODEL, "--dataset", SAMPLE,
+                                    "--seqlen", str(seqlen), "--json").stdout)
+            expected = golden(name)
+            self.assertEqual(out["tokens"], expected["tokens"])
+            self.assertEqual(out["windows"], expected["windows"])
+            self.assertAlmostEqual(out["perplexity"] / expected["perplexity"], 1.0, delta=1e-4)
+
+    def test_float16_perplexity_is_close(self):
+        out = json.loads(nibble("perplexity", "--model", MODEL, "--dataset", SAMPLE,
+                                "--seqlen", "128", "--json", "--dtype", "float16").stdout)
+        expected = golden("stories260K_tinystories_sample_ppl.json")["perplexity"]
+        self.assertAlmostEqual(out["perplexity"] / expected, 1.0, delta=5e-3)
+
+    def test_window_longer_than_context_is_refused(self):
+        out = nibble("perplexity", "--model", MODEL, "--dataset", SAMPLE, "--seqlen", "1024",
+                     check=False)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("context", out.stderr)
+
+    def test_text_shorter_than_a_window_is_refused(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
+            f.write("Once upon a time.")
+            f.flush()
+            out = nibble("perplexity", "--model", MODEL, "--dataset", f.name, "--seqlen", "128",
+                         check=False)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("fewer than one window", out.stderr)
+
+    def test_missing_dataset_is_named(self):
+        out = nibble("perplexity", "--model", MODEL, "--dataset", "/nonexistent.txt", check=False)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("/nonexistent.txt", out.stderr)
+
+
+class ConvertTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+
+    def tearDown(self):
+        shutil.rmtree(self.tmp)
+
+    def test_llama2c_tokenizer_bin_converts_to_an_equivalent_model(self):
+        out_dir = os.path.join(self.tmp, "from_bin")
+        nibble("convert", "llama2c", "--checkpoint", os.path.join(STORIES, "stories260K.bin"),
+               "--tokenizer", os.path.join(STORIES, "tok512.bin"), "--out", out_dir)
+        out = json.loads(nibble("generate", "--model", out_dir, "--json", "--max-tokens", "200",
+                                "--ignore-eos").stdout)
+        self.assertEqual(out["generated_ids"], golden("stories260K_greedy200.json")["ids"])
+        ppl = json.loads(nibble("perplexity", "--model", out_dir, "--dataset", SAMPLE,
+                                "--seqlen", "128", "--json").stdout)
+        self.assertEqual(ppl["tokens"], golden("stories260K_tinystories_sample_ppl.json")["tokens"])
+
+    def test_existing_output_directory_is_refused(self):
+        out = nibble("convert", "llama2c", "--checkpoint", os.path.join(STORIES, "stories260K.bin"),
+                     "--tokenizer", os.path.join(STORIES, "tok512.model"), "--out", MODEL,
+                     check=False)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("not empty", out.stderr)
+
+    def test_truncated_checkpoint_is_named_and_nothing_is_written(self):
+        truncated = os.path.join(self.tmp, "truncated.bin")
+        with open(os.path.join(STORIES, "stories260K.bin"), "rb") as f:
+            data = f.read()
+        with open(truncated, "wb") as f:
+            f.write(data[: len(data) - 100])
+        out_dir = os.path.join(self.tmp, "out")
+        out = nibble("convert", "llama2c", "--checkpoint", truncated,
+                     "--tokenizer", os.path.join(STORIES, "tok512.model"), "--out", out_dir,
+                     check=False)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn(truncated, out.stderr)
+        self.assertFalse(os.path.exists(out_dir))
+        self.assertEqual(sorted(os.listdir(self.tmp)), ["truncated.bin"])  # no staging left
+
+
+class FetchTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+
+    def tearDown(self):
+        shutil.rmtree(self.tmp)
+
+    def test_fetch_from_file_url_verifies_checksums(self):
+        out_dir = os.path.join(self.tmp, "fetched")
+        nibble("fetch", "stories260K", "--out", out_dir, "--source", "file://" + os.path.abspath(STORIES))
+        for name in ("stories260K.bin", "tok512.bin"):
+            with open(os.path.join(out_dir, name), "rb") as a, open(os.path.join(STORIES, name), "rb") as b:
+                self.assertEqual(a.read(), b.read())
+        # A second fetch finds the files present and verified.
+        again = nibble("fetch", "stories260K", "--out", out_dir, "--source", "/nonexistent")
+        self.assertIn("sha256 verified", again.stderr)
+
+    def test_fetch_from_mirror_directory_via_environment(self):
+        out_dir = os.path.join(self.tmp, "fetched")
+        env = dict(os.environ, NIBBLE_MODEL_MIRROR=STORIES)
+        result = subprocess.run([NIBBLE, "fetch", "stories260K", "--out", out_dir], env=env,
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(os.path.exists(os.path.join(out_dir, "stories260K.bin")))
+
+    def test_corrupted_mirror_is_refused_and_leaves_nothing(self):
+        mirror = os.path.join(self.tmp, "mirror")
+        os.makedirs(mirror)
+        with open(os.path.join(STORIES, "stories260K.bin"), "rb") as f:
+            data = bytearray(f.read())
+        data[1000] ^= 0xFF
+        with open(os.path.join(mirror, "stories260K.bin"), "wb") as f:
+            f.write(data)
+        out_dir = os.path.join(self.tmp, "fetched")
+        out = nibble("fetch", "stories260K", "--out", out_dir, "--source", "file://" + mirror,
+                     check=False)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("sha256", out.stderr)
+        self.assertEqual(os.listdir(out_dir), [])
+
+    def test_missing_file_at_source_is_named(self):
+        out = nibble("fetch", "stories260K", "--out", os.path.join(self.tmp, "x"),
+                     "--source", "file:///nonexistent/dir", check=False)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("/nonexistent/dir/stories260K.bin", out.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
