@@ -1,6 +1,10 @@
 // Whole-file reads and crash-safe whole-file writes.
+//
+// Thread safety: every function may be called from any thread. Two concurrent writers of the
+// same path each produce a complete file; the last rename wins.
 #pragma once
 
+#include <cstdint>
 #include <span>
 #include <string>
 #include <string_view>
@@ -9,13 +13,20 @@
 
 namespace nibble::engine {
 
-// Reads a whole file; NotFound / error status names the path.
+// Reads a whole file. Errors name the path and the system's reason: NotFound when it does not
+// exist, PermissionDenied, FailedPrecondition for a directory, others per errno.
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 
 // Writes `bytes` to `path` so that a crash leaves either the old file or the new one, never a
-// half-written one: write to a temporary name in the same directory, fsync it, rename it over
-// `path`, fsync the directory.
+// half-written one: write to a uniquely named temporary file in the same directory, fsync it,
+// rename it over `path`, fsync the directory. On any failure before the rename the temporary
+// file is removed and `path` is untouched. The new file gets mode 0666 minus the umask.
+// Errors name the path and the system's reason (strerror).
 absl::Status WriteFileAtomically(const std::string& path, std::span<const uint8_t> bytes);
 absl::Status WriteFileAtomically(const std::string& path, std::string_view text);
+// The same, for a file made of several pieces written one after another (saves building a
+// multi-gigabyte buffer only to write it).
+absl::Status WriteFileAtomically(const std::string& path,
+                                 std::span<const std::span<const uint8_t>> pieces);
 
 }  // namespace nibble::engine

@@ -25,14 +25,23 @@ struct Llama2cTokenizer {
 };
 
 // Reads a llama2.c tokenizer.bin holding exactly `vocab_size` pieces. Errors name the file
-// and what is wrong (truncated, negative or oversized lengths, trailing bytes).
+// and what is wrong: ReadFileToString's errors (NotFound, ...) when it cannot be read;
+// InvalidArgument when it is truncated, has an implausible max_token_length, a negative
+// length or one above max_token_length, a non-finite score, or bytes after the last piece.
 absl::StatusOr<Llama2cTokenizer> ReadLlama2cTokenizer(const std::string& path,
                                                       int32_t vocab_size);
 
 // Serializes a SentencePiece ModelProto (BPE, byte fallback, identity normalizer, dummy
-// prefix, split digits; <unk>/<s>/</s> at 0/1/2) that encodes text exactly as llama2.c's own
-// encoder does with the same pieces and scores, so `nibble convert llama2c` can write a
-// tokenizer.model from the public tok512.bin.
+// prefix, split digits; <unk>/<s>/</s> at 0/1/2 whatever their text in tokenizer.bin, ids
+// 3..258 BYTE pieces, the rest NORMAL with ' ' written as U+2581, scores kept bit for bit),
+// so `nibble convert llama2c` can write a tokenizer.model from the public tok512.bin. From
+// tok512.bin it writes the same pieces and normalizer as ../shared's tok512.model, so it
+// encodes every text to the same ids. That is also what llama2.c's run.c encoder gives (the
+// same greedy highest-score merges over the same pieces) except for runs of spaces and
+// leading/trailing spaces, which SentencePiece's normalizer (remove_extra_whitespaces, as in
+// the SentencePiece model the llama2.c vocabularies were exported from) collapses or drops and
+// run.c keeps. Errors (InvalidArgument): fewer than 259 pieces, ids 3..258 that are not the
+// byte pieces <0x00>..<0xFF>, empty or duplicate pieces.
 absl::StatusOr<std::string> Llama2cTokenizerToSentencePieceModel(const Llama2cTokenizer& tok);
 
 }  // namespace nibble::engine

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <filesystem>
 
+#include <nlohmann/json.hpp>
+
 #include "absl/strings/str_cat.h"
 #include "engine/atomic_file.h"
 #include "engine/cpu_backend.h"
@@ -12,6 +14,46 @@
 #include "kernels/cpu/ops.h"
 
 namespace nibble::engine {
+namespace {
+
+// Special tokens that live only in tokenizer_config.json's "added_tokens_decoder" (InternLM2's
+// <|im_start|>, <|im_end|>, ... are "[UNUSED_TOKEN_n]" pieces in tokenizer.model itself).
+// A missing file means none; a malformed one is an error naming it.
+absl::StatusOr<std::vector<AddedToken>> ReadAddedTokens(const std::string& path,
+                                                        int64_t vocab_size) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) return std::vector<AddedToken>{};
+  NIBBLE_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
+  const auto json = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (json.is_discarded() || !json.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a JSON object"));
+  }
+  std::vector<AddedToken> tokens;
+  auto decoder = json.find("added_tokens_decoder");
+  if (decoder == json.end()) return tokens;
+  if (!decoder->is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": added_tokens_decoder is not an object"));
+  }
+  for (auto it = decoder->begin(); it != decoder->end(); ++it) {
+    int64_t id = -1;
+    const std::string& key = it.key();
+    if (key.empty() || key.size() > 9 ||
+        key.find_first_not_of("0123456789") != std::string::npos ||
+        (id = std::stoll(key)) >= vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": added token id \"", key, "\" is not an id of the vocabulary"));
+    }
+    auto content = it.value().find("content");
+    if (!it.value().is_object() || content == it.value().end() || !content->is_string()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": added token ", key, " has no \"content\" string"));
+    }
+    tokens.push_back({content->get<std::string>(), static_cast<int32_t>(id)});
+  }
+  return tokens;
+}
+
+}  // namespace
 
 Model::Model(std::string dir, ModelConfig config, std::unique_ptr<Tokenizer> tokenizer,
              std::unique_ptr<Backend> backend, size_t weight_bytes)
@@ -36,7 +78,10 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   if (!fs::exists(tokenizer_path, ec)) {
     return absl::NotFoundError(absl::StrCat(tokenizer_path, ": missing tokenizer"));
   }
-  TokenizerLoadResult loaded = LoadSentencePieceTokenizer(tokenizer_path);
+  NIBBLE_ASSIGN_OR_RETURN(std::vector<AddedToken> added_tokens,
+                          ReadAddedTokens((fs::path(dir) / "tokenizer_config.json").string(),
+                                          config.vocab_size));
+  TokenizerLoadResult loaded = LoadSentencePieceTokenizer(tokenizer_path, added_tokens);
   if (!loaded.tokenizer) return absl::InvalidArgumentError(loaded.error);
   // The embedding may be padded past the tokenizer's vocabulary (InternLM's 103168), never
   // the reverse: a token the model cannot embed would crash later.

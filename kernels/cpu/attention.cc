@@ -15,7 +15,7 @@ void CausalAttention(const float* q, int64_t tokens, int64_t start, const float*
   const int64_t kv_stride = shape.kv_heads * d;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   const int64_t pairs = tokens * shape.heads;
-  const bool parallel = pairs * (start + tokens) * d >= (1 << 15);
+  const bool parallel = pairs * (start + tokens) * d >= (1 << 17);  // as in matmul.cc
 #pragma omp parallel if (parallel)
   {
     std::vector<float> scores(static_cast<size_t>(start + tokens));

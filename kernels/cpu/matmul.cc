@@ -9,8 +9,9 @@
 namespace nibble::kernels::cpu {
 namespace {
 
-// Below this many multiply-adds a parallel region costs more than it saves.
-constexpr int64_t kMinParallelWork = 1 << 15;
+// Below this many multiply-adds (about 50 us of one core) a parallel region's start and
+// barrier cost more than they save, and on a loaded machine far more.
+constexpr int64_t kMinParallelWork = 1 << 17;
 
 bool WorthParallel(int64_t m, int64_t n, int64_t k) { return m * n * k >= kMinParallelWork; }
 

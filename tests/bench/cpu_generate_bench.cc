@@ -1,1 +1,128 @@
-int main() { return 0; }
+// CPU generation speed of a model directory, single thread and all threads, beside the peer
+// that bounds it: the time to stream the weights once through memory (a plain copy of as
+// many bytes), which is the floor of a decode step that reads every weight.
+//
+//   nibble_bench_cpu --model DIR [--tokens 200] [--repeats 5]
+//
+// Prints one table; numbers go to tests/bench/RESULTS.md with the machine, date and commit.
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "engine/generator.h"
+#include "engine/model.h"
+#include "kernels/cpu/ops.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+struct Row {
+  int threads;
+  double decode_tokens_per_second;   // backend forward, one token at a time
+  double generate_tokens_per_second;  // engine::Generate: sampling and text streaming included
+  double prefill_tokens_per_second;  // one forward over a long prompt
+};
+
+Row Measure(nibble::engine::Model& model, int threads, int tokens, int repeats) {
+  nibble::kernels::cpu::SetCpuThreads(threads);
+  auto& backend = model.backend();
+  std::vector<double> decode, generate, prefill;
+  std::vector<float> logits;
+  for (int r = 0; r < repeats; ++r) {
+    // Decode: greedy chain from BOS through the backend alone.
+    auto sequence = backend.NewSequence(tokens + 1).value();
+    int32_t token = model.tokenizer().BosId();
+    const auto start = Clock::now();
+    for (int t = 0; t < tokens; ++t) {
+      const int32_t one[1] = {token};
+      if (!backend.Forward(*sequence, one, nibble::engine::LogitsFor::kLastPosition, logits).ok()) {
+        std::fprintf(stderr, "forward failed\n");
+        std::exit(1);
+      }
+      token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    }
+    decode.push_back(tokens / std::chrono::duration<double>(Clock::now() - start).count());
+
+    nibble::engine::GenerateRequest request;
+    request.prompt_ids = {model.tokenizer().BosId()};
+    request.max_tokens = tokens;
+    auto result = nibble::engine::Generate(model, request, nullptr).value();
+    generate.push_back(result.output_ids.size() / result.decode_seconds);
+
+    // Prefill: the longest prompt the context allows, in one call.
+    const int64_t prompt = std::min<int64_t>(model.config().max_position_embeddings, 512);
+    std::vector<int32_t> ids(prompt);
+    for (int64_t i = 0; i < prompt; ++i) ids[i] = static_cast<int32_t>(3 + i % 250);
+    auto long_sequence = backend.NewSequence(prompt).value();
+    const auto prefill_start = Clock::now();
+    if (!backend.Forward(*long_sequence, ids, nibble::engine::LogitsFor::kLastPosition, logits).ok()) {
+      std::exit(1);
+    }
+    prefill.push_back(prompt / std::chrono::duration<double>(Clock::now() - prefill_start).count());
+  }
+  return {threads, Median(decode), Median(generate), Median(prefill)};
+}
+
+// Bytes per second of memcpy over a buffer of `bytes` (the peer: what streaming the weights
+// once per token costs at best).
+double CopyBandwidth(size_t bytes, int repeats) {
+  std::vector<char> src(bytes, 1), dst(bytes);
+  std::vector<double> rates;
+  for (int r = 0; r < repeats * 20; ++r) {
+    const auto start = Clock::now();
+    std::memcpy(dst.data(), src.data(), bytes);
+    rates.push_back(bytes / std::chrono::duration<double>(Clock::now() - start).count());
+    src[r % bytes] = dst[(r * 7) % bytes];  // keep the copies observable
+  }
+  return Median(rates);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string dir;
+  int tokens = 200, repeats = 5;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i];
+    if (flag == "--model") dir = argv[i + 1];
+    else if (flag == "--tokens") tokens = std::atoi(argv[i + 1]);
+    else if (flag == "--repeats") repeats = std::atoi(argv[i + 1]);
+  }
+  if (dir.empty() || tokens <= 0 || repeats <= 0) {
+    std::fprintf(stderr, "usage: %s --model DIR [--tokens N] [--repeats R]\n", argv[0]);
+    return 2;
+  }
+  auto model = nibble::engine::Model::Load(dir, {});
+  if (!model.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(model.status().message()).c_str());
+    return 1;
+  }
+  const size_t weight_bytes = (*model)->weight_bytes();
+  const double bandwidth = CopyBandwidth(weight_bytes, repeats);
+  const int all = omp_get_num_procs();
+
+  std::printf("model %s: %.2f MB of weights (fp32), %d decode tokens, median of %d runs\n",
+              dir.c_str(), weight_bytes / 1e6, tokens, repeats);
+  std::printf("peer: memcpy of the weight bytes %.1f GB/s -> floor %.1f us/token (%.0f tokens/s)\n",
+              bandwidth / 1e9, weight_bytes / bandwidth * 1e6, bandwidth / weight_bytes);
+  std::printf("%-8s %18s %20s %18s\n", "threads", "decode tokens/s", "generate tokens/s",
+              "prefill tokens/s");
+  for (int threads : {1, all}) {
+    const Row row = Measure(**model, threads, tokens, repeats);
+    std::printf("%-8d %18.0f %20.0f %18.0f\n", row.threads, row.decode_tokens_per_second,
+                row.generate_tokens_per_second, row.prefill_tokens_per_second);
+    if (all == 1) break;
+  }
+  return 0;
+}
