@@ -58,7 +58,16 @@ TEST_P(ReferenceLogitsTest, LogitsMatchFloat64Reference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, ReferenceLogitsTest,
-                         ::testing::Values("internlm_bias", "llama_f16", "llama_bf16"));
+                         ::testing::Values("internlm_bias", "llama_f16", "llama_bf16",
+                                           "internlm2_ntk"));
+
+TEST(DynamicNtkTest, ScalingPastTheContextChangesTheLogits) {
+  // internlm2_ntk declares a context of 8 with dynamic NTK: the 13-token probe runs past it,
+  // so its logits must differ from plain RoPE's (and match the reference's, above).
+  const std::vector<float> scaled = ProbeLogits(TestModel("internlm2_ntk"));
+  const std::vector<float> plain = ProbeLogits(TestModel("internlm2"));
+  EXPECT_GT(RelativeError(scaled, plain), 1e-3);
+}
 
 TEST(BiasTest, NonZeroBiasesChangeTheLogits) {
   // Guards the test above: biases that were silently ignored would still match a reference

@@ -144,6 +144,19 @@ def rope_tables(n_pos, head_dim, base):
     return np.cos(ang), np.sin(ang)
 
 
+def rope_base(model, n_tokens):
+    """RoPE base for a sequence of n_tokens, with HF's dynamic NTK scaling
+    (LlamaDynamicNTKScalingRotaryEmbedding, as InternLM2 uses it) when the
+    model's config asks for it: past max_position_embeddings M the base grows
+    to base * ((factor * L / M) - (factor - 1)) ** (d / (d - 2)), L being the
+    sequence length; every position of the sequence uses that base."""
+    factor = getattr(model, "ntk_factor", None)
+    if not factor or n_tokens <= model.seq_len:
+        return model.rope_theta
+    d = model.head_dim
+    return model.rope_theta * ((factor * n_tokens / model.seq_len) - (factor - 1)) ** (d / (d - 2))
+
+
 def apply_rope_interleaved(x, cos, sin):
     """Rotate pairs (2i, 2i+1) of every head. x: [T, H, d]; cos/sin: [T, d/2].
 
@@ -179,7 +192,7 @@ def forward(model, tokens, rope=apply_rope_interleaved):
     H, Hkv, d = model.n_heads, model.n_kv_heads, model.head_dim
     group = H // Hkv
     eps = model.norm_eps
-    cos, sin = rope_tables(T, d, model.rope_theta)
+    cos, sin = rope_tables(T, d, rope_base(model, T))
     # Additive causal mask: position t may attend to positions <= t.
     mask = np.triu(np.full((T, T), -np.inf), k=1)
     scale = 1.0 / math.sqrt(d)
@@ -578,11 +591,17 @@ def load_hf(model_dir):
               rope_theta=float(cfg.get("rope_theta", 10000.0)),
               norm_eps=float(cfg.get("rms_norm_eps", 1e-6)))
     m.config = cfg
+    scaling = cfg.get("rope_scaling")
+    if scaling:
+        if scaling.get("type") != "dynamic":
+            raise ValueError("unsupported rope_scaling %r" % scaling)
+        m.ntk_factor = float(scaling.get("factor", 1.0))
     return m
 
 
 def write_hf(model, layout, out_dir, tokenizer_model=None, bias_seed=None,
-             bias_scale=0.1, expand_kv=False, dtype="F32"):
+             bias_scale=0.1, expand_kv=False, dtype="F32", max_position=512,
+             ntk_factor=None):
     """Write `model` (Meta layout) as an HF directory in one of three layouts.
 
     q/k rows get the Meta->HF rotate_half permutation.  For layout
@@ -666,7 +685,7 @@ def write_hf(model, layout, out_dir, tokenizer_model=None, bias_seed=None,
         "num_attention_heads": H,
         "num_key_value_heads": H if expand_kv else Hkv,
         "vocab_size": model.vocab_size,
-        "max_position_embeddings": 512,
+        "max_position_embeddings": max_position,
         "rms_norm_eps": model.norm_eps,
         "rope_theta": float(model.rope_theta),
         "hidden_act": "silu",
@@ -678,7 +697,8 @@ def write_hf(model, layout, out_dir, tokenizer_model=None, bias_seed=None,
     if layout in ("internlm", "internlm2"):
         cfg["bias"] = bool(has_bias)
     if layout == "internlm2":
-        cfg["rope_scaling"] = None
+        cfg["rope_scaling"] = ({"type": "dynamic", "factor": ntk_factor}
+                               if ntk_factor else None)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
         f.write("\n")
@@ -824,6 +844,10 @@ def main(argv=None):
     w.add_argument("--dtype", default="F32", choices=["F32", "F16", "BF16"])
     w.add_argument("--tokenizer-model")
     w.add_argument("--eps", type=float, default=1e-5)
+    w.add_argument("--max-position", type=int, default=512,
+                   help="max_position_embeddings written to config.json")
+    w.add_argument("--ntk-factor", type=float,
+                   help="internlm2 only: rope_scaling {type: dynamic, factor: F}")
     w.add_argument("--out", required=True)
 
     lg = sub.add_parser("logits", help="float64 logits of an HF directory")
@@ -870,7 +894,8 @@ def main(argv=None):
         m = load_llama2c(a.checkpoint, norm_eps=a.eps)
         write_hf(m, a.layout, a.out, tokenizer_model=a.tokenizer_model,
                  bias_seed=a.bias_seed, bias_scale=a.bias_scale,
-                 expand_kv=a.expand_kv, dtype=a.dtype)
+                 expand_kv=a.expand_kv, dtype=a.dtype, max_position=a.max_position,
+                 ntk_factor=a.ntk_factor)
         res = {"command": _command_string(argv), "out": a.out,
                "architecture": ARCHS[a.layout]}
         a.out = None  # the directory is the output; report goes to stdout
