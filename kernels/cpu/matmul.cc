@@ -1,7 +1,5 @@
 #include "kernels/cpu/matmul.h"
 
-#include <omp.h>
-
 #include <vector>
 
 #include "kernels/cpu/half.h"
@@ -17,17 +15,15 @@ bool WorthParallel(int64_t m, int64_t n, int64_t k) { return m * n * k >= kMinPa
 
 }  // namespace
 
-float Dot(const float* a, const float* b, int64_t k) {
-  float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= k; i += 8) {
-    for (int j = 0; j < 8; ++j) partial[j] += a[i + j] * b[i + j];
-  }
-  for (int j = 0; i < k; ++i, ++j) partial[j] += a[i] * b[i];
-  return ((partial[0] + partial[4]) + (partial[1] + partial[5])) +
-         ((partial[2] + partial[6]) + (partial[3] + partial[7]));
-}
+// On x86-64 the products are also compiled for AVX2 and picked at load time: the same code
+// and summation order (and -ffp-contract=off), so every clone gives the same bits.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NIBBLE_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define NIBBLE_SIMD_CLONES
+#endif
 
+NIBBLE_SIMD_CLONES
 void MatMulWeightsF32(const float* x, const float* w, const float* bias, int64_t m, int64_t n,
                       int64_t k, float* y) {
 #pragma omp parallel for schedule(static) if (WorthParallel(m, n, k))
@@ -38,6 +34,7 @@ void MatMulWeightsF32(const float* x, const float* w, const float* bias, int64_t
   }
 }
 
+NIBBLE_SIMD_CLONES
 void MatMulWeightsF16(const float* x, const uint16_t* w, const float* bias, int64_t m,
                       int64_t n, int64_t k, float* y) {
 #pragma omp parallel if (WorthParallel(m, n, k))
