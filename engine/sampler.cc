@@ -51,19 +51,28 @@ int32_t Sampler::Sample(std::span<float> logits, std::span<const int32_t> previo
     return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
   }
 
-  // Candidates by descending logit (ties: lower id first), cut to top_k.
+  // Candidates: every id in id order when nothing is cut (no sort: sorting a 100k vocabulary
+  // costs milliseconds per token), else by descending logit (ties: lower id first), cut to
+  // top_k.
   order_.resize(vocab);
   std::iota(order_.begin(), order_.end(), 0);
-  const int32_t keep = params_.top_k > 0 ? std::min(params_.top_k, vocab) : vocab;
-  auto by_logit = [&](int32_t a, int32_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-  };
-  std::partial_sort(order_.begin(), order_.begin() + keep, order_.end(), by_logit);
-  order_.resize(keep);
+  int32_t keep = vocab;
+  if (params_.top_k > 0 || params_.top_p < 1.0f) {
+    auto by_logit = [&](int32_t a, int32_t b) {
+      return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+    };
+    if (params_.top_k > 0) {
+      keep = std::min(params_.top_k, vocab);
+      std::partial_sort(order_.begin(), order_.begin() + keep, order_.end(), by_logit);
+    } else {
+      std::sort(order_.begin(), order_.end(), by_logit);
+    }
+    order_.resize(keep);
+  }
 
   // Softmax at the temperature, in double.
   probs_.resize(keep);
-  const double max_logit = logits[order_[0]];
+  const double max_logit = *std::max_element(logits.begin(), logits.end());
   double total = 0;
   for (int32_t i = 0; i < keep; ++i) {
     probs_[i] = std::exp((logits[order_[i]] - max_logit) / params_.temperature);

@@ -20,8 +20,8 @@ class TextStream {
   // True once a stop string appeared; the text before it has been returned, the stop string
   // and anything after it never will be.
   bool stopped() const { return stopped_; }
-  // At the end of generation: whatever was held back (an incomplete character is dropped,
-  // a partial stop string is real text after all).
+  // At the end of generation: whatever was held back (a partial stop string is real text
+  // after all; an unfinished byte sequence comes out as SentencePiece decodes it, U+FFFD).
   std::string Finish();
   // All text returned so far.
   const std::string& text() const { return emitted_; }
