@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <filesystem>
 #include <string>
 
 #include "absl/status/status.h"
@@ -168,6 +169,49 @@ absl::Status WriteFileAtomically(const std::string& path, std::span<const uint8_
 absl::Status WriteFileAtomically(const std::string& path, std::string_view text) {
   return WriteFileAtomically(
       path, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
+}
+
+absl::StatusOr<StagingDirectory> StagingDirectory::Create(const std::string& final_dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::exists(final_dir, ec) && !fs::is_empty(final_dir, ec)) {
+    return absl::AlreadyExistsError(absl::StrCat(final_dir, ": exists and is not empty"));
+  }
+  fs::path final_path = fs::path(final_dir);
+  if (final_path.filename().empty()) final_path = final_path.parent_path();  // "dir/"
+  const fs::path staging = final_path.parent_path() /
+                           absl::StrCat(".", final_path.filename().string(), ".tmp-", getpid());
+  fs::remove_all(staging, ec);
+  fs::create_directories(staging, ec);
+  if (ec) {
+    return absl::PermissionDeniedError(
+        absl::StrCat(staging.string(), ": cannot create directory: ", ec.message()));
+  }
+  return StagingDirectory(staging.string(), final_path.string());
+}
+
+StagingDirectory::StagingDirectory(StagingDirectory&& other) noexcept
+    : staging_(std::move(other.staging_)), final_(std::move(other.final_)) {
+  other.staging_.clear();
+}
+
+StagingDirectory::~StagingDirectory() {
+  if (staging_.empty()) return;
+  std::error_code ec;
+  std::filesystem::remove_all(staging_, ec);
+}
+
+absl::Status StagingDirectory::Commit() {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::remove(final_, ec);  // an empty directory, if any (Create refused a non-empty one)
+  fs::rename(staging_, final_, ec);
+  if (ec) {
+    return absl::InternalError(
+        absl::StrCat("cannot rename ", staging_, " to ", final_, ": ", ec.message()));
+  }
+  staging_.clear();
+  return absl::OkStatus();
 }
 
 }  // namespace nibble::engine

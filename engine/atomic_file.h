@@ -29,4 +29,26 @@ absl::Status WriteFileAtomically(const std::string& path, std::string_view text)
 absl::Status WriteFileAtomically(const std::string& path,
                                  std::span<const std::span<const uint8_t>> pieces);
 
+// A directory written whole or not at all: files go into a hidden staging directory beside
+// `final_dir`, and Commit renames it into place. Destroying an uncommitted one removes it.
+// Refuses (AlreadyExists) a `final_dir` that exists and is not empty.
+class StagingDirectory {
+ public:
+  static absl::StatusOr<StagingDirectory> Create(const std::string& final_dir);
+  StagingDirectory(StagingDirectory&& other) noexcept;
+  StagingDirectory& operator=(StagingDirectory&&) = delete;
+  ~StagingDirectory();
+
+  const std::string& path() const { return staging_; }
+  // Path of a file inside the staging directory.
+  std::string File(const std::string& name) const { return staging_ + "/" + name; }
+  absl::Status Commit();
+
+ private:
+  StagingDirectory(std::string staging, std::string final_dir)
+      : staging_(std::move(staging)), final_(std::move(final_dir)) {}
+  std::string staging_;
+  std::string final_;
+};
+
 }  // namespace nibble::engine

@@ -1,6 +1,9 @@
 #include "engine/linear.h"
 
+#include "absl/strings/str_cat.h"
+#include "engine/int4_weight.h"
 #include "kernels/cpu/half.h"
+#include "kernels/cpu/w4a16.h"
 #include "kernels/cpu/matmul.h"
 
 namespace nibble::engine {
@@ -55,7 +58,64 @@ class DenseF16Linear final : public LinearWeight {
   std::vector<float> bias_;
 };
 
+class Int4Linear final : public LinearWeight {
+ public:
+  Int4Linear(const Int4Weight& w, std::vector<float> bias)
+      : LinearWeight(w.in_features, w.out_features),
+        group_size_(w.group_size),
+        packed_(static_cast<size_t>(w.out_features * ((w.in_features + 1) / 2)), 0),
+        zeros_(w.zeros.begin(), w.zeros.end()),
+        scales_(w.scales.size()),
+        bias_(std::move(bias)) {
+    const int64_t row_bytes = (w.in_features + 1) / 2;
+    for (int64_t n = 0; n < w.out_features; ++n) {
+      for (int64_t k = 0; k < w.in_features; ++k) {
+        packed_[n * row_bytes + k / 2] |=
+            static_cast<uint8_t>(w.q[n * w.in_features + k] << (4 * (k & 1)));
+      }
+    }
+    kernels::cpu::HalfToFloat(w.scales.data(), w.scales.size(), scales_.data());
+  }
+
+  void Forward(const float* x, int64_t rows, float* y) const override {
+    kernels::cpu::MatMulW4A16(x, packed_.data(), zeros_.data(), scales_.data(),
+                              bias_.empty() ? nullptr : bias_.data(), rows, out_features(),
+                              in_features(), group_size_, y);
+  }
+  std::vector<float> DequantizedWeight() const override {
+    std::vector<float> w(static_cast<size_t>(in_features() * out_features()));
+    const int64_t row_bytes = (in_features() + 1) / 2;
+    const int64_t groups = (in_features() + group_size_ - 1) / group_size_;
+    for (int64_t n = 0; n < out_features(); ++n) {
+      for (int64_t k = 0; k < in_features(); ++k) {
+        const int nibble = (packed_[n * row_bytes + k / 2] >> (4 * (k & 1))) & 15;
+        const int64_t g = n * groups + k / group_size_;
+        w[n * in_features() + k] = (static_cast<float>(nibble) - zeros_[g]) * scales_[g];
+      }
+    }
+    return w;
+  }
+  const std::vector<float>& bias() const override { return bias_; }
+  // What the format stores per weight: 4 bits, plus an fp16 scale and a 4-bit zero a group.
+  size_t StorageBytes() const override {
+    return packed_.size() + zeros_.size() / 2 + scales_.size() * sizeof(uint16_t) +
+           bias_.size() * sizeof(float);
+  }
+  std::string StorageName() const override { return absl::StrCat("int4-g", group_size_); }
+
+ private:
+  int64_t group_size_;
+  std::vector<uint8_t> packed_;  // [out, ceil(in / 2)]
+  std::vector<float> zeros_;     // [out, groups]
+  std::vector<float> scales_;    // [out, groups]
+  std::vector<float> bias_;
+};
+
 }  // namespace
+
+std::unique_ptr<LinearWeight> MakeInt4Linear(const Int4Weight& weight, std::vector<float> bias) {
+  return std::make_unique<Int4Linear>(weight, std::move(bias));
+}
 
 std::unique_ptr<LinearWeight> MakeDenseLinear(int64_t in_features, int64_t out_features,
                                               std::vector<float> weight,

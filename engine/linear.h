@@ -43,4 +43,9 @@ std::unique_ptr<LinearWeight> MakeDenseLinear(int64_t in_features, int64_t out_f
                                               std::vector<float> weight,
                                               std::vector<float> bias, WeightStorage storage);
 
+struct Int4Weight;
+
+// A W4A16 weight (int4 in groups, fp16 scales, fp32 compute), repacked for the CPU kernel.
+std::unique_ptr<LinearWeight> MakeInt4Linear(const Int4Weight& weight, std::vector<float> bias);
+
 }  // namespace nibble::engine

@@ -1,7 +1,5 @@
 #include "engine/llama2c.h"
 
-#include <unistd.h>
-
 #include <cstring>
 #include <filesystem>
 
@@ -168,10 +166,7 @@ absl::StatusOr<Llama2cCheckpoint> ReadLlama2cCheckpoint(const std::string& path)
 
 absl::Status ConvertLlama2cToHf(const std::string& checkpoint_path,
                                 const std::string& tokenizer_path, const std::string& out_dir) {
-  std::error_code ec;
-  if (fs::exists(out_dir, ec) && !fs::is_empty(out_dir, ec)) {
-    return absl::AlreadyExistsError(absl::StrCat(out_dir, ": exists and is not empty"));
-  }
+  NIBBLE_ASSIGN_OR_RETURN(StagingDirectory staging, StagingDirectory::Create(out_dir));
   NIBBLE_ASSIGN_OR_RETURN(Llama2cCheckpoint ckpt, ReadLlama2cCheckpoint(checkpoint_path));
   const ModelConfig& c = ckpt.config;
 
@@ -201,34 +196,12 @@ absl::Status ConvertLlama2cToHf(const std::string& checkpoint_path,
         AddF32(writer, "lm_head.weight", {c.vocab_size, c.hidden_size}, ckpt.classifier));
   }
 
-  // Assemble beside the destination, then rename: the model appears whole or not at all.
-  const fs::path final_path = fs::path(out_dir);
-  const fs::path staging = final_path.parent_path() /
-                           absl::StrCat(".", final_path.filename().string(), ".tmp-", getpid());
-  fs::remove_all(staging, ec);
-  fs::create_directories(staging, ec);
-  if (ec) {
-    return absl::PermissionDeniedError(
-        absl::StrCat(staging.string(), ": cannot create directory: ", ec.message()));
-  }
-  absl::Status status = writer.Write((staging / "model.safetensors").string());
-  if (status.ok()) {
-    status = WriteFileAtomically((staging / "config.json").string(), ModelConfigToJson(c));
-  }
-  if (status.ok()) {
-    status = WriteTokenizerModel(tokenizer_path, c.vocab_size,
-                                 (staging / "tokenizer.model").string());
-  }
-  if (status.ok()) {
-    fs::remove(final_path, ec);  // an empty directory, if any (checked above)
-    fs::rename(staging, final_path, ec);
-    if (ec) {
-      status = absl::InternalError(absl::StrCat("cannot rename ", staging.string(), " to ",
-                                                out_dir, ": ", ec.message()));
-    }
-  }
-  if (!status.ok()) fs::remove_all(staging, ec);
-  return status;
+  // Assembled beside the destination, then renamed: the model appears whole or not at all.
+  NIBBLE_RETURN_IF_ERROR(writer.Write(staging.File("model.safetensors")));
+  NIBBLE_RETURN_IF_ERROR(WriteFileAtomically(staging.File("config.json"), ModelConfigToJson(c)));
+  NIBBLE_RETURN_IF_ERROR(
+      WriteTokenizerModel(tokenizer_path, c.vocab_size, staging.File("tokenizer.model")));
+  return staging.Commit();
 }
 
 }  // namespace nibble::engine

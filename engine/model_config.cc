@@ -1,5 +1,6 @@
 #include "engine/model_config.h"
 
+#include <cctype>
 #include <cmath>
 
 #include <nlohmann/json.hpp>
@@ -60,6 +61,53 @@ absl::StatusOr<bool> GetBool(const Json& json, std::string_view source, const ch
 absl::Status RequirePositive(std::string_view source, const char* key, int64_t value) {
   if (value > 0) return absl::OkStatus();
   return ConfigError(source, absl::StrCat("key \"", key, "\" must be positive, got ", value));
+}
+
+absl::StatusOr<AwqQuantization> ParseAwqQuantization(const Json& q, std::string_view source) {
+  if (!q.is_object()) return ConfigError(source, "quantization_config must be an object");
+  auto method = q.find("quant_method");
+  if (method == q.end() || !method->is_string() || method->get<std::string>() != "awq") {
+    return ConfigError(source, absl::StrCat("quantization_config: quant_method ",
+                                            method == q.end() ? "missing" : method->dump(),
+                                            " is not supported (only \"awq\")"));
+  }
+  // vLLM accepts both spellings: bits | w_bit, group_size | q_group_size.
+  const char* bits_key = q.contains("bits") ? "bits" : "w_bit";
+  NIBBLE_ASSIGN_OR_RETURN(int64_t bits, GetInt(q, source, bits_key, int64_t{4}));
+  if (bits != 4) {
+    return ConfigError(source, absl::StrCat("quantization_config: ", bits,
+                                            "-bit weights are not supported (only 4)"));
+  }
+  AwqQuantization awq;
+  const char* group_key = q.contains("group_size") ? "group_size" : "q_group_size";
+  NIBBLE_ASSIGN_OR_RETURN(awq.group_size, GetInt(q, source, group_key, int64_t{128}));
+  NIBBLE_RETURN_IF_ERROR(RequirePositive(source, group_key, awq.group_size));
+  NIBBLE_ASSIGN_OR_RETURN(bool zero_point, GetBool(q, source, "zero_point", true));
+  if (!zero_point) {
+    return ConfigError(source, "quantization_config: zero_point false is not supported");
+  }
+  auto version = q.find("version");
+  if (version != q.end() && !version->is_null()) {
+    std::string v = version->is_string() ? version->get<std::string>() : version->dump();
+    for (char& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (v != "gemm") {
+      return ConfigError(source, absl::StrCat("quantization_config: AWQ version \"", v,
+                                              "\" is not supported (only gemm)"));
+    }
+  }
+  auto skip = q.find("modules_to_not_convert");
+  if (skip != q.end() && !skip->is_null()) {
+    if (!skip->is_array()) {
+      return ConfigError(source, "quantization_config: modules_to_not_convert must be a list");
+    }
+    for (const Json& m : *skip) {
+      if (!m.is_string()) {
+        return ConfigError(source, "quantization_config: modules_to_not_convert must be strings");
+      }
+      awq.modules_to_not_convert.push_back(m.get<std::string>());
+    }
+  }
+  return awq;
 }
 
 }  // namespace
@@ -182,6 +230,11 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text, std::st
     }
   }
 
+  auto quant = json.find("quantization_config");
+  if (quant != json.end() && !quant->is_null()) {
+    NIBBLE_ASSIGN_OR_RETURN(config.awq, ParseAwqQuantization(*quant, source));
+  }
+
   // Dimensions must fit together before anything is allocated from them.
   NIBBLE_RETURN_IF_ERROR(RequirePositive(source, "hidden_size", config.hidden_size));
   NIBBLE_RETURN_IF_ERROR(RequirePositive(source, "intermediate_size", config.intermediate_size));
@@ -252,6 +305,18 @@ std::string ModelConfigToJson(const ModelConfig& config) {
     json["eos_token_id"] = config.eos_token_ids;
   }
   if (!config.torch_dtype.empty()) json["torch_dtype"] = config.torch_dtype;
+  if (config.awq) {
+    // AutoAWQ's keys (LMDeploy's auto_awq writes the same).
+    json["quantization_config"] = {
+        {"quant_method", "awq"},
+        {"zero_point", true},
+        {"group_size", config.awq->group_size},
+        {"bits", 4},
+        {"version", "gemm"},
+        {"modules_to_not_convert", config.awq->modules_to_not_convert.empty()
+                                       ? Json(nullptr)
+                                       : Json(config.awq->modules_to_not_convert)}};
+  }
   return json.dump(2) + "\n";
 }
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -24,6 +25,12 @@ enum class RopeScaling {
   kLinear,      // positions divided by the factor
 };
 
+// config.json's "quantization_config" for AWQ GEMM checkpoints (MODELS.md §5).
+struct AwqQuantization {
+  int64_t group_size = 128;
+  std::vector<std::string> modules_to_not_convert;  // name fragments kept unquantized
+};
+
 struct ModelConfig {
   Architecture architecture = Architecture::kLlama;
   int64_t hidden_size = 0;
@@ -43,6 +50,7 @@ struct ModelConfig {
   int32_t bos_token_id = 1;
   std::vector<int32_t> eos_token_ids = {2};
   std::string torch_dtype;  // as written, informational
+  std::optional<AwqQuantization> awq;  // set for W4A16 AWQ checkpoints
 
   int64_t q_dim() const { return num_heads * head_dim; }
   int64_t kv_dim() const { return num_kv_heads * head_dim; }

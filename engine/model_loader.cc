@@ -1,9 +1,11 @@
 #include "engine/model_weights.h"
 
 #include <cstring>
+#include <optional>
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "engine/int4_weight.h"
 #include "engine/status_macros.h"
 #include "kernels/cpu/half.h"
 
@@ -54,14 +56,17 @@ class WeightReader {
     return store_.ReadF32(name, {size});
   }
 
-  // A linear weight [out, in] and, when `with_bias`, its bias [out].
+  // A linear weight [out, in] and, when `with_bias`, its bias [out]: AWQ int4 where the
+  // checkpoint is AWQ and has this layer's qweight, dense otherwise.
   absl::StatusOr<std::unique_ptr<LinearWeight>> Linear(const std::string& name, int64_t in,
                                                        int64_t out, bool with_bias) {
-    NIBBLE_ASSIGN_OR_RETURN(std::vector<float> weight, store_.ReadF32(name, {out, in}));
     std::vector<float> bias;
     if (with_bias) {
       NIBBLE_ASSIGN_OR_RETURN(bias, store_.ReadF32(BiasName(name), {out}));
     }
+    NIBBLE_ASSIGN_OR_RETURN(std::optional<Int4Weight> int4, ReadInt4(name, in, out));
+    if (int4) return MakeInt4Linear(*int4, std::move(bias));
+    NIBBLE_ASSIGN_OR_RETURN(std::vector<float> weight, store_.ReadF32(name, {out, in}));
     return MakeDenseLinear(in, out, std::move(weight), std::move(bias), storage_);
   }
 
@@ -73,26 +78,58 @@ class WeightReader {
     const int64_t kv_heads = config_.num_kv_heads;
     const int64_t group = config_.num_heads / kv_heads;
     const int64_t rows = (config_.num_heads + 2 * kv_heads) * d;
-    NIBBLE_ASSIGN_OR_RETURN(std::vector<float> fused, store_.ReadF32(name, {rows, hidden}));
-    std::vector<float> q(config_.q_dim() * hidden), k(config_.kv_dim() * hidden),
-        v(config_.kv_dim() * hidden);
-    const size_t head_bytes = static_cast<size_t>(d * hidden) * sizeof(float);
+    std::vector<int64_t> q_rows, k_rows, v_rows;
     for (int64_t g = 0; g < kv_heads; ++g) {
       for (int64_t slot = 0; slot < group + 2; ++slot) {
-        const float* src = fused.data() + (g * (group + 2) + slot) * d * hidden;
-        float* dst = slot < group   ? q.data() + (g * group + slot) * d * hidden
-                     : slot == group ? k.data() + g * d * hidden
-                                     : v.data() + g * d * hidden;
-        std::memcpy(dst, src, head_bytes);
+        auto& target = slot < group ? q_rows : slot == group ? k_rows : v_rows;
+        for (int64_t t = 0; t < d; ++t) target.push_back((g * (group + 2) + slot) * d + t);
       }
     }
-    layer.q_proj = MakeDenseLinear(hidden, config_.q_dim(), std::move(q), {}, storage_);
-    layer.k_proj = MakeDenseLinear(hidden, config_.kv_dim(), std::move(k), {}, storage_);
-    layer.v_proj = MakeDenseLinear(hidden, config_.kv_dim(), std::move(v), {}, storage_);
+    NIBBLE_ASSIGN_OR_RETURN(std::optional<Int4Weight> int4, ReadInt4(name, hidden, rows));
+    if (int4) {
+      layer.q_proj = MakeInt4Linear(int4->GatherRows(q_rows), {});
+      layer.k_proj = MakeInt4Linear(int4->GatherRows(k_rows), {});
+      layer.v_proj = MakeInt4Linear(int4->GatherRows(v_rows), {});
+      return absl::OkStatus();
+    }
+    NIBBLE_ASSIGN_OR_RETURN(std::vector<float> fused, store_.ReadF32(name, {rows, hidden}));
+    auto gather = [&](const std::vector<int64_t>& picked) {
+      std::vector<float> out(picked.size() * hidden);
+      for (size_t r = 0; r < picked.size(); ++r) {
+        std::memcpy(out.data() + r * hidden, fused.data() + picked[r] * hidden,
+                    static_cast<size_t>(hidden) * sizeof(float));
+      }
+      return MakeDenseLinear(hidden, static_cast<int64_t>(picked.size()), std::move(out), {},
+                             storage_);
+    };
+    layer.q_proj = gather(q_rows);
+    layer.k_proj = gather(k_rows);
+    layer.v_proj = gather(v_rows);
     return absl::OkStatus();
   }
 
  private:
+  // The AWQ GEMM tensors of `weight_name`'s layer, unpacked; nullopt when the model is not
+  // AWQ or this layer was left unquantized.
+  absl::StatusOr<std::optional<Int4Weight>> ReadInt4(const std::string& weight_name, int64_t in,
+                                                     int64_t out) {
+    const std::string base = weight_name.substr(0, weight_name.size() - 6);  // drop "weight"
+    if (!config_.awq || !store_.Contains(base + "qweight")) return std::optional<Int4Weight>();
+    const int64_t group_size = config_.awq->group_size;
+    if (out % 8 != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          store_.dir(), ": AWQ layer ", base, "qweight has ", out,
+          " output features, not a multiple of 8"));
+    }
+    const int64_t groups = (in + group_size - 1) / group_size;
+    NIBBLE_ASSIGN_OR_RETURN(auto qweight, store_.ReadI32(base + "qweight", {in, out / 8}));
+    NIBBLE_ASSIGN_OR_RETURN(auto qzeros, store_.ReadI32(base + "qzeros", {groups, out / 8}));
+    NIBBLE_ASSIGN_OR_RETURN(auto scales, store_.ReadF16Bits(base + "scales", {groups, out}));
+    NIBBLE_ASSIGN_OR_RETURN(Int4Weight weight,
+                            UnpackAwqGemm(in, out, group_size, qweight, qzeros, scales));
+    return std::optional<Int4Weight>(std::move(weight));
+  }
+
   const TensorStore& store_;
   const ModelConfig& config_;
   WeightStorage storage_;

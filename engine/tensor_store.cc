@@ -115,14 +115,49 @@ absl::StatusOr<TensorRef> TensorStore::Get(std::string_view name) const {
   return it->second;
 }
 
-absl::StatusOr<std::vector<float>> TensorStore::ReadF32(
-    std::string_view name, const std::vector<int64_t>& expected_shape) const {
+absl::StatusOr<TensorRef> TensorStore::GetChecked(std::string_view name,
+                                                  const std::vector<int64_t>& expected_shape,
+                                                  std::optional<DType> dtype) const {
   NIBBLE_ASSIGN_OR_RETURN(TensorRef ref, Get(name));
   if (ref.info->shape != expected_shape) {
     return absl::InvalidArgumentError(absl::StrCat(
         *ref.file, ": tensor \"", Absl(name), "\" has shape ", ShapeToString(ref.info->shape),
         ", the config implies ", ShapeToString(expected_shape)));
   }
+  if (dtype && ref.info->dtype != *dtype) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(*ref.file, ": tensor \"", Absl(name), "\" has dtype ",
+                     Absl(DTypeName(ref.info->dtype)), "; expected ", Absl(DTypeName(*dtype))));
+  }
+  return ref;
+}
+
+namespace {
+
+template <typename T>
+std::vector<T> CopyElements(const TensorRef& ref) {
+  std::vector<T> out(static_cast<size_t>(ref.info->NumElements()));
+  std::memcpy(out.data(), ref.bytes.data(), out.size() * sizeof(T));  // may be unaligned
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<int32_t>> TensorStore::ReadI32(
+    std::string_view name, const std::vector<int64_t>& expected_shape) const {
+  NIBBLE_ASSIGN_OR_RETURN(TensorRef ref, GetChecked(name, expected_shape, DType::kI32));
+  return CopyElements<int32_t>(ref);
+}
+
+absl::StatusOr<std::vector<uint16_t>> TensorStore::ReadF16Bits(
+    std::string_view name, const std::vector<int64_t>& expected_shape) const {
+  NIBBLE_ASSIGN_OR_RETURN(TensorRef ref, GetChecked(name, expected_shape, DType::kF16));
+  return CopyElements<uint16_t>(ref);
+}
+
+absl::StatusOr<std::vector<float>> TensorStore::ReadF32(
+    std::string_view name, const std::vector<int64_t>& expected_shape) const {
+  NIBBLE_ASSIGN_OR_RETURN(TensorRef ref, GetChecked(name, expected_shape, std::nullopt));
   const size_t n = static_cast<size_t>(ref.info->NumElements());
   std::vector<float> out(n);
   const uint8_t* data = ref.bytes.data();

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -36,10 +37,21 @@ class TensorStore {
   // `expected_shape`; errors name the tensor, its file, and both shapes or the dtype.
   absl::StatusOr<std::vector<float>> ReadF32(std::string_view name,
                                              const std::vector<int64_t>& expected_shape) const;
+  // Raw element access with the same checks, for tensors that must have exactly this dtype
+  // (AWQ's int32 qweight/qzeros and fp16 scales).
+  absl::StatusOr<std::vector<int32_t>> ReadI32(std::string_view name,
+                                               const std::vector<int64_t>& expected_shape) const;
+  absl::StatusOr<std::vector<uint16_t>> ReadF16Bits(
+      std::string_view name, const std::vector<int64_t>& expected_shape) const;
   std::vector<std::string> Names() const;
   const std::string& dir() const { return dir_; }
 
  private:
+  // The tensor's bytes after checking its shape and (unless nullopt) its dtype.
+  absl::StatusOr<TensorRef> GetChecked(std::string_view name,
+                                       const std::vector<int64_t>& expected_shape,
+                                       std::optional<DType> dtype) const;
+
   std::string dir_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, TensorRef, std::less<>> tensors_;

@@ -6,12 +6,13 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <fstream>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include "tests/testing/test_support.h"
 
 namespace nibble::engine {
 namespace {
@@ -139,13 +140,9 @@ struct RenderedTemplate {
 // Reads and parses chat_templates_rendered.txt; records a test failure and returns an empty
 // list when the shared directory or the file is missing or malformed.
 std::vector<RenderedTemplate> LoadRenderedTemplates() {
-  const char* shared = std::getenv("NIBBLE_SHARED_DIR");
-  if (shared == nullptr || *shared == '\0') {
-    ADD_FAILURE() << "NIBBLE_SHARED_DIR is not set (ctest sets it; set it to the shared/ "
-                     "directory when running the test by hand)";
-    return {};
-  }
-  const std::string path = std::string(shared) + "/models/configs/chat_templates_rendered.txt";
+  const std::string shared = ::nibble::testing::SharedDir();
+  if (shared.empty()) return {};
+  const std::string path = shared + "/models/configs/chat_templates_rendered.txt";
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     ADD_FAILURE() << "cannot open " << path;

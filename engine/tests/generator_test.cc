@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <memory>
 #include <random>
 #include <string>
@@ -19,9 +18,12 @@
 #include <vector>
 
 #include "engine/tokenizer.h"
+#include "tests/testing/test_support.h"
 
 namespace nibble::engine {
 namespace {
+
+using ::nibble::testing::LoadSharedTokenizer;
 
 constexpr std::string_view kReplacement = "\xEF\xBF\xBD";  // U+FFFD
 
@@ -65,33 +67,16 @@ bool IsValidUtf8(std::string_view s) {
   return true;
 }
 
-std::string SharedDir() {
-  const char* dir = std::getenv("NIBBLE_SHARED_DIR");
-  if (dir == nullptr || *dir == '\0') {
-    ADD_FAILURE() << "NIBBLE_SHARED_DIR is not set (ctest sets it; set it to the shared/ "
-                     "directory when running the test by hand)";
-    return "";
-  }
-  return dir;
-}
-
-std::unique_ptr<Tokenizer> Load(const std::string& relative_path) {
-  const std::string shared = SharedDir();
-  if (shared.empty()) return nullptr;
-  TokenizerLoadResult result = LoadSentencePieceTokenizer(shared + "/" + relative_path);
-  EXPECT_NE(result.tokenizer, nullptr) << result.error;
-  return std::move(result.tokenizer);
-}
-
 // Loaded once per process; null (after a recorded failure) when the files are missing.
 const Tokenizer* Stories() {
-  static const std::unique_ptr<Tokenizer> tokenizer = Load("models/stories260K/tok512.model");
+  static const std::unique_ptr<Tokenizer> tokenizer =
+      LoadSharedTokenizer("models/stories260K/tok512.model");
   return tokenizer.get();
 }
 
 const Tokenizer* Llama2() {
   static const std::unique_ptr<Tokenizer> tokenizer =
-      Load("models/llama2-tokenizer/tokenizer.model");
+      LoadSharedTokenizer("models/llama2-tokenizer/tokenizer.model");
   return tokenizer.get();
 }
 

@@ -8,10 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <optional>
@@ -20,47 +17,15 @@
 #include <vector>
 
 #include "engine/tokenizer.h"
+#include "tests/testing/test_support.h"
 
 namespace nibble::engine {
 namespace {
 
-std::string SharedDir() {
-  const char* dir = std::getenv("NIBBLE_SHARED_DIR");
-  if (dir == nullptr || *dir == '\0') {
-    ADD_FAILURE() << "NIBBLE_SHARED_DIR is not set (ctest sets it; set it to the shared/ "
-                     "directory when running the test by hand)";
-    return "";
-  }
-  return dir;
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  EXPECT_TRUE(in.good()) << "cannot open " << path;
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
-
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern =
-        (std::filesystem::temp_directory_path() / "nibble_llama2c_tokenizer_test.XXXXXX").string();
-    path_ = mkdtemp(pattern.data()) != nullptr ? pattern : "";
-  }
-  ~TempDir() {
-    std::error_code ec;
-    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-  std::string Write(const std::string& name, const std::string& bytes) const {
-    const std::string path = path_ + "/" + name;
-    std::ofstream(path, std::ios::binary) << bytes;
-    return path;
-  }
-
- private:
-  std::string path_;
-};
+using ::nibble::testing::Pieces;
+using ::nibble::testing::ReadFile;
+using ::nibble::testing::SharedDir;
+using ::nibble::testing::TempDir;
 
 // ---- A protobuf wire-format reader, to compare the converter's output with tok512.model. ----
 
@@ -194,12 +159,6 @@ class Llama2cTokenizerTest : public ::testing::Test {
     reference_ = std::move(reference.tokenizer);
   }
 
-  std::vector<std::string> Pieces(const Tokenizer& tok, const std::vector<int32_t>& ids) {
-    std::vector<std::string> pieces;
-    for (int32_t id : ids) pieces.push_back(tok.IdToPiece(id));
-    return pieces;
-  }
-
   // The converted model and tok512.model agree on `text`, ids and pieces.
   void ExpectSameEncoding(const std::string& text) {
     const std::vector<int32_t> ids = converted_->Encode(text);
@@ -210,7 +169,7 @@ class Llama2cTokenizerTest : public ::testing::Test {
   std::string shared_;
   std::string bin_path_;
   std::string reference_path_;
-  TempDir dir_;
+  TempDir dir_{"nibble_llama2c_tokenizer_test"};
   Llama2cTokenizer tok_;
   std::string model_;
   std::unique_ptr<Tokenizer> converted_;

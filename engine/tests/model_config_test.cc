@@ -4,11 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <string>
 
 #include "engine/atomic_file.h"
 #include "engine/model_config.h"
+#include "tests/testing/test_support.h"
 
 namespace nibble::engine {
 namespace {
@@ -16,9 +16,7 @@ namespace {
 using ::testing::HasSubstr;
 
 std::string SharedConfig(const std::string& name) {
-  const char* shared = std::getenv("NIBBLE_SHARED_DIR");
-  EXPECT_NE(shared, nullptr) << "NIBBLE_SHARED_DIR is not set; run through ctest";
-  return std::string(shared ? shared : "/nonexistent") + "/models/configs/" + name;
+  return ::nibble::testing::RequiredEnv("NIBBLE_SHARED_DIR") + "/models/configs/" + name;
 }
 
 ModelConfig ParseShared(const std::string& name) {

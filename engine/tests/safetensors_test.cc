@@ -6,12 +6,10 @@
 // format with nlohmann::json directly, not only through our own reader.
 
 #include <signal.h>
-#include <stdlib.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
 #include <cstdint>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -26,6 +24,7 @@
 #include "engine/dtype.h"
 #include "engine/safetensors.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/test_support.h"
 
 namespace nibble::engine {
 namespace {
@@ -35,17 +34,7 @@ namespace fs = std::filesystem;
 // A fresh directory per test, removed afterwards.
 class TempDirTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    std::string pattern = ::testing::TempDir();
-    if (pattern.empty() || pattern.back() != '/') pattern += '/';
-    pattern += "safetensors_test.XXXXXX";
-    ASSERT_NE(::mkdtemp(pattern.data()), nullptr) << std::strerror(errno);
-    dir_ = pattern;
-  }
-  void TearDown() override {
-    std::error_code ignored;
-    fs::remove_all(dir_, ignored);
-  }
+  void SetUp() override { ASSERT_FALSE(dir_.empty()); }
   std::string Path(const std::string& name) const { return dir_ + "/" + name; }
   std::vector<std::string> DirEntries() const {
     std::vector<std::string> names;
@@ -56,7 +45,8 @@ class TempDirTest : public ::testing::Test {
     return names;
   }
 
-  std::string dir_;
+  const nibble::testing::TempDir temp_{"safetensors_test"};
+  const std::string dir_ = temp_.path();
 };
 
 void WriteRaw(const std::string& path, const std::string& bytes) {

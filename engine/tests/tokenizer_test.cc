@@ -6,43 +6,26 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <filesystem>
-#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "tests/testing/test_support.h"
+
 namespace nibble::engine {
 namespace {
 
-// The shared/ directory, or "" after recording a failure.
-std::string SharedDir() {
-  const char* dir = std::getenv("NIBBLE_SHARED_DIR");
-  if (dir == nullptr || *dir == '\0') {
-    ADD_FAILURE() << "NIBBLE_SHARED_DIR is not set (ctest sets it; set it to the shared/ "
-                     "directory when running the test by hand)";
-    return "";
-  }
-  return dir;
+using ::nibble::testing::LoadSharedTokenizer;
+using ::nibble::testing::Pieces;
+using ::nibble::testing::ReadFile;
+using ::nibble::testing::SharedDir;
+using ::nibble::testing::TempDir;
+
+std::unique_ptr<Tokenizer> Stories() {
+  return LoadSharedTokenizer("models/stories260K/tok512.model");
 }
-
-std::unique_ptr<Tokenizer> Load(const std::string& relative_path) {
-  const std::string shared = SharedDir();
-  if (shared.empty()) return nullptr;
-  TokenizerLoadResult result = LoadSentencePieceTokenizer(shared + "/" + relative_path);
-  EXPECT_NE(result.tokenizer, nullptr) << result.error;
-  EXPECT_EQ(result.error, "");
-  return std::move(result.tokenizer);
-}
-
-std::unique_ptr<Tokenizer> Stories() { return Load("models/stories260K/tok512.model"); }
-std::unique_ptr<Tokenizer> Llama2() { return Load("models/llama2-tokenizer/tokenizer.model"); }
-
-std::vector<std::string> Pieces(const Tokenizer& tok, const std::vector<int32_t>& ids) {
-  std::vector<std::string> pieces;
-  for (int32_t id : ids) pieces.push_back(tok.IdToPiece(id));
-  return pieces;
+std::unique_ptr<Tokenizer> Llama2() {
+  return LoadSharedTokenizer("models/llama2-tokenizer/tokenizer.model");
 }
 
 const std::vector<std::string>& SampleTexts() {
@@ -66,34 +49,6 @@ std::string CollapseSpaces(const std::string& text) {
     out.push_back(c);
   }
   return out;
-}
-
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern =
-        (std::filesystem::temp_directory_path() / "nibble_tokenizer_test.XXXXXX").string();
-    path_ = mkdtemp(pattern.data()) != nullptr ? pattern : "";
-  }
-  ~TempDir() {
-    std::error_code ec;
-    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
-
-std::string WriteFile(const TempDir& dir, const std::string& name, const std::string& bytes) {
-  const std::string path = dir.path() + "/" + name;
-  std::ofstream(path, std::ios::binary) << bytes;
-  return path;
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
 TEST(SentencePieceTokenizerTest, Stories260KFacts) {
@@ -256,7 +211,7 @@ TEST(SentencePieceTokenizerTest, RejectsBadAddedTokens) {
 }
 
 TEST(SentencePieceTokenizerTest, ErrorsNameTheFile) {
-  TempDir dir;
+  TempDir dir("nibble_tokenizer_test");
   ASSERT_FALSE(dir.path().empty());
   const std::string missing = dir.path() + "/no-such-tokenizer.model";
   TokenizerLoadResult result = LoadSentencePieceTokenizer(missing);
@@ -276,7 +231,7 @@ TEST(SentencePieceTokenizerTest, ErrorsNameTheFile) {
       {"tokenizer.bin", ReadFile(shared + "/models/stories260K/tok512.bin")},
   };
   for (const auto& [name, bytes] : garbage) {
-    const std::string path = WriteFile(dir, name, bytes);
+    const std::string path = dir.Write(name, bytes);
     TokenizerLoadResult bad = LoadSentencePieceTokenizer(path);
     EXPECT_EQ(bad.tokenizer, nullptr) << name;
     EXPECT_NE(bad.error.find(path), std::string::npos) << name << ": " << bad.error;
