@@ -14,5 +14,6 @@ CommandRunner RegisterConvert(CLI::App& app);
 CommandRunner RegisterGenerate(CLI::App& app);
 CommandRunner RegisterPerplexity(CLI::App& app);
 CommandRunner RegisterFetch(CLI::App& app);
+CommandRunner RegisterQuantize(CLI::App& app);
 
 }  // namespace nibble::cli

@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
       {"generate", nibble::cli::RegisterGenerate(app)},
       {"perplexity", nibble::cli::RegisterPerplexity(app)},
       {"fetch", nibble::cli::RegisterFetch(app)},
+      {"quantize", nibble::cli::RegisterQuantize(app)},
   };
   CLI11_PARSE(app, argc, argv);
   for (CLI::App* sub : app.get_subcommands()) {

@@ -3,38 +3,26 @@
 
 #include <gtest/gtest.h>
 
-#include <cstdlib>
-#include <fstream>
-#include <sstream>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "engine/model.h"
+#include "tests/testing/test_support.h"
 
 namespace nibble::testing {
-
-// The value of a required variable; the test fails (never skips) without it.
-inline std::string RequiredEnv(const char* name) {
-  const char* value = std::getenv(name);
-  if (value == nullptr || *value == '\0') {
-    ADD_FAILURE() << name << " is not set; run the tests through ctest";
-    return "/nonexistent";
-  }
-  return value;
-}
 
 inline std::string TestModel(const std::string& name) {
   return RequiredEnv("NIBBLE_TEST_MODELS") + "/" + name;
 }
 
 inline nlohmann::json ReadJson(const std::string& path) {
-  std::ifstream in(path);
-  EXPECT_TRUE(in.good()) << "cannot open " << path;
-  std::stringstream text;
-  text << in.rdbuf();
-  return nlohmann::json::parse(text.str());
+  return nlohmann::json::parse(ReadFile(path));
 }
 
 inline nlohmann::json Golden(const std::string& name) {

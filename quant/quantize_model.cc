@@ -1,0 +1,141 @@
+#include "quant/quantize_model.h"
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "engine/atomic_file.h"
+#include "engine/int4_weight.h"
+#include "engine/model_config.h"
+#include "engine/safetensors.h"
+#include "engine/status_macros.h"
+#include "engine/tensor_store.h"
+#include "kernels/cpu/half.h"
+#include "quant/rtn.h"
+
+namespace nibble::quant {
+namespace fs = std::filesystem;
+namespace {
+
+// Tokenizer and generation files travel with the weights unchanged.
+constexpr const char* kCopiedFiles[] = {"tokenizer.model", "tokenizer_config.json",
+                                        "special_tokens_map.json", "generation_config.json"};
+
+// The linears inside the decoder layers are quantized; embeddings, lm_head and norms are not
+// (as AutoAWQ and LMDeploy do).
+bool IsDecoderLinear(const std::string& name, const engine::TensorInfo& info) {
+  return absl::StartsWith(name, "model.layers.") && absl::EndsWith(name, ".weight") &&
+         info.shape.size() == 2 && !absl::StrContains(name, "norm");
+}
+
+template <typename T>
+std::span<const uint8_t> AsBytes(const std::vector<T>& v) {
+  return {reinterpret_cast<const uint8_t*>(v.data()), v.size() * sizeof(T)};
+}
+
+double RelativeError(const std::vector<float>& w, const std::vector<float>& approx) {
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < w.size(); ++i) {
+    diff += (static_cast<double>(w[i]) - approx[i]) * (static_cast<double>(w[i]) - approx[i]);
+    norm += static_cast<double>(w[i]) * w[i];
+  }
+  return norm > 0 ? std::sqrt(diff / norm) : 0.0;
+}
+
+}  // namespace
+
+absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
+    const std::string& model_dir, const std::string& out_dir, const QuantizeOptions& options,
+    const std::function<void(int64_t, int64_t, const std::string&)>& progress) {
+  const auto start = std::chrono::steady_clock::now();
+  if (options.w_bits != 4) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--w-bits ", options.w_bits, " is unsupported: nibble quantizes to 4 bits (W4A16)"));
+  }
+  if (options.group_size < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--w-group-size must be >= 1, got ", options.group_size));
+  }
+  const std::string config_path = (fs::path(model_dir) / "config.json").string();
+  NIBBLE_ASSIGN_OR_RETURN(std::string config_text, engine::ReadFileToString(config_path));
+  NIBBLE_ASSIGN_OR_RETURN(engine::ModelConfig config,
+                          engine::ParseModelConfig(config_text, config_path));
+  if (config.awq) {
+    return absl::InvalidArgumentError(absl::StrCat(config_path, ": the model is already AWQ"));
+  }
+  NIBBLE_ASSIGN_OR_RETURN(auto store, engine::TensorStore::Open(model_dir));
+  NIBBLE_ASSIGN_OR_RETURN(engine::StagingDirectory staging,
+                          engine::StagingDirectory::Create(out_dir));
+
+  QuantizeReport report;
+  engine::SafetensorsWriter writer;
+  writer.SetMetadata("format", "pt");
+  const std::vector<std::string> names = store->Names();
+  int64_t done = 0;
+  for (const std::string& name : names) {
+    NIBBLE_ASSIGN_OR_RETURN(engine::TensorRef ref, store->Get(name));
+    const std::vector<int64_t>& shape = ref.info->shape;
+    NIBBLE_ASSIGN_OR_RETURN(std::vector<float> values, store->ReadF32(name, shape));
+    if (IsDecoderLinear(name, *ref.info)) {
+      const int64_t out = shape[0], in = shape[1];
+      const std::string module = name.substr(0, name.size() - 7);  // drop ".weight"
+      if (out % 8 == 0) {
+        engine::Int4Weight q = QuantizeRtn(values, in, out, options.group_size);
+        report.layers.push_back({name, RelativeError(values, q.Dequantize())});
+        NIBBLE_ASSIGN_OR_RETURN(engine::AwqGemmTensors t, engine::PackAwqGemm(q));
+        const int64_t groups = q.groups();
+        NIBBLE_RETURN_IF_ERROR(
+            writer.Add(module + ".qweight", engine::DType::kI32, {in, out / 8}, AsBytes(t.qweight)));
+        NIBBLE_RETURN_IF_ERROR(writer.Add(module + ".qzeros", engine::DType::kI32,
+                                          {groups, out / 8}, AsBytes(t.qzeros)));
+        NIBBLE_RETURN_IF_ERROR(writer.Add(module + ".scales", engine::DType::kF16,
+                                          {groups, out}, AsBytes(t.scales)));
+        if (progress) progress(++done, static_cast<int64_t>(names.size()), name);
+        continue;
+      }
+      // The format packs 8 outputs per int32: such a layer stays fp16 and is listed.
+      report.not_converted.push_back(
+          absl::StrCat(module, " (", out, " output features, not a multiple of 8)"));
+    }
+    std::vector<uint16_t> half(values.size());
+    kernels::cpu::FloatToHalf(values.data(), values.size(), half.data());
+    NIBBLE_RETURN_IF_ERROR(writer.Add(name, engine::DType::kF16, shape, AsBytes(half)));
+    if (progress) progress(++done, static_cast<int64_t>(names.size()), name);
+  }
+  NIBBLE_RETURN_IF_ERROR(writer.Write(staging.File("model.safetensors")));
+
+  // The source config with its keys kept (auto_map and the like), plus the quantization.
+  nlohmann::json json = nlohmann::json::parse(config_text, nullptr, false);
+  std::vector<std::string> skipped_modules;
+  for (const std::string& entry : report.not_converted) {
+    skipped_modules.push_back(entry.substr(0, entry.find(' ')));
+  }
+  json["torch_dtype"] = "float16";
+  json["quantization_config"] = {
+      {"quant_method", "awq"},
+      {"zero_point", true},
+      {"group_size", options.group_size},
+      {"bits", 4},
+      {"version", "gemm"},
+      {"modules_to_not_convert",
+       skipped_modules.empty() ? nlohmann::json(nullptr) : nlohmann::json(skipped_modules)}};
+  NIBBLE_RETURN_IF_ERROR(
+      engine::WriteFileAtomically(staging.File("config.json"), json.dump(2) + "\n"));
+  for (const char* file : kCopiedFiles) {
+    const fs::path source = fs::path(model_dir) / file;
+    std::error_code ec;
+    if (!fs::exists(source, ec)) continue;
+    NIBBLE_ASSIGN_OR_RETURN(std::string bytes, engine::ReadFileToString(source.string()));
+    NIBBLE_RETURN_IF_ERROR(engine::WriteFileAtomically(staging.File(file), bytes));
+  }
+  NIBBLE_RETURN_IF_ERROR(staging.Commit());
+  report.seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return report;
+}
+
+}  // namespace nibble::quant

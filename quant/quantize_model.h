@@ -1,0 +1,42 @@
+// Quantizing a Hugging Face model directory into a W4A16 artifact: AWQ "GEMM" safetensors
+// (qweight/qzeros/scales per quantized linear, everything else fp16), config.json with
+// `quantization_config`, and the tokenizer files — a directory vLLM, transformers, LMDeploy
+// and nibble's own engine load alike.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace nibble::quant {
+
+enum class QuantMethod { kRtn };
+
+struct QuantizeOptions {
+  QuantMethod method = QuantMethod::kRtn;
+  int64_t w_bits = 4;
+  int64_t group_size = 128;
+};
+
+struct LayerQuantizationError {
+  std::string name;       // the linear's weight tensor
+  double relative_error;  // ||W - dequant(quant(W))||_F / ||W||_F
+};
+
+struct QuantizeReport {
+  std::vector<LayerQuantizationError> layers;  // quantized layers, in tensor-name order
+  std::vector<std::string> not_converted;      // linears kept fp16, with the reason
+  double seconds = 0;
+};
+
+// `progress(done, total, tensor)` after each tensor. Errors: an unreadable or unsupported
+// source, w_bits other than 4, group_size < 1, an existing non-empty `out_dir`. The output
+// appears whole (staged, then renamed) or not at all.
+absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
+    const std::string& model_dir, const std::string& out_dir, const QuantizeOptions& options,
+    const std::function<void(int64_t, int64_t, const std::string&)>& progress = nullptr);
+
+}  // namespace nibble::quant
