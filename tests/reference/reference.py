@@ -510,6 +510,61 @@ def _load_hf_tensors(model_dir):
     return tensors
 
 
+# AWQ GEMM (MODELS.md section 5): column 8c+j of a packed int32 row is nibble REVERSE[j].
+AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def unpack_awq_int32(packed):
+    """[R, C] int32 -> [R, 8C] unsigned 4-bit values in column order."""
+    u = packed.astype(np.int64) & 0xFFFFFFFF
+    out = np.empty((packed.shape[0], packed.shape[1] * 8), dtype=np.int64)
+    for j, nib in enumerate(AWQ_REVERSE_ORDER):
+        out[:, j::8] = (u >> (4 * nib)) & 15
+    return out
+
+
+def dequantize_awq_gemm(qweight, qzeros, scales, group_size):
+    """W [out, in] in float64 from AWQ GEMM tensors ([in, ...] layout):
+    W[k, n] = (q[k, n] - z[k // g, n]) * s[k // g, n], then transposed to
+    nn.Linear's [out, in]. in need not be a multiple of g (a partial last group)."""
+    q = unpack_awq_int32(qweight)                # [in, out]
+    z = unpack_awq_int32(qzeros)                 # [groups, out]
+    s = scales.astype(np.float64)                # [groups, out]
+    rows = np.arange(q.shape[0]) // group_size
+    w = (q - z[rows]).astype(np.float64) * s[rows]
+    return w.T.copy()
+
+
+def quantize_rtn(w, group_size):
+    """AutoAWQ's round-to-nearest W4 of w [out, in] (float32 arithmetic, scale rounded
+    to fp16 first, ties to even as torch.round), returned dequantized as float64."""
+    w = np.asarray(w, dtype=np.float32)
+    out = np.empty(w.shape, dtype=np.float64)
+    for b in range(0, w.shape[1], group_size):
+        g = w[:, b:b + group_size]
+        lo = g.min(axis=1, keepdims=True)
+        hi = g.max(axis=1, keepdims=True)
+        s = (np.maximum(hi - lo, np.float32(1e-5)) / np.float32(15)).astype(np.float16)
+        s = s.astype(np.float32)
+        z = np.clip(np.rint(-lo / s), 0, 15)
+        q = np.clip(np.rint(g / s) + z, 0, 15)
+        out[:, b:b + group_size] = (q - z).astype(np.float64) * s.astype(np.float64)
+    return out
+
+
+def _dequantize_awq_tensors(t, cfg):
+    """Replace each AWQ module's qweight/qzeros/scales by its dequantized .weight."""
+    qc = cfg.get("quantization_config") or {}
+    if qc.get("quant_method") != "awq":
+        return t
+    g = int(qc.get("group_size", qc.get("q_group_size", 128)))
+    for key in [k for k in t if k.endswith(".qweight")]:
+        m = key[: -len(".qweight")]
+        t[m + ".weight"] = dequantize_awq_gemm(t.pop(m + ".qweight"), t.pop(m + ".qzeros"),
+                                               t.pop(m + ".scales"), g)
+    return t
+
+
 def load_hf(model_dir):
     """Load an HF directory (LLaMA, InternLM v1, InternLM2) into a Model in
     Meta layout: q/k rows (and q/k biases) get the inverse rotate_half
@@ -519,7 +574,7 @@ def load_hf(model_dir):
     arch = (cfg.get("architectures") or [None])[0]
     if arch not in ARCHS.values():
         raise ValueError("unsupported architecture %r" % arch)
-    t = _load_hf_tensors(model_dir)
+    t = _dequantize_awq_tensors(_load_hf_tensors(model_dir), cfg)
     used = set()
 
     def get(name):
@@ -850,6 +905,11 @@ def main(argv=None):
                    help="internlm2 only: rope_scaling {type: dynamic, factor: F}")
     w.add_argument("--out", required=True)
 
+    rc = sub.add_parser("check-rtn", help="compare an RTN artifact with this module's RTN")
+    rc.add_argument("--source", required=True, help="the HF directory that was quantized")
+    rc.add_argument("--quantized", required=True, help="the AWQ GEMM artifact")
+    rc.add_argument("--out")
+
     lg = sub.add_parser("logits", help="float64 logits of an HF directory")
     lg.add_argument("--model-dir", required=True)
     lg.add_argument("--tokens", required=True, help="comma-separated ids")
@@ -899,6 +959,27 @@ def main(argv=None):
         res = {"command": _command_string(argv), "out": a.out,
                "architecture": ARCHS[a.layout]}
         a.out = None  # the directory is the output; report goes to stdout
+    elif a.cmd == "check-rtn":
+        with open(os.path.join(a.quantized, "config.json")) as f:
+            qcfg = json.load(f)
+        g = int(qcfg["quantization_config"]["group_size"])
+        src = _load_hf_tensors(a.source)
+        got = _dequantize_awq_tensors(_load_hf_tensors(a.quantized), qcfg)
+        layers, mismatched, worst = 0, 0, 0.0
+        for name, w in sorted(got.items()):
+            if not (name.startswith("model.layers.") and name.endswith(".weight")
+                    and w.ndim == 2):
+                continue
+            expected = (quantize_rtn(src[name], g) if w.dtype == np.float64
+                        else src[name].astype(np.float16).astype(np.float64))
+            diff = float(np.max(np.abs(w.astype(np.float64) - expected)))
+            worst = max(worst, diff)
+            layers += 1
+            mismatched += diff != 0.0
+        res = {"layers": layers, "mismatched_layers": mismatched, "max_abs_diff": worst}
+        if mismatched:
+            print(json.dumps(res))
+            sys.exit(1)
     elif a.cmd == "logits":
         m = load_hf(a.model_dir)
         toks = [int(s) for s in a.tokens.split(",") if s.strip()]
