@@ -3,7 +3,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/cpu/attention.h"
+#include "engine/decoder_layer.h"
 #include "kernels/cpu/ops.h"
 
 namespace nibble::engine {
@@ -86,50 +86,13 @@ class CpuBackend final : public Backend {
     const int64_t hidden = config_.hidden_size;
     const int64_t n = static_cast<int64_t>(tokens.size());
     const int64_t start = sequence.length();
-    const int64_t q_dim = config_.q_dim();
-    const int64_t kv_dim = config_.kv_dim();
-    const int64_t d = config_.head_dim;
     const float eps = static_cast<float>(config_.rms_norm_eps);
-
-    std::vector<float> x(n * hidden), normed(n * hidden), q(n * q_dim), attention(n * q_dim),
-        projected(n * hidden), gate(n * config_.intermediate_size),
-        up(n * config_.intermediate_size);
+    std::vector<float> x(n * hidden), normed(n * hidden);
     for (int64_t t = 0; t < n; ++t) weights_.embedding.Lookup(tokens[t], x.data() + t * hidden);
-
-    // Dynamic NTK: HF picks the base from the KV length after this step, for all its tokens.
-    std::vector<float> inv_freq(d / 2);
-    k::RopeInverseFrequencies(config_.RopeBaseForLength(start + n), d, inv_freq.data());
-    if (config_.rope_scaling == RopeScaling::kLinear) {
-      for (float& f : inv_freq) f = static_cast<float>(f / config_.rope_scaling_factor);
-    }
-    const k::AttentionShape shape{config_.num_heads, config_.num_kv_heads, d};
-
+    const std::vector<float> inv_freq = RopeInverseFrequenciesForLength(config_, start + n);
     for (int64_t l = 0; l < config_.num_layers; ++l) {
-      const LayerWeights& layer = weights_.layers[l];
-      k::RmsNorm(x.data(), layer.attention_norm.data(), n, hidden, eps, normed.data());
-      layer.q_proj->Forward(normed.data(), n, q.data());
-      // Keys and values go straight into the cache at their positions.
-      float* keys = sequence.keys(l, start);
-      float* values = sequence.values(l, start);
-      layer.k_proj->Forward(normed.data(), n, keys);
-      layer.v_proj->Forward(normed.data(), n, values);
-      for (int64_t t = 0; t < n; ++t) {
-        k::RopeRotateHalf(q.data() + t * q_dim, config_.num_heads, d, start + t,
-                          inv_freq.data());
-        k::RopeRotateHalf(keys + t * kv_dim, config_.num_kv_heads, d, start + t,
-                          inv_freq.data());
-      }
-      k::CausalAttention(q.data(), n, start, sequence.keys(l, 0), sequence.values(l, 0), shape,
-                         attention.data());
-      layer.o_proj->Forward(attention.data(), n, projected.data());
-      k::AddInPlace(x.data(), projected.data(), n * hidden);
-
-      k::RmsNorm(x.data(), layer.ffn_norm.data(), n, hidden, eps, normed.data());
-      layer.gate_proj->Forward(normed.data(), n, gate.data());
-      layer.up_proj->Forward(normed.data(), n, up.data());
-      k::SiluMulInPlace(gate.data(), up.data(), n * config_.intermediate_size);
-      layer.down_proj->Forward(gate.data(), n, projected.data());
-      k::AddInPlace(x.data(), projected.data(), n * hidden);
+      RunDecoderLayer(config_, weights_.layers[l], n, start, inv_freq, sequence.keys(l, 0),
+                      sequence.values(l, 0), x.data());
     }
 
     const int64_t first = which == LogitsFor::kAllPositions ? 0 : n - 1;

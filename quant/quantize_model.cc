@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <map>
 
 #include <nlohmann/json.hpp>
 
@@ -15,6 +16,7 @@
 #include "engine/status_macros.h"
 #include "engine/tensor_store.h"
 #include "kernels/cpu/half.h"
+#include "quant/manifest.h"
 #include "quant/rtn.h"
 
 namespace nibble::quant {
@@ -72,6 +74,19 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
                           engine::StagingDirectory::Create(out_dir));
 
   QuantizeReport report;
+  // AWQ rewrites norms and linears (folded scales, clipping) before the same RTN packing.
+  std::map<std::string, std::vector<float>> searched;
+  if (options.method == QuantMethod::kAwq) {
+    AwqOptions awq_options;
+    awq_options.group_size = options.group_size;
+    auto layer_progress = [&](int64_t layer, int64_t layers, const std::string& phase) {
+      if (progress) progress(layer, layers, absl::StrCat("layer ", layer, ": ", phase));
+    };
+    NIBBLE_ASSIGN_OR_RETURN(AwqResult awq, SearchAwq(*store, config, options.calibration_samples,
+                                                     awq_options, layer_progress));
+    searched = std::move(awq.tensors);
+    report.awq_scales = std::move(awq.scales);
+  }
   engine::SafetensorsWriter writer;
   writer.SetMetadata("format", "pt");
   const std::vector<std::string> names = store->Names();
@@ -79,7 +94,12 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
   for (const std::string& name : names) {
     NIBBLE_ASSIGN_OR_RETURN(engine::TensorRef ref, store->Get(name));
     const std::vector<int64_t>& shape = ref.info->shape;
-    NIBBLE_ASSIGN_OR_RETURN(std::vector<float> values, store->ReadF32(name, shape));
+    std::vector<float> values;
+    if (auto it = searched.find(name); it != searched.end()) {
+      values = std::move(it->second);
+    } else {
+      NIBBLE_ASSIGN_OR_RETURN(values, store->ReadF32(name, shape));
+    }
     if (IsDecoderLinear(name, *ref.info)) {
       const int64_t out = shape[0], in = shape[1];
       const std::string module = name.substr(0, name.size() - 7);  // drop ".weight"
@@ -131,6 +151,14 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
     if (!fs::exists(source, ec)) continue;
     NIBBLE_ASSIGN_OR_RETURN(std::string bytes, engine::ReadFileToString(source.string()));
     NIBBLE_RETURN_IF_ERROR(engine::WriteFileAtomically(staging.File(file), bytes));
+  }
+  // The manifest last (quant/manifest.h): a directory that has one is complete.
+  {
+    const double quantize_seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const ArtifactManifest manifest =
+        BuildQuantizeManifest(config, options, report, {{"quantize", quantize_seconds}});
+    NIBBLE_RETURN_IF_ERROR(WriteManifest(staging.path(), manifest));
   }
   NIBBLE_RETURN_IF_ERROR(staging.Commit());
   report.seconds =

@@ -10,15 +10,18 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "quant/awq.h"
 
 namespace nibble::quant {
 
-enum class QuantMethod { kRtn };
+enum class QuantMethod { kRtn, kAwq };
 
 struct QuantizeOptions {
   QuantMethod method = QuantMethod::kRtn;
   int64_t w_bits = 4;
   int64_t group_size = 128;
+  // kAwq: token windows the activation-aware search calibrates on (calibration.h).
+  std::vector<std::vector<int32_t>> calibration_samples;
 };
 
 struct LayerQuantizationError {
@@ -29,6 +32,7 @@ struct LayerQuantizationError {
 struct QuantizeReport {
   std::vector<LayerQuantizationError> layers;  // quantized layers, in tensor-name order
   std::vector<std::string> not_converted;      // linears kept fp16, with the reason
+  std::vector<AwqLayerScales> awq_scales;      // kAwq: the chosen scales' ratios and losses
   double seconds = 0;
 };
 

@@ -6,11 +6,12 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/sha256.h"
 
 namespace nibble::cli {
 
-// Lower-case hex sha256 of a file; errors name the path.
-absl::StatusOr<std::string> Sha256OfFile(const std::string& path);
+// Lower-case hex sha256 of a file; errors name the path (engine/sha256.h).
+using engine::Sha256OfFile;
 
 // Fetches `url` to `dest`: into a temporary file beside it, checks its sha256 against
 // `expected_sha256` (lower-case hex; empty skips the check), then renames it into place.

@@ -1,0 +1,34 @@
+// One decoder layer of the LLaMA family on the CPU, in fp32: the piece the CPU backend runs
+// per layer and the AWQ search runs to see each linear's real inputs.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "engine/model_config.h"
+#include "engine/model_weights.h"
+
+namespace nibble::engine {
+
+// The inputs the layer's linears saw, appended per call (for calibration): the normed input
+// of q/k/v, the attention output (o's input), the normed input of gate/up, and
+// silu(gate)·up (down's input). Null members are not captured.
+struct LayerInputCapture {
+  std::vector<float>* qkv_input = nullptr;   // [tokens, hidden]
+  std::vector<float>* o_input = nullptr;     // [tokens, q_dim]
+  std::vector<float>* ffn_input = nullptr;   // [tokens, hidden]
+  std::vector<float>* down_input = nullptr;  // [tokens, intermediate]
+};
+
+// RoPE inverse frequencies for a step that ends with `length` tokens in the cache (dynamic
+// NTK picks its base from that length, for every token of the step, as HF does).
+std::vector<float> RopeInverseFrequenciesForLength(const ModelConfig& config, int64_t length);
+
+// Runs `layer` on x[n, hidden] in place, for positions start .. start + n - 1. `keys` and
+// `values` are this layer's cache, [capacity, kv_dim] from position 0; the new tokens' keys
+// and values are written at `start`.
+void RunDecoderLayer(const ModelConfig& config, const LayerWeights& layer, int64_t n,
+                     int64_t start, const std::vector<float>& inv_freq, float* keys,
+                     float* values, float* x, LayerInputCapture* capture = nullptr);
+
+}  // namespace nibble::engine

@@ -1,0 +1,311 @@
+#include "quant/awq.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "engine/decoder_layer.h"
+#include "engine/model_weights.h"
+#include "engine/status_macros.h"
+#include "kernels/cpu/matmul.h"
+#include "quant/rtn.h"
+
+namespace nibble::quant {
+namespace {
+
+using Tensor = std::vector<float>;
+
+// Checkpoint names of one layer's tensors, per architecture.
+struct LayerNames {
+  std::string attention_norm, ffn_norm, o, gate, up, down;
+  std::vector<std::string> qkv;  // q, k, v; or InternLM2's fused wqkv
+  std::string v;                 // empty when v's outputs cannot carry o's scales
+  bool clip_qkv_last = false;    // clip v (not q, k); false for a fused wqkv
+};
+
+LayerNames NamesOf(const engine::ModelConfig& config, int64_t layer) {
+  const std::string p = absl::StrCat("model.layers.", layer, ".");
+  LayerNames n;
+  if (config.architecture == engine::Architecture::kInternLM2) {
+    n.attention_norm = p + "attention_norm.weight";
+    n.ffn_norm = p + "ffn_norm.weight";
+    n.qkv = {p + "attention.wqkv.weight"};
+    n.o = p + "attention.wo.weight";
+    n.gate = p + "feed_forward.w1.weight";
+    n.up = p + "feed_forward.w3.weight";
+    n.down = p + "feed_forward.w2.weight";
+    return n;
+  }
+  n.attention_norm = p + "input_layernorm.weight";
+  n.ffn_norm = p + "post_attention_layernorm.weight";
+  n.qkv = {p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
+           p + "self_attn.v_proj.weight"};
+  n.o = p + "self_attn.o_proj.weight";
+  n.gate = p + "mlp.gate_proj.weight";
+  n.up = p + "mlp.up_proj.weight";
+  n.down = p + "mlp.down_proj.weight";
+  n.clip_qkv_last = true;
+  // o's input channels are v's output channels only without GQA (AutoAWQ's shape rule).
+  if (config.num_kv_heads == config.num_heads) n.v = p + "self_attn.v_proj.weight";
+  return n;
+}
+
+// Y[tokens, out] = X · Wᵀ.
+Tensor Product(const Tensor& x, int64_t tokens, const Tensor& w, int64_t in, int64_t out) {
+  Tensor y(static_cast<size_t>(tokens * out));
+  kernels::cpu::MatMulWeightsF32(x.data(), w.data(), nullptr, tokens, out, in, y.data());
+  return y;
+}
+
+double MeanSquaredDifference(const Tensor& a, const Tensor& b) {
+  double sum = 0;
+  for (size_t i = 0; i < a.size(); ++i) sum += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+  return a.empty() ? 0.0 : sum / static_cast<double>(a.size());
+}
+
+Tensor FakeQuantize(const Tensor& w, int64_t in, int64_t out, int64_t group) {
+  return QuantizeRtn(w, in, out, group).Dequantize();
+}
+
+// The best per-channel scales for linears `ws` (each [out_i, in]) that read x[tokens, in].
+std::vector<float> SearchScales(const Tensor& x, int64_t tokens, int64_t in,
+                                const std::vector<const Tensor*>& ws, const AwqOptions& options,
+                                AwqLayerScales& report) {
+  std::vector<double> magnitude(in, 0.0);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t k = 0; k < in; ++k) magnitude[k] += std::abs(x[t * in + k]);
+  }
+  std::vector<Tensor> reference;
+  for (const Tensor* w : ws) {
+    reference.push_back(Product(x, tokens, *w, in, static_cast<int64_t>(w->size()) / in));
+  }
+  std::vector<float> best(in, 1.0f);
+  double best_loss = std::numeric_limits<double>::infinity();
+  for (int step = 0; step < options.n_grid; ++step) {
+    const double ratio = static_cast<double>(step) / options.n_grid;
+    std::vector<float> s(in);
+    double lo = std::numeric_limits<double>::infinity(), hi = 0;
+    for (int64_t k = 0; k < in; ++k) {
+      s[k] = static_cast<float>(std::max(std::pow(magnitude[k] / tokens, ratio), 1e-4));
+      lo = std::min<double>(lo, s[k]);
+      hi = std::max<double>(hi, s[k]);
+    }
+    const double norm = std::sqrt(lo * hi);
+    for (float& v : s) v = static_cast<float>(v / norm);
+    double loss = 0;
+    for (size_t i = 0; i < ws.size(); ++i) {
+      const int64_t out = static_cast<int64_t>(ws[i]->size()) / in;
+      Tensor scaled = *ws[i];
+      for (int64_t n = 0; n < out; ++n) {
+        for (int64_t k = 0; k < in; ++k) scaled[n * in + k] *= s[k];
+      }
+      Tensor q = FakeQuantize(scaled, in, out, options.group_size);
+      for (int64_t n = 0; n < out; ++n) {
+        for (int64_t k = 0; k < in; ++k) q[n * in + k] /= s[k];
+      }
+      loss += MeanSquaredDifference(Product(x, tokens, q, in, out), reference[i]);
+    }
+    if (step == 0) report.loss_rtn = loss;
+    if (loss < best_loss) {
+      best_loss = loss;
+      best = s;
+      report.ratio = ratio;
+    }
+  }
+  report.loss_awq = best_loss;
+  return best;
+}
+
+// Clamps each group of each row of w [out, in] to the symmetric range that minimizes the
+// group's contribution error on `x` (sampled tokens, already divided by the scales).
+void SearchClipping(Tensor& w, int64_t in, int64_t out, const Tensor& x, int64_t tokens,
+                    const AwqOptions& options) {
+  const int64_t g = options.group_size;
+  const int steps = static_cast<int>(options.max_shrink * options.n_grid);
+  std::vector<float> group_w, clipped;
+  for (int64_t n = 0; n < out; ++n) {
+    for (int64_t begin = 0; begin < in; begin += g) {
+      const int64_t len = std::min(g, in - begin);
+      float* row = w.data() + n * in + begin;
+      group_w.assign(row, row + len);
+      float max_abs = 0;
+      for (float v : group_w) max_abs = std::max(max_abs, std::abs(v));
+      std::vector<double> original(tokens);
+      for (int64_t t = 0; t < tokens; ++t) {
+        original[t] = kernels::cpu::Dot(x.data() + t * in + begin, group_w.data(), len);
+      }
+      double best_error = std::numeric_limits<double>::infinity();
+      float best_max = max_abs;
+      for (int i = 0; i <= steps; ++i) {
+        const float bound = max_abs * (1.0f - static_cast<float>(i) / options.n_grid);
+        clipped = group_w;
+        for (float& v : clipped) v = std::clamp(v, -bound, bound);
+        const Tensor q = FakeQuantize(clipped, len, 1, len);
+        double error = 0;
+        for (int64_t t = 0; t < tokens; ++t) {
+          const double d = kernels::cpu::Dot(x.data() + t * in + begin, q.data(), len) - original[t];
+          error += d * d;
+        }
+        if (error < best_error) {
+          best_error = error;
+          best_max = bound;
+        }
+      }
+      for (int64_t k = 0; k < len; ++k) row[k] = std::clamp(row[k], -best_max, best_max);
+    }
+  }
+}
+
+// Every `stride`-th token of x [tokens, in], at most `limit` of them, divided by s.
+Tensor SampleAndUnscale(const Tensor& x, int64_t tokens, int64_t in, const std::vector<float>& s,
+                        int64_t limit, int64_t& sampled) {
+  const int64_t stride = std::max<int64_t>(1, tokens / std::max<int64_t>(limit, 1));
+  Tensor out;
+  sampled = 0;
+  for (int64_t t = 0; t < tokens && sampled < limit; t += stride, ++sampled) {
+    for (int64_t k = 0; k < in; ++k) out.push_back(x[t * in + k] / s[k]);
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<AwqResult> SearchAwq(
+    const engine::TensorStore& store, const engine::ModelConfig& config,
+    const std::vector<std::vector<int32_t>>& samples, const AwqOptions& options,
+    const std::function<void(int64_t, int64_t, const std::string&)>& progress) {
+  if (samples.empty()) return absl::InvalidArgumentError("AWQ needs calibration samples");
+  NIBBLE_ASSIGN_OR_RETURN(engine::ModelWeights weights,
+                          engine::LoadModelWeights(store, config, engine::WeightStorage::kF32));
+  const int64_t hidden = config.hidden_size;
+  const int64_t ffn = config.intermediate_size;
+  const int64_t q_dim = config.q_dim();
+
+  // The hidden states entering the current layer, one buffer per sample.
+  std::vector<Tensor> states;
+  int64_t tokens = 0;
+  for (const auto& sample : samples) {
+    Tensor x(sample.size() * hidden);
+    for (size_t t = 0; t < sample.size(); ++t) {
+      if (sample[t] < 0 || sample[t] >= config.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("calibration token ", sample[t],
+                                                       " is outside the vocabulary"));
+      }
+      weights.embedding.Lookup(sample[t], x.data() + t * hidden);
+    }
+    tokens += static_cast<int64_t>(sample.size());
+    states.push_back(std::move(x));
+  }
+
+  AwqResult result;
+  auto tensor = [&](const std::string& name,
+                    const std::vector<int64_t>& shape) -> absl::StatusOr<Tensor*> {
+    auto it = result.tensors.find(name);
+    if (it == result.tensors.end()) {
+      NIBBLE_ASSIGN_OR_RETURN(Tensor values, store.ReadF32(name, shape));
+      it = result.tensors.emplace(name, std::move(values)).first;
+    }
+    return &it->second;
+  };
+
+  for (int64_t l = 0; l < config.num_layers; ++l) {
+    if (progress) progress(l, config.num_layers, "calibrate");
+    // 1. Run the original layer over every sample, keeping its linears' inputs.
+    Tensor qkv_in, o_in, ffn_in, down_in;
+    engine::LayerInputCapture capture{&qkv_in, &o_in, &ffn_in, &down_in};
+    for (Tensor& x : states) {
+      const int64_t n = static_cast<int64_t>(x.size()) / hidden;
+      Tensor keys(n * config.kv_dim()), values(n * config.kv_dim());
+      engine::RunDecoderLayer(config, weights.layers[l], n, 0,
+                              engine::RopeInverseFrequenciesForLength(config, n), keys.data(),
+                              values.data(), x.data(), &capture);
+    }
+
+    // 2. Scales for each group sharing an input, folded into what precedes it.
+    if (progress) progress(l, config.num_layers, "search scales");
+    const LayerNames names = NamesOf(config, l);
+    const int64_t qkv_rows = q_dim + 2 * config.kv_dim();
+    struct Group {
+      std::string label, previous;  // previous: a norm, or a linear whose rows are divided
+      bool previous_is_norm;
+      std::vector<std::pair<std::string, int64_t>> linears;  // name, out features
+      const Tensor* input;
+      int64_t in;
+    };
+    std::vector<Group> groups;
+    std::vector<std::pair<std::string, int64_t>> qkv;
+    if (names.qkv.size() == 1) {
+      qkv = {{names.qkv[0], qkv_rows}};
+    } else {
+      qkv = {{names.qkv[0], q_dim}, {names.qkv[1], config.kv_dim()}, {names.qkv[2], config.kv_dim()}};
+    }
+    groups.push_back({"qkv", names.attention_norm, true, qkv, &qkv_in, hidden});
+    if (!names.v.empty()) groups.push_back({"o", names.v, false, {{names.o, hidden}}, &o_in, q_dim});
+    groups.push_back({"gate_up", names.ffn_norm, true, {{names.gate, ffn}, {names.up, ffn}},
+                      &ffn_in, hidden});
+    groups.push_back({"down", names.up, false, {{names.down, hidden}}, &down_in, ffn});
+
+    std::map<std::string, std::vector<float>> input_scales;  // linear name -> its s
+    for (const Group& group : groups) {
+      // Linears the AWQ GEMM format cannot pack (out % 8 != 0) stay fp16: nothing to search.
+      if (std::none_of(group.linears.begin(), group.linears.end(),
+                       [](const auto& linear) { return linear.second % 8 == 0; })) {
+        continue;
+      }
+      std::vector<const Tensor*> ws;
+      for (const auto& [name, out] : group.linears) {
+        NIBBLE_ASSIGN_OR_RETURN(Tensor* w, tensor(name, {out, group.in}));
+        ws.push_back(w);
+      }
+      AwqLayerScales report{absl::StrCat("model.layers.", l, " ", group.label)};
+      const std::vector<float> s =
+          SearchScales(*group.input, tokens, group.in, ws, options, report);
+      result.scales.push_back(report);
+      for (const auto& [name, out] : group.linears) {
+        Tensor& w = result.tensors.at(name);
+        for (int64_t n = 0; n < out; ++n) {
+          for (int64_t k = 0; k < group.in; ++k) w[n * group.in + k] *= s[k];
+        }
+        input_scales[name] = s;
+      }
+      if (group.previous_is_norm) {
+        NIBBLE_ASSIGN_OR_RETURN(Tensor* norm, tensor(group.previous, {group.in}));
+        for (int64_t k = 0; k < group.in; ++k) (*norm)[k] /= s[k];
+      } else {
+        // The previous linear's output rows are this group's input channels.
+        const int64_t prev_in = hidden;  // v is [kv_dim, hidden], up [ffn, hidden]
+        NIBBLE_ASSIGN_OR_RETURN(Tensor* prev, tensor(group.previous, {group.in, prev_in}));
+        for (int64_t k = 0; k < group.in; ++k) {
+          for (int64_t j = 0; j < prev_in; ++j) (*prev)[k * prev_in + j] /= s[k];
+        }
+        const std::string bias = group.previous.substr(0, group.previous.size() - 6) + "bias";
+        if (store.Contains(bias)) {
+          NIBBLE_ASSIGN_OR_RETURN(Tensor* b, tensor(bias, {group.in}));
+          for (int64_t k = 0; k < group.in; ++k) (*b)[k] /= s[k];
+        }
+      }
+    }
+
+    // 3. Clipping, on the inputs as the scaled weights see them (x / s); not q, k, wqkv.
+    if (progress) progress(l, config.num_layers, "search clipping");
+    std::vector<std::tuple<std::string, int64_t, const Tensor*, int64_t>> clip = {
+        {names.o, hidden, &o_in, q_dim},
+        {names.gate, ffn, &ffn_in, hidden},
+        {names.up, ffn, &ffn_in, hidden},
+        {names.down, hidden, &down_in, ffn}};
+    if (names.clip_qkv_last) clip.push_back({names.qkv[2], config.kv_dim(), &qkv_in, hidden});
+    for (const auto& [name, out, input, in] : clip) {
+      if (out % 8 != 0) continue;  // stays fp16: clipping would only lose precision
+      NIBBLE_ASSIGN_OR_RETURN(Tensor* w, tensor(name, {out, in}));
+      auto it = input_scales.find(name);
+      const std::vector<float> s = it != input_scales.end() ? it->second : std::vector<float>(in, 1.0f);
+      int64_t sampled = 0;
+      const Tensor x = SampleAndUnscale(*input, tokens, in, s, options.clip_tokens, sampled);
+      SearchClipping(*w, in, out, x, sampled, options);
+    }
+  }
+  return result;
+}
+
+}  // namespace nibble::quant

@@ -1,0 +1,51 @@
+// Activation-aware weight quantization (AWQ, Lin et al. 2024) on the CPU: layer by layer, on
+// calibration activations that flow through the fp32 model, search per-input-channel scales
+// for each group of linears sharing an input (q/k/v after the attention norm, gate/up after
+// the FFN norm, down after up, o after v where the shapes allow), fold them into the
+// preceding norm or linear, then search per-group weight clipping (not for q/k or a fused
+// wqkv). The result is the modified fp32 tensors, by checkpoint name, ready for RTN.
+//
+// The scale objective is the mean squared error of the group's own outputs (AutoAWQ measures
+// the whole attention block's output for q/k/v; the linears' outputs are what LMDeploy's
+// search and this one measure). The next layer's calibration input is the original fp32
+// layer's output, as in AutoAWQ.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/model_config.h"
+#include "engine/tensor_store.h"
+
+namespace nibble::quant {
+
+struct AwqOptions {
+  int64_t group_size = 128;
+  int n_grid = 20;            // scale ratios 0, 1/20, ..., 19/20; clip steps of 1/20
+  double max_shrink = 0.5;    // clipping shrinks the range by at most this much
+  int64_t clip_tokens = 512;  // calibration tokens sampled for the clip search
+};
+
+struct AwqLayerScales {
+  std::string group;        // e.g. "model.layers.0 qkv"
+  double ratio = 0;         // the chosen exponent of the activation magnitude
+  double loss_rtn = 0;      // output MSE of plain RTN (ratio 0)
+  double loss_awq = 0;      // output MSE with the chosen scales
+};
+
+struct AwqResult {
+  std::map<std::string, std::vector<float>> tensors;  // modified tensors, fp32, by name
+  std::vector<AwqLayerScales> scales;
+};
+
+// `samples` are token windows (see calibration.h). `progress(layer, layers, phase)`.
+absl::StatusOr<AwqResult> SearchAwq(
+    const engine::TensorStore& store, const engine::ModelConfig& config,
+    const std::vector<std::vector<int32_t>>& samples, const AwqOptions& options,
+    const std::function<void(int64_t, int64_t, const std::string&)>& progress = nullptr);
+
+}  // namespace nibble::quant
