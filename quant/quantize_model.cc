@@ -58,9 +58,10 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
     return absl::InvalidArgumentError(absl::StrCat(
         "--w-bits ", options.w_bits, " is unsupported: nibble quantizes to 4 bits (W4A16)"));
   }
-  if (options.group_size < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--w-group-size must be >= 1, got ", options.group_size));
+  // Even: two int4 values share a byte, and a group must not split one.
+  if (options.group_size < 2 || options.group_size % 2 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--w-group-size must be a positive even number, got ", options.group_size));
   }
   const std::string config_path = (fs::path(model_dir) / "config.json").string();
   NIBBLE_ASSIGN_OR_RETURN(std::string config_text, engine::ReadFileToString(config_path));

@@ -182,6 +182,67 @@ class ConvertTest(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(self.tmp)), ["truncated.bin"])  # no staging left
 
 
+class QuantizeTest(unittest.TestCase):
+    CALIBRATION = ["--calib-dataset", "tinystories", "--datasets-dir",
+                   os.path.join(SHARED, "datasets"), "--calib-samples", "8", "--calib-seqlen", "128"]
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+
+    def tearDown(self):
+        shutil.rmtree(self.tmp)
+
+    def quantize(self, out, *args, check=True):
+        return nibble("quantize", MODEL, "--work-dir", os.path.join(self.tmp, out), *args, check=check)
+
+    def test_same_settings_give_identical_bytes(self):
+        self.quantize("a", "--w-group-size", "32", *self.CALIBRATION)
+        self.quantize("b", "--w-group-size", "32", *self.CALIBRATION)
+        for name in ("model.safetensors", "config.json", "tokenizer.model"):
+            with open(os.path.join(self.tmp, "a", name), "rb") as a, \
+                    open(os.path.join(self.tmp, "b", name), "rb") as b:
+                self.assertEqual(a.read(), b.read(), name)
+        manifest = json.load(open(os.path.join(self.tmp, "a", "nibble_manifest.json")))
+        self.assertEqual(manifest["quantization"]["method"], "awq")
+        self.assertIn("model.safetensors", manifest["files"])
+
+    def test_quantized_model_generates_and_reports_perplexity(self):
+        self.quantize("q", "--w-group-size", "64", *self.CALIBRATION)
+        out = json.loads(nibble("generate", "--model", os.path.join(self.tmp, "q"), "--json",
+                                "--max-tokens", "12").stdout)
+        self.assertTrue(out["text"].startswith("Once upon a time"), out["text"])
+
+    def test_bad_input_is_refused_and_writes_nothing(self):
+        cases = [
+            (["--calib-dataset", "nosuchset", "--datasets-dir", os.path.join(SHARED, "datasets")],
+             "tinystories"),
+            (["--method", "rtn", "--w-group-size", "33"], "positive even"),
+            (["--method", "rtn", "--w-group-size", "0"], "positive even"),
+            (["--method", "rtn", "--w-bits", "8"], "unsupported"),
+            (["--calib-samples", "100000", "--calib-seqlen", "128"] + self.CALIBRATION[:4],
+             "samples"),
+            (["--calib-seqlen", "2048"] + self.CALIBRATION[:4], "context"),
+        ]
+        for args, word in cases:
+            out = self.quantize("bad", *args, check=False)
+            self.assertNotEqual(out.returncode, 0, args)
+            self.assertIn(word, out.stderr, args)
+            self.assertEqual(os.listdir(self.tmp), [], args)  # no partial artifact, no staging
+
+    def test_unreadable_model_and_occupied_work_dir_are_named(self):
+        out = nibble("quantize", "/nonexistent/model", "--work-dir", os.path.join(self.tmp, "x"),
+                     "--method", "rtn", check=False)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("/nonexistent/model", out.stderr)
+        occupied = os.path.join(self.tmp, "occupied")
+        os.makedirs(occupied)
+        open(os.path.join(occupied, "other-job"), "w").close()
+        out = self.quantize("occupied", "--method", "rtn", check=False)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("not empty", out.stderr)
+        self.assertEqual(os.listdir(occupied), ["other-job"])
+
+
 class FetchTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp()

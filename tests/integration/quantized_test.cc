@@ -49,12 +49,14 @@ TEST(QuantizedTest, FusedWqkvArtifactEqualsSeparateProjections) {
 }
 
 TEST(QuantizedTest, AwqBeatsRoundToNearestOnTextItDidNotCalibrateOn) {
-  // Calibrated on TinyStories' train-head, measured on sample.txt (stories not in it).
+  // Calibrated on TinyStories' train-head, measured on sample.txt (stories not in it), with
+  // `nibble perplexity`'s protocol at seqlen 256. The bar: AWQ below RTN at g32 and
+  // g64, closing at least a quarter of RTN's gap to fp32 at each.
   const auto ids = testing::Golden("stories260K_tinystories_sample_ids.json")["ids"]
                        .get<std::vector<int32_t>>();
   auto perplexity = [&](const std::string& name) {
     auto model = LoadOrDie(TestModel(name));
-    auto result = engine::ComputePerplexity(model->backend(), ids, 128);
+    auto result = engine::ComputePerplexity(model->backend(), ids, 256);
     EXPECT_TRUE(result.ok()) << result.status();
     return result.ok() ? result->perplexity : 0.0;
   };
@@ -66,6 +68,7 @@ TEST(QuantizedTest, AwqBeatsRoundToNearestOnTextItDidNotCalibrateOn) {
                 group, fp32, rtn, awq, 100.0 * (rtn - awq) / (rtn - fp32));
     EXPECT_LT(awq, rtn) << group;
     EXPECT_GT(awq, fp32) << group;
+    EXPECT_GE((rtn - awq) / (rtn - fp32), 0.25) << group;
   }
 }
 
