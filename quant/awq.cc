@@ -4,7 +4,16 @@
 #include <cmath>
 #include <limits>
 
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "engine/atomic_file.h"
+#include "engine/safetensors.h"
 #include "engine/decoder_layer.h"
 #include "engine/model_weights.h"
 #include "engine/status_macros.h"
@@ -169,6 +178,106 @@ Tensor SampleAndUnscale(const Tensor& x, int64_t tokens, int64_t in, const std::
   return out;
 }
 
+// Checkpoint files: layer-NNN.safetensors (the tensors the layer's search changed, and its
+// scale reports as metadata), states.safetensors (the hidden states entering the next
+// layer), progress.json (how many layers are done) — each written atomically, progress last.
+std::string LayerFile(const std::string& dir, int64_t layer) {
+  char name[32];
+  std::snprintf(name, sizeof name, "layer-%03lld.safetensors", static_cast<long long>(layer));
+  return dir + "/" + name;
+}
+
+absl::Status AddF32(engine::SafetensorsWriter& writer, const std::string& name, const Tensor& t) {
+  return writer.Add(name, engine::DType::kF32, {static_cast<int64_t>(t.size())},
+                    {reinterpret_cast<const uint8_t*>(t.data()), t.size() * sizeof(float)});
+}
+
+absl::Status SaveCheckpoint(const std::string& dir, int64_t layer, const AwqResult& result,
+                            size_t first_scale, const std::vector<Tensor>& states) {
+  engine::SafetensorsWriter layer_writer;
+  const std::string prefix = absl::StrCat("model.layers.", layer, ".");
+  for (const auto& [name, values] : result.tensors) {
+    if (absl::StartsWith(name, prefix)) NIBBLE_RETURN_IF_ERROR(AddF32(layer_writer, name, values));
+  }
+  nlohmann::json scales = nlohmann::json::array();
+  for (size_t i = first_scale; i < result.scales.size(); ++i) {
+    const AwqLayerScales& s = result.scales[i];
+    scales.push_back({{"group", s.group}, {"ratio", s.ratio}, {"loss_rtn", s.loss_rtn},
+                      {"loss_awq", s.loss_awq}});
+  }
+  layer_writer.SetMetadata("scales", scales.dump());
+  NIBBLE_RETURN_IF_ERROR(layer_writer.Write(LayerFile(dir, layer)));
+  engine::SafetensorsWriter states_writer;
+  for (size_t i = 0; i < states.size(); ++i) {
+    NIBBLE_RETURN_IF_ERROR(AddF32(states_writer, absl::StrCat("state.", i), states[i]));
+  }
+  NIBBLE_RETURN_IF_ERROR(states_writer.Write(dir + "/states.safetensors"));
+  return engine::WriteFileAtomically(dir + "/progress.json",
+                                     nlohmann::json({{"completed_layers", layer + 1}}).dump());
+}
+
+// Reads a checkpoint into `result` and `states`; returns the number of finished layers
+// (0 when there is none).
+absl::StatusOr<int64_t> LoadCheckpoint(const std::string& dir, int64_t layers, AwqResult& result,
+                                       std::vector<Tensor>& states) {
+  std::error_code ec;
+  const std::string progress_path = dir + "/progress.json";
+  if (!std::filesystem::exists(progress_path, ec)) return int64_t{0};
+  NIBBLE_ASSIGN_OR_RETURN(std::string text, engine::ReadFileToString(progress_path));
+  const auto progress = nlohmann::json::parse(text, nullptr, false);
+  if (progress.is_discarded() || !progress.contains("completed_layers") ||
+      !progress["completed_layers"].is_number_integer()) {
+    return absl::DataLossError(absl::StrCat(progress_path, ": unreadable checkpoint progress"));
+  }
+  const int64_t done = progress["completed_layers"].get<int64_t>();
+  if (done < 0 || done > layers) {
+    return absl::DataLossError(absl::StrCat(progress_path, ": ", done, " layers done of ", layers));
+  }
+  auto read_all = [](const engine::SafetensorsFile& file, auto&& take) -> absl::Status {
+    for (const engine::TensorInfo& info : file.header().tensors) {
+      if (info.dtype != engine::DType::kF32) {
+        return absl::DataLossError(absl::StrCat(file.path(), ": ", info.name, " is not F32"));
+      }
+      const auto bytes = file.Bytes(info);
+      Tensor values(bytes.size() / sizeof(float));
+      std::memcpy(values.data(), bytes.data(), bytes.size());
+      NIBBLE_RETURN_IF_ERROR(take(info.name, std::move(values)));
+    }
+    return absl::OkStatus();
+  };
+  for (int64_t l = 0; l < done; ++l) {
+    NIBBLE_ASSIGN_OR_RETURN(auto file, engine::SafetensorsFile::Open(LayerFile(dir, l)));
+    NIBBLE_RETURN_IF_ERROR(read_all(*file, [&](const std::string& name, Tensor values) {
+      result.tensors[name] = std::move(values);
+      return absl::OkStatus();
+    }));
+    auto scales = file->header().metadata.find("scales");
+    const auto json = scales == file->header().metadata.end()
+                          ? nlohmann::json()
+                          : nlohmann::json::parse(scales->second, nullptr, false);
+    if (!json.is_array()) {
+      return absl::DataLossError(absl::StrCat(file->path(), ": no scale reports"));
+    }
+    for (const auto& s : json) {
+      result.scales.push_back({s.value("group", ""), s.value("ratio", 0.0),
+                               s.value("loss_rtn", 0.0), s.value("loss_awq", 0.0)});
+    }
+  }
+  if (done > 0) {
+    NIBBLE_ASSIGN_OR_RETURN(auto file, engine::SafetensorsFile::Open(dir + "/states.safetensors"));
+    NIBBLE_RETURN_IF_ERROR(read_all(*file, [&](const std::string& name, Tensor values) {
+      const size_t i = static_cast<size_t>(std::atoll(name.c_str() + 6));  // "state.<i>"
+      if (i >= states.size() || states[i].size() != values.size()) {
+        return absl::DataLossError(absl::StrCat(file->path(), ": ", name,
+                                                " does not fit this job's calibration"));
+      }
+      states[i] = std::move(values);
+      return absl::OkStatus();
+    }));
+  }
+  return done;
+}
+
 }  // namespace
 
 absl::StatusOr<AwqResult> SearchAwq(
@@ -209,7 +318,17 @@ absl::StatusOr<AwqResult> SearchAwq(
     return &it->second;
   };
 
-  for (int64_t l = 0; l < config.num_layers; ++l) {
+  int64_t first_layer = 0;
+  if (!options.checkpoint_dir.empty()) {
+    NIBBLE_ASSIGN_OR_RETURN(first_layer, LoadCheckpoint(options.checkpoint_dir, config.num_layers,
+                                                        result, states));
+    if (first_layer > 0 && progress) {
+      progress(first_layer, config.num_layers, "resumed from the checkpoint");
+    }
+  }
+
+  for (int64_t l = first_layer; l < config.num_layers; ++l) {
+    const size_t first_scale = result.scales.size();
     if (progress) progress(l, config.num_layers, "calibrate");
     // 1. Run the original layer over every sample, keeping its linears' inputs.
     Tensor qkv_in, o_in, ffn_in, down_in;
@@ -303,6 +422,9 @@ absl::StatusOr<AwqResult> SearchAwq(
       int64_t sampled = 0;
       const Tensor x = SampleAndUnscale(*input, tokens, in, s, options.clip_tokens, sampled);
       SearchClipping(*w, in, out, x, sampled, options);
+    }
+    if (!options.checkpoint_dir.empty()) {
+      NIBBLE_RETURN_IF_ERROR(SaveCheckpoint(options.checkpoint_dir, l, result, first_scale, states));
     }
   }
   return result;

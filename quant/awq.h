@@ -28,6 +28,10 @@ struct AwqOptions {
   int n_grid = 20;            // scale ratios 0, 1/20, ..., 19/20; clip steps of 1/20
   double max_shrink = 0.5;    // clipping shrinks the range by at most this much
   int64_t clip_tokens = 512;  // calibration tokens sampled for the clip search
+  // Where to checkpoint after every layer (empty: nowhere). A directory holding a checkpoint
+  // of the same job resumes after its last finished layer, with the same result bytes as an
+  // uninterrupted run; the caller makes sure it belongs to this job.
+  std::string checkpoint_dir;
 };
 
 struct AwqLayerScales {

@@ -13,6 +13,7 @@
 #include "engine/int4_weight.h"
 #include "engine/model_config.h"
 #include "engine/safetensors.h"
+#include "engine/sha256.h"
 #include "engine/status_macros.h"
 #include "engine/tensor_store.h"
 #include "kernels/cpu/half.h"
@@ -48,6 +49,63 @@ double RelativeError(const std::vector<float>& w, const std::vector<float>& appr
   return norm > 0 ? std::sqrt(diff / norm) : 0.0;
 }
 
+std::string OutFile(const std::string& out_dir, const std::string& name) {
+  return (fs::path(out_dir) / name).string();
+}
+
+// What makes a job the same job: the source, the settings and the calibration tokens.
+std::string JobKey(const std::string& model_dir, const QuantizeOptions& options) {
+  std::string calibration;
+  for (const auto& sample : options.calibration_samples) {
+    calibration.append(reinterpret_cast<const char*>(sample.data()), sample.size() * sizeof(int32_t));
+    calibration.push_back('|');
+  }
+  std::error_code ec;
+  const fs::path source = fs::weakly_canonical(model_dir, ec);
+  return nlohmann::json({{"source", source.string()},
+                         {"method", options.method == QuantMethod::kAwq ? "awq" : "rtn"},
+                         {"w_bits", options.w_bits},
+                         {"group_size", options.group_size},
+                         {"calibration_sha256", engine::Sha256OfString(calibration)}})
+             .dump(2);
+}
+
+// The work directory holds the artifact as it is written and, while the job runs, its
+// checkpoint in .nibble-job/. Returns the checkpoint directory. A work directory with a
+// manifest (a finished artifact), with another job's checkpoint, or with anything else in
+// it is refused.
+absl::StatusOr<std::string> PrepareWorkDirectory(const std::string& model_dir,
+                                                 const std::string& out_dir,
+                                                 const QuantizeOptions& options) {
+  const std::string job_dir = OutFile(out_dir, ".nibble-job");
+  const std::string job_file = job_dir + "/job.json";
+  const std::string key = JobKey(model_dir, options);
+  std::error_code ec;
+  if (fs::exists(OutFile(out_dir, "nibble_manifest.json"), ec)) {
+    return absl::AlreadyExistsError(
+        absl::StrCat(out_dir, ": holds a finished artifact (it has a manifest)"));
+  }
+  if (fs::exists(job_file, ec)) {
+    NIBBLE_ASSIGN_OR_RETURN(std::string existing, engine::ReadFileToString(job_file));
+    if (existing != key) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          out_dir, ": holds the checkpoint of another job (", job_file,
+          "); use another --work-dir, or delete it to start over"));
+    }
+    return job_dir;  // the same job: resume
+  }
+  if (fs::exists(out_dir, ec) && !fs::is_empty(out_dir, ec)) {
+    return absl::AlreadyExistsError(absl::StrCat(out_dir, ": exists and is not empty"));
+  }
+  fs::create_directories(job_dir, ec);
+  if (ec) {
+    return absl::PermissionDeniedError(
+        absl::StrCat(job_dir, ": cannot create directory: ", ec.message()));
+  }
+  NIBBLE_RETURN_IF_ERROR(engine::WriteFileAtomically(job_file, key));
+  return job_dir;
+}
+
 }  // namespace
 
 absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
@@ -71,8 +129,8 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
     return absl::InvalidArgumentError(absl::StrCat(config_path, ": the model is already AWQ"));
   }
   NIBBLE_ASSIGN_OR_RETURN(auto store, engine::TensorStore::Open(model_dir));
-  NIBBLE_ASSIGN_OR_RETURN(engine::StagingDirectory staging,
-                          engine::StagingDirectory::Create(out_dir));
+  NIBBLE_ASSIGN_OR_RETURN(const std::string job_dir,
+                          PrepareWorkDirectory(model_dir, out_dir, options));
 
   QuantizeReport report;
   // AWQ rewrites norms and linears (folded scales, clipping) before the same RTN packing.
@@ -80,6 +138,7 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
   if (options.method == QuantMethod::kAwq) {
     AwqOptions awq_options;
     awq_options.group_size = options.group_size;
+    awq_options.checkpoint_dir = job_dir;
     auto layer_progress = [&](int64_t layer, int64_t layers, const std::string& phase) {
       if (progress) progress(layer, layers, absl::StrCat("layer ", layer, ": ", phase));
     };
@@ -127,7 +186,7 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
     NIBBLE_RETURN_IF_ERROR(writer.Add(name, engine::DType::kF16, shape, AsBytes(half)));
     if (progress) progress(++done, static_cast<int64_t>(names.size()), name);
   }
-  NIBBLE_RETURN_IF_ERROR(writer.Write(staging.File("model.safetensors")));
+  NIBBLE_RETURN_IF_ERROR(writer.Write(OutFile(out_dir, "model.safetensors")));
 
   // The source config with its keys kept (auto_map and the like), plus the quantization.
   nlohmann::json json = nlohmann::json::parse(config_text, nullptr, false);
@@ -145,23 +204,26 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
       {"modules_to_not_convert",
        skipped_modules.empty() ? nlohmann::json(nullptr) : nlohmann::json(skipped_modules)}};
   NIBBLE_RETURN_IF_ERROR(
-      engine::WriteFileAtomically(staging.File("config.json"), json.dump(2) + "\n"));
+      engine::WriteFileAtomically(OutFile(out_dir, "config.json"), json.dump(2) + "\n"));
   for (const char* file : kCopiedFiles) {
     const fs::path source = fs::path(model_dir) / file;
     std::error_code ec;
     if (!fs::exists(source, ec)) continue;
     NIBBLE_ASSIGN_OR_RETURN(std::string bytes, engine::ReadFileToString(source.string()));
-    NIBBLE_RETURN_IF_ERROR(engine::WriteFileAtomically(staging.File(file), bytes));
+    NIBBLE_RETURN_IF_ERROR(engine::WriteFileAtomically(OutFile(out_dir, file), bytes));
   }
-  // The manifest last (quant/manifest.h): a directory that has one is complete.
+  // The job's checkpoint goes, then the manifest comes last (quant/manifest.h): a work
+  // directory with a manifest is a complete artifact.
   {
+    std::error_code ec;
+    fs::remove_all(job_dir, ec);
+    if (ec) return absl::InternalError(absl::StrCat(job_dir, ": cannot remove: ", ec.message()));
     const double quantize_seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     const ArtifactManifest manifest =
         BuildQuantizeManifest(config, options, report, {{"quantize", quantize_seconds}});
-    NIBBLE_RETURN_IF_ERROR(WriteManifest(staging.path(), manifest));
+    NIBBLE_RETURN_IF_ERROR(WriteManifest(out_dir, manifest));
   }
-  NIBBLE_RETURN_IF_ERROR(staging.Commit());
   report.seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return report;

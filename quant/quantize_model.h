@@ -37,8 +37,14 @@ struct QuantizeReport {
 };
 
 // `progress(done, total, tensor)` after each tensor. Errors: an unreadable or unsupported
-// source, w_bits other than 4, group_size < 1, an existing non-empty `out_dir`. The output
-// appears whole (staged, then renamed) or not at all.
+// source, w_bits other than 4, a group size that is not a positive even number, an `out_dir`
+// that holds a finished artifact, another job's checkpoint, or anything else.
+//
+// `out_dir` is the job's work directory: while the job runs it holds the checkpoint
+// (.nibble-job/: the AWQ search checkpoints after every layer), so running the same job
+// again after a crash or SIGKILL resumes after the last finished layer and writes the same
+// bytes as an uninterrupted run. Every file is written atomically and nibble_manifest.json
+// last: a directory with a manifest is complete, one without is not an artifact.
 absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
     const std::string& model_dir, const std::string& out_dir, const QuantizeOptions& options,
     const std::function<void(int64_t, int64_t, const std::string&)>& progress = nullptr);

@@ -7,8 +7,10 @@ Expectations come from the golden files of the independent numpy reference
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 import unittest
 
 NIBBLE = os.environ["NIBBLE_BIN"]
@@ -205,6 +207,44 @@ class QuantizeTest(unittest.TestCase):
         manifest = json.load(open(os.path.join(self.tmp, "a", "nibble_manifest.json")))
         self.assertEqual(manifest["quantization"]["method"], "awq")
         self.assertIn("model.safetensors", manifest["files"])
+
+    def test_sigkill_midway_resumes_to_identical_bytes(self):
+        args = ["--w-group-size", "32", "--calib-dataset", "tinystories", "--datasets-dir",
+                os.path.join(SHARED, "datasets"), "--calib-samples", "64", "--calib-seqlen", "256"]
+        self.quantize("whole", *args)
+        work = os.path.join(self.tmp, "killed")
+        progress = os.path.join(work, ".nibble-job", "progress.json")
+        proc = subprocess.Popen([NIBBLE, "quantize", MODEL, "--work-dir", work, *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while proc.poll() is None and not os.path.exists(progress) and time.time() < deadline:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)  # right after the first layer's checkpoint
+        proc.wait()
+        self.assertEqual(proc.returncode, -signal.SIGKILL, "the job ended before the kill")
+        self.assertFalse(os.path.exists(os.path.join(work, "nibble_manifest.json")))
+        with open(progress) as f:
+            done = json.load(f)["completed_layers"]
+        self.assertTrue(1 <= done < 5, done)
+
+        resumed = self.quantize("killed", *args)
+        self.assertIn("resumed from the checkpoint", resumed.stderr)
+        for name in ("model.safetensors", "config.json"):
+            with open(os.path.join(self.tmp, "whole", name), "rb") as a, \
+                    open(os.path.join(work, name), "rb") as b:
+                self.assertEqual(a.read(), b.read(), name)
+        self.assertFalse(os.path.exists(os.path.join(work, ".nibble-job")))
+        self.assertTrue(os.path.exists(os.path.join(work, "nibble_manifest.json")))
+
+    def test_work_dir_of_another_job_is_refused(self):
+        work = os.path.join(self.tmp, "job")
+        os.makedirs(os.path.join(work, ".nibble-job"))
+        with open(os.path.join(work, ".nibble-job", "job.json"), "w") as f:
+            f.write('{"source": "/elsewhere"}')
+        out = self.quantize("job", "--method", "rtn", check=False)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("another job", out.stderr)
+        self.assertEqual(os.listdir(work), [".nibble-job"])
 
     def test_quantized_model_generates_and_reports_perplexity(self):
         self.quantize("q", "--w-group-size", "64", *self.CALIBRATION)
