@@ -316,6 +316,8 @@ ArtifactManifest BuildQuantizeManifest(const engine::ModelConfig& config,
   }
   m.report.not_converted = report.not_converted;
   m.report.seconds = seconds;
+  m.report.perplexity_before = report.perplexity_before;
+  m.report.perplexity_after = report.perplexity_after;
   return m;
 }
 

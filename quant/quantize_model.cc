@@ -13,6 +13,8 @@
 #include "engine/int4_weight.h"
 #include "engine/model_config.h"
 #include "engine/safetensors.h"
+#include "engine/model.h"
+#include "engine/perplexity.h"
 #include "engine/sha256.h"
 #include "engine/status_macros.h"
 #include "engine/tensor_store.h"
@@ -133,6 +135,12 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
                           PrepareWorkDirectory(model_dir, out_dir, options));
 
   QuantizeReport report;
+  auto phase_start = std::chrono::steady_clock::now();
+  auto end_phase = [&](const char* phase) {
+    const auto now = std::chrono::steady_clock::now();
+    report.phase_seconds[phase] = std::chrono::duration<double>(now - phase_start).count();
+    phase_start = now;
+  };
   // AWQ rewrites norms and linears (folded scales, clipping) before the same RTN packing.
   std::map<std::string, std::vector<float>> searched;
   if (options.method == QuantMethod::kAwq) {
@@ -146,6 +154,7 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
                                                      awq_options, layer_progress));
     searched = std::move(awq.tensors);
     report.awq_scales = std::move(awq.scales);
+    end_phase("search");
   }
   engine::SafetensorsWriter writer;
   writer.SetMetadata("format", "pt");
@@ -212,16 +221,29 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
     NIBBLE_ASSIGN_OR_RETURN(std::string bytes, engine::ReadFileToString(source.string()));
     NIBBLE_RETURN_IF_ERROR(engine::WriteFileAtomically(OutFile(out_dir, file), bytes));
   }
+  end_phase("quantize");
+
+  if (!options.evaluation_ids.empty()) {
+    auto perplexity = [&](const std::string& dir) -> absl::StatusOr<double> {
+      NIBBLE_ASSIGN_OR_RETURN(auto model, engine::Model::Load(dir, {}));
+      NIBBLE_ASSIGN_OR_RETURN(engine::PerplexityResult result,
+                              engine::ComputePerplexity(model->backend(), options.evaluation_ids,
+                                                        options.evaluation_window));
+      return result.perplexity;
+    };
+    NIBBLE_ASSIGN_OR_RETURN(report.perplexity_before, perplexity(model_dir));
+    NIBBLE_ASSIGN_OR_RETURN(report.perplexity_after, perplexity(out_dir));
+    end_phase("evaluate");
+  }
+
   // The job's checkpoint goes, then the manifest comes last (quant/manifest.h): a work
   // directory with a manifest is a complete artifact.
   {
     std::error_code ec;
     fs::remove_all(job_dir, ec);
     if (ec) return absl::InternalError(absl::StrCat(job_dir, ": cannot remove: ", ec.message()));
-    const double quantize_seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     const ArtifactManifest manifest =
-        BuildQuantizeManifest(config, options, report, {{"quantize", quantize_seconds}});
+        BuildQuantizeManifest(config, options, report, report.phase_seconds);
     NIBBLE_RETURN_IF_ERROR(WriteManifest(out_dir, manifest));
   }
   report.seconds =

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,6 +24,10 @@ struct QuantizeOptions {
   int64_t group_size = 128;
   // kAwq: token windows the activation-aware search calibrates on (calibration.h).
   std::vector<std::vector<int32_t>> calibration_samples;
+  // Text not used for calibration, tokenized (BOS first): when given, the report carries the
+  // perplexity before and after, under `nibble perplexity`'s protocol with this window.
+  std::vector<int32_t> evaluation_ids;
+  int64_t evaluation_window = 0;
 };
 
 struct LayerQuantizationError {
@@ -33,6 +39,9 @@ struct QuantizeReport {
   std::vector<LayerQuantizationError> layers;  // quantized layers, in tensor-name order
   std::vector<std::string> not_converted;      // linears kept fp16, with the reason
   std::vector<AwqLayerScales> awq_scales;      // kAwq: the chosen scales' ratios and losses
+  std::map<std::string, double> phase_seconds;  // "search", "quantize", "evaluate"
+  std::optional<double> perplexity_before;      // with evaluation_ids
+  std::optional<double> perplexity_after;
   double seconds = 0;
 };
 

@@ -1,6 +1,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <filesystem>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -25,26 +27,53 @@ struct QuantizeCommandOptions {
   std::string calib_dataset = "ptb";
   std::string datasets_dir;
   quant::CalibrationOptions calibration;
+  std::string eval_dataset;  // empty: the held-out split of the calibration set, if it has one
+  int64_t eval_windows = 32;
 };
+
+std::string DatasetsDir(const QuantizeCommandOptions& options) {
+  return options.datasets_dir.empty() ? quant::DefaultDatasetsDir() : options.datasets_dir;
+}
+
+absl::StatusOr<std::vector<int32_t>> TokenizeFile(const std::string& model_dir,
+                                                  const std::string& file) {
+  NIBBLE_ASSIGN_OR_RETURN(std::string text, engine::ReadFileToString(file));
+  engine::TokenizerLoadResult tokenizer =
+      engine::LoadSentencePieceTokenizer(model_dir + "/tokenizer.model");
+  if (!tokenizer.tokenizer) return absl::InvalidArgumentError(tokenizer.error);
+  std::vector<int32_t> ids = {tokenizer.tokenizer->BosId()};
+  for (int32_t id : tokenizer.tokenizer->Encode(text)) ids.push_back(id);
+  return ids;
+}
+
+// The text the report's perplexity before/after is measured on: --eval-dataset, else the
+// split of the calibration set that calibration does not read (ptb: ptb.test.txt;
+// tinystories: sample.txt). Empty when there is none.
+absl::StatusOr<std::string> EvaluationFile(const QuantizeCommandOptions& options) {
+  const std::string dir = DatasetsDir(options);
+  if (!options.eval_dataset.empty()) {
+    if (options.eval_dataset == "none") return std::string();
+    return quant::ResolveCalibrationFile(options.eval_dataset, dir);
+  }
+  // The default is a convenience: where its file is absent, there is no evaluation.
+  std::string held_out;
+  if (options.calib_dataset == "ptb") held_out = dir + "/ptb/ptb.test.txt";
+  if (options.calib_dataset == "tinystories") held_out = dir + "/tinystories/sample.txt";
+  std::error_code ec;
+  return std::filesystem::is_regular_file(held_out, ec) ? held_out : std::string();
+}
 
 // Tokenizes the calibration text with the model's own tokenizer (BOS first) and draws the
 // samples; every adjustment is said, never made silently.
 absl::StatusOr<std::vector<std::vector<int32_t>>> CalibrationSamples(
     const QuantizeCommandOptions& options) {
-  const std::string dir =
-      options.datasets_dir.empty() ? quant::DefaultDatasetsDir() : options.datasets_dir;
-  NIBBLE_ASSIGN_OR_RETURN(std::string file,
-                          quant::ResolveCalibrationFile(options.calib_dataset, dir));
-  NIBBLE_ASSIGN_OR_RETURN(std::string text, engine::ReadFileToString(file));
+  NIBBLE_ASSIGN_OR_RETURN(std::string file, quant::ResolveCalibrationFile(
+                                                options.calib_dataset, DatasetsDir(options)));
   const std::string model_config = options.model_dir + "/config.json";
   NIBBLE_ASSIGN_OR_RETURN(std::string config_text, engine::ReadFileToString(model_config));
   NIBBLE_ASSIGN_OR_RETURN(engine::ModelConfig config,
                           engine::ParseModelConfig(config_text, model_config));
-  engine::TokenizerLoadResult tokenizer =
-      engine::LoadSentencePieceTokenizer(options.model_dir + "/tokenizer.model");
-  if (!tokenizer.tokenizer) return absl::InvalidArgumentError(tokenizer.error);
-  std::vector<int32_t> ids = {tokenizer.tokenizer->BosId()};
-  for (int32_t id : tokenizer.tokenizer->Encode(text)) ids.push_back(id);
+  NIBBLE_ASSIGN_OR_RETURN(std::vector<int32_t> ids, TokenizeFile(options.model_dir, file));
   NIBBLE_ASSIGN_OR_RETURN(quant::CalibrationSet set,
                           quant::DrawCalibrationSamples(ids, options.calibration,
                                                         config.max_position_embeddings));
@@ -66,18 +95,51 @@ int RunQuantize(const QuantizeCommandOptions& options) {
     }
     q.calibration_samples = std::move(samples).value();
   }
+  auto evaluation = EvaluationFile(options);
+  if (evaluation.ok() && !evaluation->empty()) {
+    auto ids = TokenizeFile(options.model_dir, *evaluation);
+    if (!ids.ok()) evaluation = ids.status();
+    else {
+      // Windows as long as the calibration's, at most --eval-windows of them.
+      q.evaluation_window = options.calibration.seqlen;
+      const size_t keep = static_cast<size_t>(options.eval_windows * q.evaluation_window);
+      if (ids->size() > keep) ids->resize(keep);
+      q.evaluation_ids = std::move(ids).value();
+      std::fprintf(stderr, "evaluation: %s, %zu tokens in windows of %lld\n", evaluation->c_str(),
+                   q.evaluation_ids.size(), static_cast<long long>(q.evaluation_window));
+    }
+  }
+  if (!evaluation.ok()) {
+    std::fprintf(stderr, "nibble quantize: %s\n", std::string(evaluation.status().message()).c_str());
+    return 1;
+  }
+  if (evaluation->empty()) {
+    std::fprintf(stderr, "evaluation: none (pass --eval-dataset for perplexity before/after)\n");
+  }
   q.w_bits = options.w_bits;
   q.group_size = options.group_size;
   const bool terminal = isatty(fileno(stderr));
-  auto progress = [&](int64_t done, int64_t total, const std::string& tensor) {
-    // A progress line on a terminal, plain lines otherwise.
-    if (terminal) {
-      std::fprintf(stderr, "\r\033[K[%lld/%lld] %s", static_cast<long long>(done),
-                   static_cast<long long>(total), tensor.c_str());
-    } else {
-      std::fprintf(stderr, "[%lld/%lld] %s\n", static_cast<long long>(done),
-                   static_cast<long long>(total), tensor.c_str());
+  // Two stages report progress: the AWQ search per layer ("layer i: phase"), then packing
+  // per tensor. The estimate of what is left extrapolates the current stage's pace.
+  const auto start = std::chrono::steady_clock::now();
+  auto stage_start = start;
+  int64_t stage_total = -1;
+  auto progress = [&](int64_t done, int64_t total, const std::string& what) {
+    const auto now = std::chrono::steady_clock::now();
+    if (total != stage_total) {
+      stage_total = total;
+      stage_start = now;
     }
+    const double elapsed = std::chrono::duration<double>(now - start).count();
+    const double in_stage = std::chrono::duration<double>(now - stage_start).count();
+    char eta[32] = "?";
+    if (done > 0) {
+      std::snprintf(eta, sizeof eta, "%.1fs", in_stage / done * static_cast<double>(total - done));
+    }
+    std::fprintf(stderr, terminal ? "\r\033[K[%lld/%lld] %s  elapsed %.1fs, left ~%s"
+                                  : "[%lld/%lld] %s  elapsed %.1fs, left ~%s\n",
+                 static_cast<long long>(done), static_cast<long long>(total), what.c_str(),
+                 elapsed, eta);
   };
   auto report = quant::QuantizeModelDirectory(options.model_dir, options.work_dir, q, progress);
   if (terminal) std::fprintf(stderr, "\n");
@@ -91,6 +153,10 @@ int RunQuantize(const QuantizeCommandOptions& options) {
                "%.2f s\n", options.work_dir.c_str(), report->layers.size(),
                static_cast<long long>(options.group_size), options.method.c_str(), worst,
                report->seconds);
+  if (report->perplexity_before && report->perplexity_after) {
+    std::fprintf(stderr, "perplexity before %.4f, after %.4f\n", *report->perplexity_before,
+                 *report->perplexity_after);
+  }
   for (const auto& scales : report->awq_scales) {
     std::fprintf(stderr, "awq %s: ratio %.2f, output error %.3g (rtn %.3g)\n",
                  scales.group.c_str(), scales.ratio, scales.loss_awq, scales.loss_rtn);
@@ -118,6 +184,11 @@ CommandRunner RegisterQuantize(CLI::App& app) {
   cmd->add_option("--calib-samples", options->calibration.samples, "calibration windows");
   cmd->add_option("--calib-seqlen", options->calibration.seqlen, "tokens per window");
   cmd->add_option("--seed", options->calibration.seed, "seed of the calibration draw");
+  cmd->add_option("--eval-dataset", options->eval_dataset,
+                  "text for the report's perplexity before/after (a name, a file, or none; "
+                  "default: ptb's test split, tinystories' sample)");
+  cmd->add_option("--eval-windows", options->eval_windows, "evaluation windows at most")
+      ->check(CLI::PositiveNumber);
   cmd->add_option("--datasets-dir", options->datasets_dir,
                   "where the named datasets live (default $NIBBLE_DATASETS_DIR, else "
                   "~/.local/share/nibble/datasets)");
