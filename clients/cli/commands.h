@@ -15,5 +15,7 @@ CommandRunner RegisterGenerate(CLI::App& app);
 CommandRunner RegisterPerplexity(CLI::App& app);
 CommandRunner RegisterFetch(CLI::App& app);
 CommandRunner RegisterQuantize(CLI::App& app);
+CommandRunner RegisterPack(CLI::App& app);
+CommandRunner RegisterUnpack(CLI::App& app);
 
 }  // namespace nibble::cli

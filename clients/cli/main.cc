@@ -13,6 +13,8 @@ int main(int argc, char** argv) {
       {"perplexity", nibble::cli::RegisterPerplexity(app)},
       {"fetch", nibble::cli::RegisterFetch(app)},
       {"quantize", nibble::cli::RegisterQuantize(app)},
+      {"pack", nibble::cli::RegisterPack(app)},
+      {"unpack", nibble::cli::RegisterUnpack(app)},
   };
   CLI11_PARSE(app, argc, argv);
   for (CLI::App* sub : app.get_subcommands()) {
