@@ -112,8 +112,18 @@ int main(int argc, char** argv) {
   const double bandwidth = CopyBandwidth(weight_bytes, repeats);
   const int all = omp_get_num_procs();
 
-  std::printf("model %s: %.2f MB of weights (fp32), %d decode tokens, median of %d runs\n",
-              dir.c_str(), weight_bytes / 1e6, tokens, repeats);
+  // The same parameters held as fp16: the yardstick for what W4A16 saves in memory.
+  const auto& c = (*model)->config();
+  const double parameters =
+      static_cast<double>(c.vocab_size * c.hidden_size) * (c.tie_word_embeddings ? 1 : 2) +
+      static_cast<double>(c.num_layers) *
+          (2.0 * c.hidden_size + 2.0 * c.hidden_size * c.q_dim() +
+           2.0 * c.hidden_size * c.kv_dim() + 3.0 * c.hidden_size * c.intermediate_size) +
+      c.hidden_size;
+  std::printf("model %s: %.3f MB of resident weights, %.2fx the %.3f MB of its parameters "
+              "in fp16; %d decode tokens, median of %d runs\n",
+              dir.c_str(), weight_bytes / 1e6, weight_bytes / (2.0 * parameters),
+              2.0 * parameters / 1e6, tokens, repeats);
   std::printf("peer: memcpy of the weight bytes %.1f GB/s -> floor %.1f us/token (%.0f tokens/s)\n",
               bandwidth / 1e9, weight_bytes / bandwidth * 1e6, bandwidth / weight_bytes);
   std::printf("%-8s %18s %20s %18s\n", "threads", "decode tokens/s", "generate tokens/s",
