@@ -18,6 +18,7 @@ namespace fs = std::filesystem;
 using testing::AllLogits;
 using testing::LoadOrDie;
 using testing::ProbeTokens;
+using testing::ReferenceLogits;
 using testing::RelativeError;
 using testing::TestModel;
 
@@ -28,14 +29,6 @@ std::vector<float> ProbeLogits(const std::string& dir,
   return AllLogits(*model, ProbeTokens());
 }
 
-std::vector<double> ReferenceLogits(const std::string& name) {
-  const auto json = testing::ReadJson(TestModel(name + "_reference_logits.json"));
-  std::vector<double> flat;
-  for (const auto& row : json["logits"]) {
-    for (double v : row) flat.push_back(v);
-  }
-  return flat;
-}
 
 class SameWeightsTest : public ::testing::TestWithParam<const char*> {};
 

@@ -14,17 +14,10 @@ namespace {
 using testing::AllLogits;
 using testing::LoadOrDie;
 using testing::ProbeTokens;
+using testing::ReferenceLogits;
 using testing::RelativeError;
 using testing::TestModel;
 
-std::vector<double> ReferenceLogits(const std::string& name) {
-  const auto json = testing::ReadJson(TestModel(name + "_reference_logits.json"));
-  std::vector<double> flat;
-  for (const auto& row : json["logits"]) {
-    for (double v : row) flat.push_back(v);
-  }
-  return flat;
-}
 
 class QuantizedReferenceTest : public ::testing::TestWithParam<const char*> {};
 

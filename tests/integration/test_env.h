@@ -64,6 +64,17 @@ inline double RelativeError(const std::vector<float>& a, const std::vector<float
   return RelativeError(a, std::vector<double>(b.begin(), b.end()));
 }
 
+// The reference's float64 logits of ProbeTokens() for test model `name`, flattened (written
+// by tests/reference/reference.py logits, a ctest fixture).
+inline std::vector<double> ReferenceLogits(const std::string& name) {
+  const auto json = ReadJson(TestModel(name + "_reference_logits.json"));
+  std::vector<double> flat;
+  for (const auto& row : json["logits"]) {
+    for (double v : row) flat.push_back(v);
+  }
+  return flat;
+}
+
 // The golden token sequence used by the layout comparisons (BOS + the story's start).
 inline const std::vector<int32_t>& ProbeTokens() {
   static const std::vector<int32_t> tokens = {1,   403, 407, 261, 378, 432, 383,
