@@ -24,7 +24,7 @@ REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "refe
 
 
 def nibble(*args, check=True):
-    result = subprocess.run([NIBBLE, *args], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([NIBBLE, *args], capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"nibble {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
     return result
@@ -210,7 +210,7 @@ class QuantizeTest(unittest.TestCase):
 
     def test_sigkill_midway_resumes_to_identical_bytes(self):
         args = ["--w-group-size", "32", "--calib-dataset", "tinystories", "--datasets-dir",
-                os.path.join(SHARED, "datasets"), "--calib-samples", "64", "--calib-seqlen", "256"]
+                os.path.join(SHARED, "datasets"), "--calib-samples", "32", "--calib-seqlen", "256"]
         self.quantize("whole", *args)
         work = os.path.join(self.tmp, "killed")
         progress = os.path.join(work, ".nibble-job", "progress.json")
