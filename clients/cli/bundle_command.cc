@@ -26,8 +26,7 @@ double Megabytes(uint64_t bytes) { return static_cast<double>(bytes) / 1e6; }
 int RunPack(const PackCommandOptions& options) {
   auto report = quant::PackArtifact(options.dir, options.out, options.pack);
   if (!report.ok()) {
-    std::fprintf(stderr, "nibble pack: %s\n", std::string(report.status().message()).c_str());
-    return 1;
+    return ReportError("pack", report.status());
   }
   std::fprintf(stderr,
                "wrote %s: %lld files, %.1f MB -> %.1f MB in %.2f s (%.1f MB/s, %d threads, "
@@ -42,8 +41,7 @@ int RunPack(const PackCommandOptions& options) {
 int RunUnpack(const UnpackCommandOptions& options) {
   auto report = quant::UnpackArtifact(options.archive, options.dir);
   if (!report.ok()) {
-    std::fprintf(stderr, "nibble unpack: %s\n", std::string(report.status().message()).c_str());
-    return 1;
+    return ReportError("unpack", report.status());
   }
   std::fprintf(stderr, "unpacked %s: %lld files, %.1f MB, every sha256 verified, %.2f s\n",
                options.dir.c_str(), static_cast<long long>(report->files),

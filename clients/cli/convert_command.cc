@@ -27,8 +27,7 @@ CommandRunner RegisterConvert(CLI::App& app) {
     const auto& [checkpoint, tokenizer, out] = *options;
     absl::Status status = engine::ConvertLlama2cToHf(checkpoint, tokenizer, out);
     if (!status.ok()) {
-      std::fprintf(stderr, "nibble convert: %s\n", std::string(status.message()).c_str());
-      return 1;
+      return ReportError("convert", status);
     }
     std::fprintf(stderr, "wrote %s\n", out.c_str());
     return 0;

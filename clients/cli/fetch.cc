@@ -129,8 +129,7 @@ CommandRunner RegisterFetch(CLI::App& app) {
         std::fprintf(stderr, "fetching %s\n", url.c_str());
         absl::Status status = DownloadFile(url, dest, file.sha256);
         if (!status.ok()) {
-          std::fprintf(stderr, "nibble fetch: %s\n", std::string(status.message()).c_str());
-          return 1;
+          return ReportError("fetch", status);
         }
       }
       return 0;

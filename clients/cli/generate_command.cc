@@ -43,9 +43,7 @@ int RunGenerate(const GenerateOptions& options) {
   if (options.chat) {
     auto rendered = chat_template.Render({{engine::ChatRole::kUser, options.prompt}});
     if (!rendered.ok()) {
-      std::fprintf(stderr, "nibble generate: %s\n",
-                   std::string(rendered.status().message()).c_str());
-      return 1;
+      return ReportError("generate", rendered.status());
     }
     prompt_text = *rendered;
   }
@@ -126,8 +124,7 @@ CommandRunner RegisterGenerate(CLI::App& app) {
   return [options]() {
     absl::Status valid = engine::ValidateSamplingParams(options->sampling);
     if (!valid.ok()) {
-      std::fprintf(stderr, "nibble generate: %s\n", std::string(valid.message()).c_str());
-      return 1;
+      return ReportError("generate", valid);
     }
     return RunGenerate(*options);
   };

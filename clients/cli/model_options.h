@@ -7,6 +7,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "clients/cli/commands.h"
 #include "engine/model.h"
 
 namespace nibble::cli {
@@ -31,8 +32,7 @@ struct ModelOptions {
     options.cpu_threads = threads;
     auto model = engine::Model::Load(dir, options);
     if (!model.ok()) {
-      std::fprintf(stderr, "nibble %s: %s\n", command,
-                   std::string(model.status().message()).c_str());
+      ReportError(command, model.status());
       return nullptr;
     }
     return std::move(model).value();

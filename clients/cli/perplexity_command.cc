@@ -22,8 +22,7 @@ struct PerplexityOptions {
 int RunPerplexity(const PerplexityOptions& options) {
   auto text = engine::ReadFileToString(options.dataset);
   if (!text.ok()) {
-    std::fprintf(stderr, "nibble perplexity: %s\n", std::string(text.status().message()).c_str());
-    return 1;
+    return ReportError("perplexity", text.status());
   }
   auto model = options.model.Load("perplexity");
   if (!model) return 1;

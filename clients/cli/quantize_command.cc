@@ -90,8 +90,7 @@ int RunQuantize(const QuantizeCommandOptions& options) {
   if (q.method == quant::QuantMethod::kAwq) {
     auto samples = CalibrationSamples(options);
     if (!samples.ok()) {
-      std::fprintf(stderr, "nibble quantize: %s\n", std::string(samples.status().message()).c_str());
-      return 1;
+      return ReportError("quantize", samples.status());
     }
     q.calibration_samples = std::move(samples).value();
   }
@@ -110,8 +109,7 @@ int RunQuantize(const QuantizeCommandOptions& options) {
     }
   }
   if (!evaluation.ok()) {
-    std::fprintf(stderr, "nibble quantize: %s\n", std::string(evaluation.status().message()).c_str());
-    return 1;
+    return ReportError("quantize", evaluation.status());
   }
   if (evaluation->empty()) {
     std::fprintf(stderr, "evaluation: none (pass --eval-dataset for perplexity before/after)\n");
@@ -144,8 +142,7 @@ int RunQuantize(const QuantizeCommandOptions& options) {
   auto report = quant::QuantizeModelDirectory(options.model_dir, options.work_dir, q, progress);
   if (terminal) std::fprintf(stderr, "\n");
   if (!report.ok()) {
-    std::fprintf(stderr, "nibble quantize: %s\n", std::string(report.status().message()).c_str());
-    return 1;
+    return ReportError("quantize", report.status());
   }
   double worst = 0;
   for (const auto& layer : report->layers) worst = std::max(worst, layer.relative_error);
