@@ -1,10 +1,12 @@
 #include "engine/linear.h"
 
+#include <cstring>
+
 #include "absl/strings/str_cat.h"
 #include "engine/int4_weight.h"
 #include "kernels/cpu/half.h"
-#include "kernels/cpu/w4a16.h"
 #include "kernels/cpu/matmul.h"
+#include "kernels/cpu/w4a16.h"
 
 namespace nibble::engine {
 namespace {
@@ -17,6 +19,10 @@ class DenseF32Linear final : public LinearWeight {
   void Forward(const float* x, int64_t rows, float* y) const override {
     kernels::cpu::MatMulWeightsF32(x, weight_.data(), bias_.empty() ? nullptr : bias_.data(),
                                    rows, out_features(), in_features(), y);
+  }
+  void Row(int64_t index, float* out) const override {
+    std::memcpy(out, weight_.data() + index * in_features(),
+                static_cast<size_t>(in_features()) * sizeof(float));
   }
   std::vector<float> DequantizedWeight() const override { return weight_; }
   const std::vector<float>& bias() const override { return bias_; }
@@ -42,6 +48,10 @@ class DenseF16Linear final : public LinearWeight {
     kernels::cpu::MatMulWeightsF16(x, weight_.data(), bias_.empty() ? nullptr : bias_.data(),
                                    rows, out_features(), in_features(), y);
   }
+  void Row(int64_t index, float* out) const override {
+    kernels::cpu::HalfToFloat(weight_.data() + index * in_features(),
+                              static_cast<size_t>(in_features()), out);
+  }
   std::vector<float> DequantizedWeight() const override {
     std::vector<float> out(weight_.size());
     kernels::cpu::HalfToFloat(weight_.data(), weight_.size(), out.data());
@@ -64,8 +74,8 @@ class Int4Linear final : public LinearWeight {
       : LinearWeight(w.in_features, w.out_features),
         group_size_(w.group_size),
         packed_(static_cast<size_t>(w.out_features * ((w.in_features + 1) / 2)), 0),
-        zeros_(w.zeros.begin(), w.zeros.end()),
-        scales_(w.scales.size()),
+        zeros_(w.zeros),
+        scales_(w.scales),
         bias_(std::move(bias)) {
     const int64_t row_bytes = (w.in_features + 1) / 2;
     for (int64_t n = 0; n < w.out_features; ++n) {
@@ -74,7 +84,6 @@ class Int4Linear final : public LinearWeight {
             static_cast<uint8_t>(w.q[n * w.in_features + k] << (4 * (k & 1)));
       }
     }
-    kernels::cpu::HalfToFloat(w.scales.data(), w.scales.size(), scales_.data());
   }
 
   void Forward(const float* x, int64_t rows, float* y) const override {
@@ -82,32 +91,31 @@ class Int4Linear final : public LinearWeight {
                               bias_.empty() ? nullptr : bias_.data(), rows, out_features(),
                               in_features(), group_size_, y);
   }
+  void Row(int64_t index, float* out) const override {
+    kernels::cpu::DequantizeW4Row(packed_.data(), zeros_.data(), scales_.data(), index,
+                                  in_features(), group_size_, out);
+  }
   std::vector<float> DequantizedWeight() const override {
     std::vector<float> w(static_cast<size_t>(in_features() * out_features()));
-    const int64_t row_bytes = (in_features() + 1) / 2;
-    const int64_t groups = (in_features() + group_size_ - 1) / group_size_;
     for (int64_t n = 0; n < out_features(); ++n) {
-      for (int64_t k = 0; k < in_features(); ++k) {
-        const int nibble = (packed_[n * row_bytes + k / 2] >> (4 * (k & 1))) & 15;
-        const int64_t g = n * groups + k / group_size_;
-        w[n * in_features() + k] = (static_cast<float>(nibble) - zeros_[g]) * scales_[g];
-      }
+      kernels::cpu::DequantizeW4Row(packed_.data(), zeros_.data(), scales_.data(), n,
+                                    in_features(), group_size_, w.data() + n * in_features());
     }
     return w;
   }
   const std::vector<float>& bias() const override { return bias_; }
-  // What the format stores per weight: 4 bits, plus an fp16 scale and a 4-bit zero a group.
+  // What is resident: 4 bits a weight, a byte of zero point and an fp16 scale a group.
   size_t StorageBytes() const override {
-    return packed_.size() + zeros_.size() / 2 + scales_.size() * sizeof(uint16_t) +
+    return packed_.size() + zeros_.size() + scales_.size() * sizeof(uint16_t) +
            bias_.size() * sizeof(float);
   }
   std::string StorageName() const override { return absl::StrCat("int4-g", group_size_); }
 
  private:
   int64_t group_size_;
-  std::vector<uint8_t> packed_;  // [out, ceil(in / 2)]
-  std::vector<float> zeros_;     // [out, groups]
-  std::vector<float> scales_;    // [out, groups]
+  std::vector<uint8_t> packed_;   // [out, ceil(in / 2)]
+  std::vector<uint8_t> zeros_;    // [out, groups], 0..15
+  std::vector<uint16_t> scales_;  // [out, groups], fp16 bits
   std::vector<float> bias_;
 };
 

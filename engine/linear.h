@@ -21,6 +21,9 @@ class LinearWeight {
 
   // y[rows, out_features] = x[rows, in_features] · Wᵀ (+ bias).
   virtual void Forward(const float* x, int64_t rows, float* y) const = 0;
+  // Row `index` of W (0 <= index < out_features, checked by the caller) as fp32,
+  // out[in_features]: an embedding lookup when W is a token embedding (tied lm_head).
+  virtual void Row(int64_t index, float* out) const = 0;
   // The weight as fp32 [out_features, in_features] (what it computes with, after any
   // rounding of its storage), for tests, conversion and quantization.
   virtual std::vector<float> DequantizedWeight() const = 0;

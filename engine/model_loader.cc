@@ -43,6 +43,15 @@ LayerTensorNames NamesForLayer(Architecture arch, int64_t layer) {
   return n;
 }
 
+std::string EmbeddingName(Architecture arch) {
+  return arch == Architecture::kInternLM2 ? "model.tok_embeddings.weight"
+                                          : "model.embed_tokens.weight";
+}
+
+std::string LmHeadName(Architecture arch) {
+  return arch == Architecture::kInternLM2 ? "output.weight" : "lm_head.weight";
+}
+
 std::string BiasName(const std::string& weight_name) {
   return weight_name.substr(0, weight_name.size() - std::string("weight").size()) + "bias";
 }
@@ -137,33 +146,44 @@ class WeightReader {
 
 }  // namespace
 
-EmbeddingTable::EmbeddingTable(int64_t vocab, int64_t hidden, const std::vector<float>& table,
-                               WeightStorage storage)
-    : vocab_(vocab), hidden_(hidden) {
-  if (storage == WeightStorage::kF16) {
-    f16_.resize(table.size());
-    kernels::cpu::FloatToHalf(table.data(), table.size(), f16_.data());
-  } else {
-    f32_ = table;
+std::vector<CheckpointTensor> CheckpointTensors(const ModelConfig& config) {
+  const int64_t hidden = config.hidden_size;
+  const int64_t ffn = config.intermediate_size;
+  const bool internlm2 = config.architecture == Architecture::kInternLM2;
+  std::vector<CheckpointTensor> tensors;
+  auto linear = [&](const std::string& name, int64_t out, int64_t in, bool bias) {
+    tensors.push_back({name, {out, in}, CheckpointTensor::kLinear});
+    if (bias) tensors.push_back({BiasName(name), {out}, CheckpointTensor::kBias});
+  };
+  tensors.push_back({EmbeddingName(config.architecture), {config.vocab_size, hidden},
+                     CheckpointTensor::kEmbedding});
+  for (int64_t i = 0; i < config.num_layers; ++i) {
+    const LayerTensorNames names = NamesForLayer(config.architecture, i);
+    tensors.push_back({names.attention_norm, {hidden}, CheckpointTensor::kNorm});
+    if (internlm2) {
+      linear(names.wqkv, config.q_dim() + 2 * config.kv_dim(), hidden, false);
+    } else {
+      linear(names.q, config.q_dim(), hidden, config.attention_bias);
+      linear(names.k, config.kv_dim(), hidden, config.attention_bias);
+      linear(names.v, config.kv_dim(), hidden, config.attention_bias);
+    }
+    linear(names.o, hidden, config.q_dim(), config.attention_bias && !internlm2);
+    tensors.push_back({names.ffn_norm, {hidden}, CheckpointTensor::kNorm});
+    linear(names.gate, ffn, hidden, false);
+    linear(names.up, ffn, hidden, false);
+    linear(names.down, hidden, ffn, false);
   }
-}
-
-void EmbeddingTable::Lookup(int32_t token, float* out) const {
-  const size_t offset = static_cast<size_t>(token) * static_cast<size_t>(hidden_);
-  if (!f16_.empty()) {
-    kernels::cpu::HalfToFloat(f16_.data() + offset, static_cast<size_t>(hidden_), out);
-  } else {
-    std::memcpy(out, f32_.data() + offset, static_cast<size_t>(hidden_) * sizeof(float));
+  tensors.push_back({"model.norm.weight", {hidden}, CheckpointTensor::kNorm});
+  if (!config.tie_word_embeddings) {
+    linear(LmHeadName(config.architecture), config.vocab_size, hidden, false);
   }
-}
-
-size_t EmbeddingTable::StorageBytes() const {
-  return f32_.size() * sizeof(float) + f16_.size() * sizeof(uint16_t);
+  return tensors;
 }
 
 size_t ModelWeights::StorageBytes() const {
-  size_t bytes = embedding.StorageBytes() + final_norm.size() * sizeof(float);
-  if (lm_head) bytes += lm_head->StorageBytes();
+  size_t bytes = final_norm.size() * sizeof(float);
+  if (embedding.table()) bytes += embedding.table()->StorageBytes();
+  if (lm_head && lm_head != embedding.table()) bytes += lm_head->StorageBytes();
   for (const LayerWeights& layer : layers) {
     bytes += (layer.attention_norm.size() + layer.ffn_norm.size()) * sizeof(float);
     for (const auto* linear : {&layer.q_proj, &layer.k_proj, &layer.v_proj, &layer.o_proj,
@@ -183,11 +203,11 @@ absl::StatusOr<ModelWeights> LoadModelWeights(const TensorStore& store,
   WeightReader reader(store, config, storage);
   ModelWeights weights;
 
-  const std::string embed_name =
-      internlm2 ? "model.tok_embeddings.weight" : "model.embed_tokens.weight";
+  const std::string embed_name = EmbeddingName(config.architecture);
   NIBBLE_ASSIGN_OR_RETURN(std::vector<float> embedding,
                           store.ReadF32(embed_name, {config.vocab_size, hidden}));
-  weights.embedding = EmbeddingTable(config.vocab_size, hidden, embedding, storage);
+  weights.embedding = EmbeddingTable(
+      MakeDenseLinear(hidden, config.vocab_size, std::move(embedding), {}, storage));
 
   for (int64_t i = 0; i < config.num_layers; ++i) {
     const LayerTensorNames names = NamesForLayer(config.architecture, i);
@@ -213,13 +233,12 @@ absl::StatusOr<ModelWeights> LoadModelWeights(const TensorStore& store,
   }
   NIBBLE_ASSIGN_OR_RETURN(weights.final_norm, reader.Vector("model.norm.weight", hidden));
 
-  const std::string head_name = internlm2 ? "output.weight" : "lm_head.weight";
+  const std::string head_name = LmHeadName(config.architecture);
   if (store.Contains(head_name) || !config.tie_word_embeddings) {
     NIBBLE_ASSIGN_OR_RETURN(weights.lm_head,
                             reader.Linear(head_name, hidden, config.vocab_size, false));
   } else {
-    weights.lm_head = MakeDenseLinear(hidden, config.vocab_size, std::move(embedding), {},
-                                      storage);
+    weights.lm_head = weights.embedding.table();
   }
   return weights;
 }

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -14,22 +15,20 @@
 
 namespace nibble::engine {
 
-// Token embeddings [vocab, hidden], stored like the linear weights.
+// Token embeddings [vocab, hidden]: rows of a weight stored like the linear weights, shared
+// with lm_head when the model ties them (one copy in memory, not two).
 class EmbeddingTable {
  public:
   EmbeddingTable() = default;
-  EmbeddingTable(int64_t vocab, int64_t hidden, const std::vector<float>& table,
-                 WeightStorage storage);
+  explicit EmbeddingTable(std::shared_ptr<const LinearWeight> table)
+      : table_(std::move(table)) {}
   // Writes row `token` (0 <= token < vocab, checked by the caller) to `out[hidden]`.
-  void Lookup(int32_t token, float* out) const;
-  size_t StorageBytes() const;
-  int64_t vocab() const { return vocab_; }
+  void Lookup(int32_t token, float* out) const { table_->Row(token, out); }
+  int64_t vocab() const { return table_ ? table_->out_features() : 0; }
+  const std::shared_ptr<const LinearWeight>& table() const { return table_; }
 
  private:
-  int64_t vocab_ = 0;
-  int64_t hidden_ = 0;
-  std::vector<float> f32_;
-  std::vector<uint16_t> f16_;
+  std::shared_ptr<const LinearWeight> table_;  // [out = vocab, in = hidden]
 };
 
 struct LayerWeights {
@@ -43,10 +42,22 @@ struct ModelWeights {
   EmbeddingTable embedding;
   std::vector<LayerWeights> layers;
   std::vector<float> final_norm;  // [hidden]
-  std::unique_ptr<LinearWeight> lm_head;
+  std::shared_ptr<const LinearWeight> lm_head;  // the embedding's table when tied
 
+  // Resident bytes, a tied embedding counted once.
   size_t StorageBytes() const;
 };
+
+// One tensor of a Hugging Face checkpoint of some config (dense, unquantized).
+struct CheckpointTensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  enum Kind { kEmbedding, kNorm, kLinear, kBias } kind;
+};
+
+// Every tensor a dense checkpoint of `config` holds, with the names and shapes its
+// architecture uses (InternLM2's fused wqkv; InternLM's biases; lm_head unless tied).
+std::vector<CheckpointTensor> CheckpointTensors(const ModelConfig& config);
 
 // Reads every tensor the architecture needs from `store`, checking each shape against
 // `config`. Errors name the tensor, the file and what is wrong (missing, shape, dtype).

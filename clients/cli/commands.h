@@ -27,5 +27,6 @@ CommandRunner RegisterFetch(CLI::App& app);
 CommandRunner RegisterQuantize(CLI::App& app);
 CommandRunner RegisterPack(CLI::App& app);
 CommandRunner RegisterUnpack(CLI::App& app);
+CommandRunner RegisterSynth(CLI::App& app);
 
 }  // namespace nibble::cli

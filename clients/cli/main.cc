@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
       {"quantize", nibble::cli::RegisterQuantize(app)},
       {"pack", nibble::cli::RegisterPack(app)},
       {"unpack", nibble::cli::RegisterUnpack(app)},
+      {"synth", nibble::cli::RegisterSynth(app)},
   };
   CLI11_PARSE(app, argc, argv);
   for (CLI::App* sub : app.get_subcommands()) {

@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "kernels/cpu/half.h"
+#include "kernels/cpu/simd.h"
 
 namespace nibble::kernels::cpu {
 namespace {
@@ -14,14 +15,6 @@ constexpr int64_t kMinParallelWork = 1 << 17;
 bool WorthParallel(int64_t m, int64_t n, int64_t k) { return m * n * k >= kMinParallelWork; }
 
 }  // namespace
-
-// On x86-64 the products are also compiled for AVX2 and picked at load time: the same code
-// and summation order (and -ffp-contract=off), so every clone gives the same bits.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NIBBLE_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define NIBBLE_SIMD_CLONES
-#endif
 
 NIBBLE_SIMD_CLONES
 void MatMulWeightsF32(const float* x, const float* w, const float* bias, int64_t m, int64_t n,

@@ -102,13 +102,15 @@ TEST(RtnTest, ErrorIsBoundedByHalfAStep) {
 TEST(Int4LinearTest, ForwardEqualsDenseForwardOfDequantizedWeights) {
   std::mt19937 rng(3);
   std::normal_distribution<float> normal;
-  for (int64_t in : {5, 64, 70, 172}) {
+  // Partial last groups, a single group, and odd group sizes (groups that start mid-byte).
+  for (auto [in, group] : {std::pair<int64_t, int64_t>{5, 32}, {64, 32}, {70, 32}, {172, 32},
+                           {172, 128}, {33, 3}, {70, 7}}) {
     const int64_t out = 24;
     std::vector<float> w(in * out), bias(out), x(3 * in);
     for (float& v : w) v = normal(rng);
     for (float& v : bias) v = normal(rng);
     for (float& v : x) v = normal(rng);
-    Int4Weight q = quant::QuantizeRtn(w, in, out, 32);
+    Int4Weight q = quant::QuantizeRtn(w, in, out, group);
     auto int4 = engine::MakeInt4Linear(q, bias);
     auto dense = engine::MakeDenseLinear(in, out, q.Dequantize(), bias, engine::WeightStorage::kF32);
     EXPECT_EQ(int4->DequantizedWeight(), q.Dequantize());
@@ -116,7 +118,11 @@ TEST(Int4LinearTest, ForwardEqualsDenseForwardOfDequantizedWeights) {
     int4->Forward(x.data(), 3, y4.data());
     dense->Forward(x.data(), 3, yd.data());
     EXPECT_EQ(y4, yd) << "in " << in;  // same arithmetic, same bits
-    EXPECT_EQ(int4->StorageName(), "int4-g32");
+    EXPECT_EQ(int4->StorageName(), "int4-g" + std::to_string(group));
+    // Resident: half a byte a weight, one byte of zero and two of scale a group.
+    const int64_t groups = (in + group - 1) / group;
+    EXPECT_EQ(int4->StorageBytes(),
+              static_cast<size_t>(out * ((in + 1) / 2) + out * groups * 3 + out * 4));
   }
 }
 

@@ -330,5 +330,101 @@ class FetchTest(unittest.TestCase):
         self.assertIn("/nonexistent/dir/stories260K.bin", out.stderr)
 
 
+def safetensors_header(path):
+    """The JSON header of a safetensors file, read per the format (8-byte little-endian length)."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(length))
+
+
+class SynthTest(unittest.TestCase):
+    """`nibble synth`: a real config's shapes (here internlm2-chat-1_8b's, shrunk so a test is
+    quick) with random weights, loadable by the engine, dense or W4A16."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        with open(os.path.join(SHARED, "models", "configs", "internlm2-chat-1_8b.json")) as f:
+            config = json.load(f)
+        config.update(hidden_size=64, intermediate_size=160, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=3, vocab_size=600)
+        self.config = os.path.join(self.tmp, "config.json")
+        with open(self.config, "w") as f:
+            json.dump(config, f)
+
+    def tearDown(self):
+        shutil.rmtree(self.tmp)
+
+    def synth(self, name, *args, check=True):
+        return nibble("synth", "--config", self.config, "--tokenizer",
+                      os.path.join(STORIES, "tok512.model"), "--out", os.path.join(self.tmp, name),
+                      *args, check=check)
+
+    def tensors(self, name):
+        out = {}
+        directory = os.path.join(self.tmp, name)
+        for file in os.listdir(directory):
+            if file.endswith(".safetensors"):
+                header = safetensors_header(os.path.join(directory, file))
+                out.update({k: v for k, v in header.items() if k != "__metadata__"})
+        return out
+
+    def test_dense_model_has_the_architectures_shapes_and_generates(self):
+        self.synth("dense", "--layers", "2")
+        tensors = self.tensors("dense")
+        # InternLM2's own layout, written from its modeling code's shapes: fused wqkv holds
+        # (heads + 2 * kv_heads) * head_dim rows; w1/w3 up, w2 down; untied output.
+        head_dim = 64 // 4
+        expected = {"model.tok_embeddings.weight": [600, 64], "output.weight": [600, 64],
+                    "model.norm.weight": [64]}
+        for i in range(2):
+            p = f"model.layers.{i}."
+            expected.update({p + "attention_norm.weight": [64], p + "ffn_norm.weight": [64],
+                             p + "attention.wqkv.weight": [(4 + 2 * 2) * head_dim, 64],
+                             p + "attention.wo.weight": [64, 64],
+                             p + "feed_forward.w1.weight": [160, 64],
+                             p + "feed_forward.w3.weight": [160, 64],
+                             p + "feed_forward.w2.weight": [64, 160]})
+        self.assertEqual({k: v["shape"] for k, v in tensors.items()}, expected)
+        self.assertEqual({v["dtype"] for v in tensors.values()}, {"F16"})
+        with open(os.path.join(self.tmp, "dense", "model.safetensors.index.json")) as f:
+            self.assertEqual(set(json.load(f)["weight_map"]), set(expected))
+        out = json.loads(nibble("generate", "--model", os.path.join(self.tmp, "dense"), "--json",
+                                "--max-tokens", "5", "--ignore-eos").stdout)
+        self.assertEqual(len(out["generated_ids"]), 5)
+        # Same seed, same bytes; another seed, other weights.
+        self.synth("again", "--layers", "2")
+        self.synth("other", "--layers", "2", "--seed", "1")
+        shard = "model-00001-of-00001.safetensors"
+
+        def read(name):
+            with open(os.path.join(self.tmp, name, shard), "rb") as f:
+                return f.read()
+        self.assertEqual(read("dense"), read("again"))
+        self.assertNotEqual(read("dense"), read("other"))
+
+    def test_quantized_model_is_an_awq_artifact(self):
+        self.synth("w4", "--quant", "awq", "--group-size", "32")
+        tensors = self.tensors("w4")
+        self.assertEqual(tensors["model.layers.0.attention.wqkv.qweight"]["shape"], [64, 128 // 8])
+        self.assertEqual(tensors["model.layers.2.feed_forward.w2.scales"]["shape"], [160 // 32, 64])
+        self.assertEqual(tensors["model.layers.2.feed_forward.w2.scales"]["dtype"], "F16")
+        self.assertTrue(os.path.exists(os.path.join(self.tmp, "w4", "nibble_manifest.json")))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "w4.synth-dense")))
+        nibble("generate", "--model", os.path.join(self.tmp, "w4"), "--max-tokens", "4")
+
+    def test_bad_input_is_named_and_writes_nothing(self):
+        out = self.synth("x", "--quant", "gptq", check=False)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("--quant", out.stderr)
+        out = self.synth("x", "--layers", "-1", check=False)
+        self.assertIn("layers", out.stderr)
+        with open(self.config, "w") as f:
+            f.write("{\"hidden_size\": 64}")
+        out = self.synth("x", check=False)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("config.json", out.stderr)
+        self.assertEqual(sorted(os.listdir(self.tmp)), ["config.json"])
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
