@@ -36,35 +36,43 @@ class DenseF32Linear final : public LinearWeight {
   std::vector<float> bias_;
 };
 
+// fp16 weights, owned or borrowed from a file mapping (then `owner_` keeps it alive).
 class DenseF16Linear final : public LinearWeight {
  public:
   DenseF16Linear(int64_t in, int64_t out, const std::vector<float>& weight,
                  std::vector<float> bias)
-      : LinearWeight(in, out), weight_(weight.size()), bias_(std::move(bias)) {
-    kernels::cpu::FloatToHalf(weight.data(), weight.size(), weight_.data());
+      : LinearWeight(in, out), owned_(weight.size()), bias_(std::move(bias)) {
+    kernels::cpu::FloatToHalf(weight.data(), weight.size(), owned_.data());
+    weight_ = owned_.data();
   }
+  DenseF16Linear(int64_t in, int64_t out, std::shared_ptr<const void> owner,
+                 const uint16_t* weight)
+      : LinearWeight(in, out), weight_(weight), owner_(std::move(owner)) {}
 
   void Forward(const float* x, int64_t rows, float* y) const override {
-    kernels::cpu::MatMulWeightsF16(x, weight_.data(), bias_.empty() ? nullptr : bias_.data(),
-                                   rows, out_features(), in_features(), y);
+    kernels::cpu::MatMulWeightsF16(x, weight_, bias_.empty() ? nullptr : bias_.data(), rows,
+                                   out_features(), in_features(), y);
   }
   void Row(int64_t index, float* out) const override {
-    kernels::cpu::HalfToFloat(weight_.data() + index * in_features(),
+    kernels::cpu::HalfToFloat(weight_ + index * in_features(),
                               static_cast<size_t>(in_features()), out);
   }
   std::vector<float> DequantizedWeight() const override {
-    std::vector<float> out(weight_.size());
-    kernels::cpu::HalfToFloat(weight_.data(), weight_.size(), out.data());
+    std::vector<float> out(static_cast<size_t>(in_features() * out_features()));
+    kernels::cpu::HalfToFloat(weight_, out.size(), out.data());
     return out;
   }
   const std::vector<float>& bias() const override { return bias_; }
   size_t StorageBytes() const override {
-    return weight_.size() * sizeof(uint16_t) + bias_.size() * sizeof(float);
+    return static_cast<size_t>(in_features() * out_features()) * sizeof(uint16_t) +
+           bias_.size() * sizeof(float);
   }
-  std::string StorageName() const override { return "f16"; }
+  std::string StorageName() const override { return owner_ ? "f16-mapped" : "f16"; }
 
  private:
-  std::vector<uint16_t> weight_;
+  std::vector<uint16_t> owned_;
+  const uint16_t* weight_ = nullptr;  // owned_.data() or within the mapping
+  std::shared_ptr<const void> owner_;
   std::vector<float> bias_;
 };
 
@@ -123,6 +131,12 @@ class Int4Linear final : public LinearWeight {
 
 std::unique_ptr<LinearWeight> MakeInt4Linear(const Int4Weight& weight, std::vector<float> bias) {
   return std::make_unique<Int4Linear>(weight, std::move(bias));
+}
+
+std::unique_ptr<LinearWeight> MakeMappedF16Linear(int64_t in_features, int64_t out_features,
+                                                  std::shared_ptr<const void> mapping,
+                                                  const uint16_t* weight) {
+  return std::make_unique<DenseF16Linear>(in_features, out_features, std::move(mapping), weight);
 }
 
 std::unique_ptr<LinearWeight> MakeDenseLinear(int64_t in_features, int64_t out_features,

@@ -46,6 +46,12 @@ std::unique_ptr<LinearWeight> MakeDenseLinear(int64_t in_features, int64_t out_f
                                               std::vector<float> weight,
                                               std::vector<float> bias, WeightStorage storage);
 
+// An fp16 weight used in place in a read-only file mapping that `mapping` keeps alive: no
+// copy, and only the pages that are read become resident (an embedding table's rows).
+std::unique_ptr<LinearWeight> MakeMappedF16Linear(int64_t in_features, int64_t out_features,
+                                                  std::shared_ptr<const void> mapping,
+                                                  const uint16_t* weight);
+
 struct Int4Weight;
 
 // A W4A16 weight (int4 in groups, fp16 scales, fp32 compute), repacked for the CPU kernel.

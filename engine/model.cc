@@ -96,6 +96,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   // and halves what they occupy next to the int4 weights.
   const WeightStorage storage = config.awq ? WeightStorage::kF16 : options.weight_storage;
   NIBBLE_ASSIGN_OR_RETURN(ModelWeights weights, LoadModelWeights(*store, config, storage));
+  store->ReleaseResidentPages();  // the weights are copied or repacked, or read in place
   const size_t weight_bytes = weights.StorageBytes();
   auto backend = MakeCpuBackend(config, std::move(weights));
   return std::unique_ptr<Model>(new Model(dir, std::move(config), std::move(loaded.tokenizer),

@@ -204,10 +204,20 @@ absl::StatusOr<ModelWeights> LoadModelWeights(const TensorStore& store,
   ModelWeights weights;
 
   const std::string embed_name = EmbeddingName(config.architecture);
-  NIBBLE_ASSIGN_OR_RETURN(std::vector<float> embedding,
-                          store.ReadF32(embed_name, {config.vocab_size, hidden}));
-  weights.embedding = EmbeddingTable(
-      MakeDenseLinear(hidden, config.vocab_size, std::move(embedding), {}, storage));
+  // fp16 in the file and in memory: the table stays in the file's mapping, so only the rows
+  // of tokens actually seen become resident (most of a 92544-token vocabulary never is).
+  absl::StatusOr<TensorStore::MappedF16> mapped =
+      storage == WeightStorage::kF16 ? store.MapF16(embed_name, {config.vocab_size, hidden})
+                                     : absl::FailedPreconditionError("fp32 storage");
+  if (mapped.ok()) {
+    weights.embedding = EmbeddingTable(
+        MakeMappedF16Linear(hidden, config.vocab_size, mapped->mapping, mapped->data));
+  } else {
+    NIBBLE_ASSIGN_OR_RETURN(std::vector<float> embedding,
+                            store.ReadF32(embed_name, {config.vocab_size, hidden}));
+    weights.embedding = EmbeddingTable(
+        MakeDenseLinear(hidden, config.vocab_size, std::move(embedding), {}, storage));
+  }
 
   for (int64_t i = 0; i < config.num_layers; ++i) {
     const LayerTensorNames names = NamesForLayer(config.architecture, i);

@@ -455,6 +455,11 @@ SafetensorsFile::~SafetensorsFile() {
   if (mapping_ != nullptr) ::munmap(const_cast<uint8_t*>(mapping_), mapping_size_);
 }
 
+void SafetensorsFile::ReleaseResidentPages() const {
+  // Advice only: a failure leaves the pages resident, which costs memory, not correctness.
+  if (mapping_ != nullptr) ::madvise(const_cast<uint8_t*>(mapping_), mapping_size_, MADV_DONTNEED);
+}
+
 const TensorInfo* SafetensorsFile::Find(std::string_view name) const {
   const auto it = index_.find(name);
   return it == index_.end() ? nullptr : &header_.tensors[it->second];

@@ -74,6 +74,9 @@ class SafetensorsFile {
   // necessarily aligned to the element size (the format does not promise it). Empty for a
   // TensorInfo whose range does not lie within this file's data section.
   std::span<const uint8_t> Bytes(const TensorInfo& tensor) const;
+  // Drops the mapping's pages from this process's resident set (madvise MADV_DONTNEED; they
+  // stay in the page cache). The bytes stay readable: a page comes back when it is read.
+  void ReleaseResidentPages() const;
 
  private:
   SafetensorsFile() = default;

@@ -84,7 +84,7 @@ absl::StatusOr<std::unique_ptr<TensorStore>> TensorStore::Open(const std::string
     store->files_.push_back(std::move(file));
     const SafetensorsFile& opened = *store->files_.back();
     for (const TensorInfo& info : opened.header().tensors) {
-      TensorRef ref{&info, opened.Bytes(info), &opened.path()};
+      TensorRef ref{&info, opened.Bytes(info), &opened.path(), &opened};
       if (!store->tensors_.emplace(info.name, ref).second) {
         return absl::InvalidArgumentError(
             absl::StrCat(model_dir, ": tensor \"", info.name, "\" appears in ",
@@ -153,6 +153,25 @@ absl::StatusOr<std::vector<uint16_t>> TensorStore::ReadF16Bits(
     std::string_view name, const std::vector<int64_t>& expected_shape) const {
   NIBBLE_ASSIGN_OR_RETURN(TensorRef ref, GetChecked(name, expected_shape, DType::kF16));
   return CopyElements<uint16_t>(ref);
+}
+
+void TensorStore::ReleaseResidentPages() const {
+  for (const auto& file : files_) file->ReleaseResidentPages();
+}
+
+absl::StatusOr<TensorStore::MappedF16> TensorStore::MapF16(
+    std::string_view name, const std::vector<int64_t>& expected_shape) const {
+  NIBBLE_ASSIGN_OR_RETURN(TensorRef ref, GetChecked(name, expected_shape, DType::kF16));
+  if (reinterpret_cast<uintptr_t>(ref.bytes.data()) % alignof(uint16_t) != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(*ref.file, ": tensor \"", std::string(name), "\" is not 2-byte aligned"));
+  }
+  for (const auto& file : files_) {
+    if (file.get() == ref.shard) {
+      return MappedF16{file, reinterpret_cast<const uint16_t*>(ref.bytes.data())};
+    }
+  }
+  return absl::InternalError(absl::StrCat("tensor \"", std::string(name), "\" has no shard"));
 }
 
 absl::StatusOr<std::vector<float>> TensorStore::ReadF32(

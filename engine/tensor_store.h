@@ -20,6 +20,7 @@ struct TensorRef {
   const TensorInfo* info = nullptr;
   std::span<const uint8_t> bytes;
   const std::string* file = nullptr;  // the shard it lives in, for error messages
+  const SafetensorsFile* shard = nullptr;
 };
 
 // Thread-compatible; the files stay mapped for the store's lifetime.
@@ -43,7 +44,20 @@ class TensorStore {
                                                const std::vector<int64_t>& expected_shape) const;
   absl::StatusOr<std::vector<uint16_t>> ReadF16Bits(
       std::string_view name, const std::vector<int64_t>& expected_shape) const;
+  // An F16 tensor in place, without a copy: its elements in the file's mapping, which
+  // `mapping` keeps alive. Pages come into memory as they are read (an embedding table is
+  // read a row per token). FailedPrecondition where the tensor is not F16 or its bytes are not
+  // 2-byte aligned in the file (the format does not promise alignment): read it instead.
+  struct MappedF16 {
+    std::shared_ptr<const void> mapping;
+    const uint16_t* data = nullptr;
+  };
+  absl::StatusOr<MappedF16> MapF16(std::string_view name,
+                                   const std::vector<int64_t>& expected_shape) const;
   std::vector<std::string> Names() const;
+  // After loading: what was read through the mappings leaves the resident set; tensors used
+  // in place (MapF16) page back in as they are read.
+  void ReleaseResidentPages() const;
   const std::string& dir() const { return dir_; }
 
  private:
@@ -53,7 +67,7 @@ class TensorStore {
                                        std::optional<DType> dtype) const;
 
   std::string dir_;
-  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::vector<std::shared_ptr<const SafetensorsFile>> files_;
   std::map<std::string, TensorRef, std::less<>> tensors_;
 };
 
