@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -25,7 +26,22 @@ class SequenceState {
 
 enum class LogitsFor { kLastPosition, kAllPositions };
 
+// One sequence's part of a batched forward over the paged KV cache (ForwardBatch).
+struct BatchSpan {
+  std::span<const int32_t> tokens;  // non-empty: 1 for a decode step, k for a prefill chunk
+  int64_t start = 0;                // tokens already in the cache (their positions follow)
+  // Ids of the pool blocks holding positions 0 .. start + tokens.size() - 1, in order
+  // (at least ceil((start + tokens.size()) / block_seq_len) of them; extra ones are unused).
+  std::span<const int32_t> block_table;
+  bool logits = false;  // compute the logits of the span's last token
+};
+
 // Not thread-safe: one thread drives a backend (the engine's scheduler thread, or the CLI).
+//
+// Two ways to keep a KV cache: a SequenceState (one sequence, its own memory; the CLI,
+// perplexity, quantization, tests), or the backend's block pool (ConfigureKvCache), shared by
+// the serving engine's sequences through block tables, which the engine allocates. Both run
+// the same layer and attention code.
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -41,6 +57,32 @@ class Backend {
   // sequence that would exceed its capacity (OutOfRange). On error the sequence is unchanged.
   virtual absl::Status Forward(SequenceState& sequence, std::span<const int32_t> tokens,
                                LogitsFor which, std::vector<float>& logits) = 0;
+
+  // --- The paged KV cache of the serving engine. ---
+
+  // Free device memory in bytes, for sizing the pool; nullopt where the engine must use a
+  // configured budget instead (the CPU).
+  virtual std::optional<int64_t> FreeMemoryBytes() const = 0;
+  // Bytes one block of `block_seq_len` tokens takes (keys and values of every layer).
+  virtual int64_t KvBlockBytes(int32_t block_seq_len) const = 0;
+  // Makes a pool of `num_blocks` blocks (ids 0 .. num_blocks - 1), replacing any earlier one.
+  // Memory may be committed lazily as blocks are first written (GrowKvCache says how far).
+  // Errors: non-positive values, memory that cannot be had (ResourceExhausted).
+  virtual absl::Status ConfigureKvCache(int64_t num_blocks, int32_t block_seq_len) = 0;
+  // Makes blocks 0 .. num_blocks - 1 usable (the engine grows the pool cache_chunk_size
+  // blocks at a time, as it needs them). Errors: more than the configured pool.
+  virtual absl::Status GrowKvCache(int64_t num_blocks) = 0;
+
+  // Runs every span in one pass (the tokens of all spans form one activation matrix for the
+  // linears; RoPE and attention per span, over its own blocks; dynamic NTK RoPE takes its
+  // base from each span's own length start + tokens). Writes the spans' keys and values into
+  // their blocks and the logits of each span with `logits` set to `logits_out`,
+  // [spans with logits, vocab] in span order. A span's results are bit-identical whatever
+  // the other spans are. Errors (nothing is written): no pool, no spans, an empty span, a
+  // token outside the vocabulary, a block table too short or naming a block outside the
+  // usable pool.
+  virtual absl::Status ForwardBatch(std::span<const BatchSpan> spans,
+                                    std::vector<float>& logits_out) = 0;
 };
 
 }  // namespace nibble::engine

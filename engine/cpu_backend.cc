@@ -1,6 +1,8 @@
 #include "engine/cpu_backend.h"
 
+#include <algorithm>
 #include <cstring>
+#include <new>
 
 #include "absl/strings/str_cat.h"
 #include "engine/decoder_layer.h"
@@ -11,31 +13,42 @@ namespace {
 
 namespace k = kernels::cpu;
 
+// A KV block holds, for `block_seq_len` positions, every layer's keys and values:
+// [layer][keys | values][block_seq_len][kv_dim]. A sequence of its own (NewSequence) is one
+// such block as long as its capacity, so both paths hand the same PagedKv views to the same
+// layer code.
+int64_t LayerKeysOffset(int64_t layer, int64_t block_seq_len, int64_t kv_dim) {
+  return 2 * layer * block_seq_len * kv_dim;
+}
+
 class CpuSequence final : public SequenceState {
  public:
   CpuSequence(int64_t layers, int64_t kv_dim, int64_t capacity)
-      : capacity_(capacity), kv_dim_(kv_dim) {
-    keys_.resize(layers, std::vector<float>(static_cast<size_t>(capacity * kv_dim)));
-    values_.resize(layers, std::vector<float>(static_cast<size_t>(capacity * kv_dim)));
-  }
+      : capacity_(capacity), storage_(static_cast<size_t>(2 * layers * capacity * kv_dim)) {}
   int64_t length() const override { return length_; }
   int64_t capacity() const override { return capacity_; }
   void Truncate(int64_t length) override {
     if (length >= 0 && length < length_) length_ = length;
   }
 
-  float* keys(int64_t layer, int64_t position) { return keys_[layer].data() + position * kv_dim_; }
-  float* values(int64_t layer, int64_t position) {
-    return values_[layer].data() + position * kv_dim_;
-  }
+  float* data() { return storage_.data(); }
   void set_length(int64_t length) { length_ = length; }
 
  private:
   int64_t capacity_;
-  int64_t kv_dim_;
   int64_t length_ = 0;
-  std::vector<std::vector<float>> keys_;  // [layer][position * kv_dim]
-  std::vector<std::vector<float>> values_;
+  std::vector<float> storage_;  // one block of `capacity` positions
+};
+
+// What Run needs of one sequence, whichever kind of cache it lives in.
+struct SequenceView {
+  std::span<const int32_t> tokens;
+  int64_t start = 0;
+  float* cache = nullptr;  // block 0 of this sequence's cache
+  const int32_t* block_table = nullptr;
+  int64_t block_seq_len = 0;
+  int64_t block_stride = 0;
+  enum class Logits { kNone, kLast, kAll } logits = Logits::kNone;
 };
 
 class CpuBackend final : public Backend {
@@ -61,13 +74,7 @@ class CpuBackend final : public Backend {
       return absl::InvalidArgumentError("sequence was not made by the CPU backend");
     }
     if (tokens.empty()) return absl::InvalidArgumentError("no tokens to run");
-    for (int32_t token : tokens) {
-      if (token < 0 || token >= config_.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat("token id ", token,
-                                                       " is outside the vocabulary of ",
-                                                       config_.vocab_size));
-      }
-    }
+    if (auto status = CheckTokens(tokens); !status.ok()) return status;
     const int64_t start = sequence->length();
     const int64_t n = static_cast<int64_t>(tokens.size());
     if (start + n > sequence->capacity()) {
@@ -75,36 +82,175 @@ class CpuBackend final : public Backend {
                                                 " tokens exceeds its capacity of ",
                                                 sequence->capacity()));
     }
-    Run(*sequence, tokens, which, logits);
+    static constexpr int32_t kOnlyBlock = 0;
+    SequenceView view;
+    view.tokens = tokens;
+    view.start = start;
+    view.cache = sequence->data();
+    view.block_table = &kOnlyBlock;
+    view.block_seq_len = sequence->capacity();
+    view.logits = which == LogitsFor::kAllPositions ? SequenceView::Logits::kAll
+                                                    : SequenceView::Logits::kLast;
+    Run(std::span<const SequenceView>(&view, 1), logits);
     sequence->set_length(start + n);
     return absl::OkStatus();
   }
 
+  std::optional<int64_t> FreeMemoryBytes() const override { return std::nullopt; }
+
+  int64_t KvBlockBytes(int32_t block_seq_len) const override {
+    return BlockFloats(block_seq_len) * static_cast<int64_t>(sizeof(float));
+  }
+
+  absl::Status ConfigureKvCache(int64_t num_blocks, int32_t block_seq_len) override {
+    if (num_blocks <= 0 || block_seq_len <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("KV cache of ", num_blocks,
+                                                     " blocks of ", block_seq_len,
+                                                     " tokens: both must be positive"));
+    }
+    pool_.reset();
+    pool_blocks_ = usable_blocks_ = 0;
+    const int64_t floats = num_blocks * BlockFloats(block_seq_len);
+    // Not value-initialized: the pages are committed when blocks are first written, so the
+    // pool grows in memory as the engine grows its usable part.
+    pool_.reset(new (std::nothrow) float[static_cast<size_t>(floats)]);
+    if (pool_ == nullptr) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "cannot allocate a KV cache of ", num_blocks, " blocks (", floats * sizeof(float),
+          " bytes)"));
+    }
+    pool_blocks_ = num_blocks;
+    block_seq_len_ = block_seq_len;
+    return absl::OkStatus();
+  }
+
+  absl::Status GrowKvCache(int64_t num_blocks) override {
+    if (num_blocks > pool_blocks_) {
+      return absl::OutOfRangeError(absl::StrCat("cannot grow the KV cache to ", num_blocks,
+                                                " blocks: the pool has ", pool_blocks_));
+    }
+    usable_blocks_ = std::max(usable_blocks_, num_blocks);
+    return absl::OkStatus();
+  }
+
+  absl::Status ForwardBatch(std::span<const BatchSpan> spans,
+                            std::vector<float>& logits_out) override {
+    if (pool_ == nullptr) {
+      return absl::FailedPreconditionError("ForwardBatch before ConfigureKvCache");
+    }
+    if (spans.empty()) return absl::InvalidArgumentError("ForwardBatch with no spans");
+    std::vector<SequenceView> views(spans.size());
+    for (size_t s = 0; s < spans.size(); ++s) {
+      const BatchSpan& span = spans[s];
+      if (span.tokens.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat("span ", s, " has no tokens"));
+      }
+      if (auto status = CheckTokens(span.tokens); !status.ok()) return status;
+      if (span.start < 0) {
+        return absl::InvalidArgumentError(absl::StrCat("span ", s, " starts at ", span.start));
+      }
+      const int64_t end = span.start + static_cast<int64_t>(span.tokens.size());
+      const int64_t blocks = (end + block_seq_len_ - 1) / block_seq_len_;
+      if (static_cast<int64_t>(span.block_table.size()) < blocks) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "span ", s, " reaches position ", end - 1, " but its block table has ",
+            span.block_table.size(), " blocks of ", block_seq_len_, " tokens"));
+      }
+      for (int64_t b = 0; b < blocks; ++b) {
+        if (span.block_table[b] < 0 || span.block_table[b] >= usable_blocks_) {
+          return absl::InvalidArgumentError(absl::StrCat("span ", s, " names block ",
+                                                         span.block_table[b],
+                                                         " outside the usable pool of ",
+                                                         usable_blocks_));
+        }
+      }
+      SequenceView& view = views[s];
+      view.tokens = span.tokens;
+      view.start = span.start;
+      view.cache = pool_.get();
+      view.block_table = span.block_table.data();
+      view.block_seq_len = block_seq_len_;
+      view.block_stride = BlockFloats(block_seq_len_);
+      view.logits = span.logits ? SequenceView::Logits::kLast : SequenceView::Logits::kNone;
+    }
+    Run(views, logits_out);
+    return absl::OkStatus();
+  }
+
  private:
-  void Run(CpuSequence& sequence, std::span<const int32_t> tokens, LogitsFor which,
-           std::vector<float>& logits) const {
+  int64_t BlockFloats(int64_t block_seq_len) const {
+    return 2 * config_.num_layers * block_seq_len * config_.kv_dim();
+  }
+
+  absl::Status CheckTokens(std::span<const int32_t> tokens) const {
+    for (int32_t token : tokens) {
+      if (token < 0 || token >= config_.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("token id ", token,
+                                                       " is outside the vocabulary of ",
+                                                       config_.vocab_size));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // The forward pass of validated sequences: all their tokens in one [N, hidden] matrix.
+  void Run(std::span<const SequenceView> views, std::vector<float>& logits) const {
     const int64_t hidden = config_.hidden_size;
-    const int64_t n = static_cast<int64_t>(tokens.size());
-    const int64_t start = sequence.length();
+    const int64_t kv_dim = config_.kv_dim();
     const float eps = static_cast<float>(config_.rms_norm_eps);
-    std::vector<float> x(n * hidden), normed(n * hidden);
-    for (int64_t t = 0; t < n; ++t) weights_.embedding.Lookup(tokens[t], x.data() + t * hidden);
-    const std::vector<float> inv_freq = RopeInverseFrequenciesForLength(config_, start + n);
+    int64_t n = 0;
+    for (const SequenceView& view : views) n += static_cast<int64_t>(view.tokens.size());
+    std::vector<float> x(n * hidden);
+    std::vector<std::vector<float>> inv_freq(views.size());
+    // Rows of x whose logits are wanted, in order.
+    std::vector<int64_t> logit_rows;
+    for (size_t s = 0, row = 0; s < views.size(); ++s) {
+      const SequenceView& view = views[s];
+      const int64_t tokens = static_cast<int64_t>(view.tokens.size());
+      for (int64_t t = 0; t < tokens; ++t) {
+        weights_.embedding.Lookup(view.tokens[t], x.data() + (row + t) * hidden);
+        if (view.logits == SequenceView::Logits::kAll ||
+            (view.logits == SequenceView::Logits::kLast && t == tokens - 1)) {
+          logit_rows.push_back(static_cast<int64_t>(row + t));
+        }
+      }
+      row += tokens;
+      inv_freq[s] = RopeInverseFrequenciesForLength(config_, view.start + tokens);
+    }
+    std::vector<LayerSpan> spans(views.size());
     for (int64_t l = 0; l < config_.num_layers; ++l) {
-      RunDecoderLayer(config_, weights_.layers[l], n, start, inv_freq, sequence.keys(l, 0),
-                      sequence.values(l, 0), x.data());
+      for (size_t s = 0; s < views.size(); ++s) {
+        const SequenceView& view = views[s];
+        LayerSpan& span = spans[s];
+        span.tokens = static_cast<int64_t>(view.tokens.size());
+        span.start = view.start;
+        span.inv_freq = inv_freq[s].data();
+        span.kv.keys = view.cache + LayerKeysOffset(l, view.block_seq_len, kv_dim);
+        span.kv.values = span.kv.keys + view.block_seq_len * kv_dim;
+        span.kv.block_table = view.block_table;
+        span.kv.block_seq_len = view.block_seq_len;
+        span.kv.block_stride = view.block_stride;
+      }
+      RunDecoderLayerBatch(config_, weights_.layers[l], spans.data(),
+                           static_cast<int64_t>(spans.size()), x.data());
     }
 
-    const int64_t first = which == LogitsFor::kAllPositions ? 0 : n - 1;
-    const int64_t rows = n - first;
-    k::RmsNorm(x.data() + first * hidden, weights_.final_norm.data(), rows, hidden, eps,
-               normed.data());
+    const int64_t rows = static_cast<int64_t>(logit_rows.size());
+    std::vector<float> last(rows * hidden);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy_n(x.data() + logit_rows[r] * hidden, hidden, last.data() + r * hidden);
+    }
+    k::RmsNorm(last.data(), weights_.final_norm.data(), rows, hidden, eps, last.data());
     logits.resize(static_cast<size_t>(rows * config_.vocab_size));
-    weights_.lm_head->Forward(normed.data(), rows, logits.data());
+    if (rows > 0) weights_.lm_head->Forward(last.data(), rows, logits.data());
   }
 
   ModelConfig config_;
   ModelWeights weights_;
+  std::unique_ptr<float[]> pool_;
+  int64_t pool_blocks_ = 0;
+  int64_t usable_blocks_ = 0;
+  int64_t block_seq_len_ = 0;
 };
 
 }  // namespace

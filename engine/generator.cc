@@ -5,7 +5,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/status_macros.h"
-#include "engine/text_stream.h"
 
 namespace nibble::engine {
 namespace {
@@ -16,26 +15,22 @@ double SecondsSince(std::chrono::steady_clock::time_point start) {
 
 }  // namespace
 
-std::string_view FinishReasonName(FinishReason reason) {
-  switch (reason) {
-    case FinishReason::kLength: return "length";
-    case FinishReason::kStopToken: return "stop";
-    case FinishReason::kStopString: return "stop_string";
-    case FinishReason::kContextFull: return "context_full";
+absl::Status ValidateGenerationInputs(const std::vector<int32_t>& prompt_ids,
+                                      int32_t max_tokens, const SamplingParams& sampling) {
+  NIBBLE_RETURN_IF_ERROR(ValidateSamplingParams(sampling));
+  if (prompt_ids.empty()) {
+    return absl::InvalidArgumentError("the prompt has no tokens (not even BOS)");
   }
-  return "unknown";
+  if (max_tokens < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("max_tokens must be >= 0, got ", max_tokens));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<GenerateResult> Generate(Model& model, const GenerateRequest& request,
                                         const TextCallback& on_text) {
-  NIBBLE_RETURN_IF_ERROR(ValidateSamplingParams(request.sampling));
-  if (request.prompt_ids.empty()) {
-    return absl::InvalidArgumentError("the prompt has no tokens (not even BOS)");
-  }
-  if (request.max_tokens < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_tokens must be >= 0, got ", request.max_tokens));
-  }
+  NIBBLE_RETURN_IF_ERROR(
+      ValidateGenerationInputs(request.prompt_ids, request.max_tokens, request.sampling));
   const int64_t context = model.config().max_position_embeddings;
   const int64_t prompt_length = static_cast<int64_t>(request.prompt_ids.size());
   if (prompt_length > context) {
@@ -57,7 +52,8 @@ absl::StatusOr<GenerateResult> Generate(Model& model, const GenerateRequest& req
   result.prefill_seconds = SecondsSince(prefill_start);
 
   Sampler sampler(request.sampling);
-  TextStream stream(model.tokenizer(), request.stop_strings);
+  Completion completion(model.tokenizer(), request.stop_token_ids, request.stop_strings,
+                        request.max_tokens, context);
   std::vector<int32_t> all_ids = request.prompt_ids;
   const auto decode_start = std::chrono::steady_clock::now();
   auto emit = [&](const std::string& delta) {
@@ -67,30 +63,18 @@ absl::StatusOr<GenerateResult> Generate(Model& model, const GenerateRequest& req
   };
   while (true) {
     const int32_t token = sampler.Sample(logits, all_ids);
-    result.output_ids.push_back(token);
     all_ids.push_back(token);
-    if (std::find(request.stop_token_ids.begin(), request.stop_token_ids.end(), token) !=
-        request.stop_token_ids.end()) {
-      result.finish_reason = FinishReason::kStopToken;
-      break;
-    }
-    emit(stream.Push(token));
-    if (stream.stopped()) {
-      result.finish_reason = FinishReason::kStopString;
-      break;
-    }
-    if (static_cast<int32_t>(result.output_ids.size()) >= request.max_tokens) {
-      result.finish_reason = FinishReason::kLength;
-      break;
-    }
-    if (sequence->length() >= context) {
-      result.finish_reason = FinishReason::kContextFull;
+    Completion::Step step = completion.Accept(token, sequence->length());
+    emit(step.text);
+    if (step.finish) {
+      result.finish_reason = *step.finish;
       break;
     }
     const int32_t next[1] = {token};
     NIBBLE_RETURN_IF_ERROR(backend.Forward(*sequence, next, LogitsFor::kLastPosition, logits));
   }
-  emit(stream.Finish());
+  emit(completion.Finish());
+  result.output_ids = completion.output_ids();
   result.decode_seconds = SecondsSince(decode_start);
   return result;
 }

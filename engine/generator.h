@@ -10,18 +10,11 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/completion.h"  // FinishReason
 #include "engine/model.h"
 #include "engine/sampler.h"
 
 namespace nibble::engine {
-
-enum class FinishReason {
-  kLength,       // max_tokens reached
-  kStopToken,    // EOS or a template stop token
-  kStopString,   // a requested stop string appeared in the text
-  kContextFull,  // the model's max_position_embeddings reached
-};
-std::string_view FinishReasonName(FinishReason reason);  // "length", "stop", ...
 
 struct GenerateRequest {
   std::vector<int32_t> prompt_ids;  // non-empty; usually starts with BOS
@@ -40,6 +33,11 @@ struct GenerateResult {
 };
 
 using TextCallback = std::function<void(std::string_view delta)>;
+
+// The checks every generation request passes first (Generate, the serving engine):
+// InvalidArgument for invalid sampling values, an empty prompt, max_tokens < 0.
+absl::Status ValidateGenerationInputs(const std::vector<int32_t>& prompt_ids,
+                                      int32_t max_tokens, const SamplingParams& sampling);
 
 // Runs on the calling thread. Errors: invalid sampling values, an empty prompt, max_tokens
 // < 0, a prompt longer than the model's context, a token outside the vocabulary.

@@ -142,7 +142,9 @@ absl::StatusOr<Llama2cCheckpoint> ReadLlama2cCheckpoint(const std::string& path)
   c.rope_theta = 10000.0;
   c.tie_word_embeddings = shared_classifier;
   c.bos_token_id = 1;
-  c.eos_token_ids = {2};
+  // llama2.c's models end a story with BOS, not EOS (its run.c stops there): both end
+  // generation, or a story runs on into the next.
+  c.eos_token_ids = {2, 1};
   c.torch_dtype = "float32";
 
   FloatCursor cursor(bytes, kHeaderBytes);

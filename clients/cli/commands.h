@@ -4,11 +4,17 @@
 
 #include <cstdio>
 #include <functional>
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
 #include "absl/status/status.h"
+
+namespace nibble::v1 {
+class SamplingParams;
+}
 
 namespace nibble::cli {
 
@@ -27,6 +33,24 @@ CommandRunner RegisterFetch(CLI::App& app);
 CommandRunner RegisterQuantize(CLI::App& app);
 CommandRunner RegisterPack(CLI::App& app);
 CommandRunner RegisterUnpack(CLI::App& app);
+// Clients of a nibbled daemon (chat_command.cc).
+CommandRunner RegisterChat(CLI::App& app);
+CommandRunner RegisterModels(CLI::App& app);
+
+// The sampling flags of `nibble generate`, for the commands that ask a daemon.
+struct RemoteSamplingFlags {
+  int max_tokens = 256;
+  float temperature = 0.0f;
+  int top_k = 0;
+  float top_p = 1.0f;
+  float repetition_penalty = 1.0f;
+  uint64_t seed = 0;
+  std::vector<std::string> stop;
+  bool ignore_eos = false;
+
+  void Register(CLI::App& command);
+  void Fill(nibble::v1::SamplingParams* out) const;
+};
 CommandRunner RegisterSynth(CLI::App& app);
 
 }  // namespace nibble::cli

@@ -7,6 +7,7 @@
 
 #include "clients/cli/commands.h"
 #include "clients/cli/model_options.h"
+#include "clients/cli/remote_client.h"
 #include "engine/generator.h"
 
 namespace nibble::cli {
@@ -22,7 +23,95 @@ struct GenerateOptions {
   std::vector<std::string> stop;
   bool ignore_eos = false;
   bool json = false;
+  std::string server;  // non-empty: ask this nibbled instead of loading --model
 };
+
+// `nibble generate --server ADDR`: the same flags, answered by a daemon (--model names the
+// served model; empty: the daemon's only one). Output matches the local command's.
+int RunRemoteGenerate(const GenerateOptions& options) {
+  if (!options.chat_template.empty()) {
+    return ReportError("generate", absl::InvalidArgumentError(
+                                       "--chat-template applies to local models only (a daemon "
+                                       "renders with its model's template)"));
+  }
+  RemoteClient client(options.server);
+  RemoteSamplingFlags flags;
+  flags.max_tokens = options.max_tokens;
+  flags.temperature = options.sampling.temperature;
+  flags.top_k = options.sampling.top_k;
+  flags.top_p = options.sampling.top_p;
+  flags.repetition_penalty = options.sampling.repetition_penalty;
+  flags.seed = options.sampling.seed;
+  flags.stop = options.stop;
+  flags.ignore_eos = options.ignore_eos;
+  std::string text;
+  std::vector<int32_t> ids;
+  nibble::v1::ChatChunk last;
+  auto on_chunk = [&](const nibble::v1::ChatChunk& chunk) {
+    text += chunk.text();
+    ids.insert(ids.end(), chunk.token_ids().begin(), chunk.token_ids().end());
+    last = chunk;
+    if (!options.json) {
+      std::fwrite(chunk.text().data(), 1, chunk.text().size(), stdout);
+      std::fflush(stdout);
+    }
+  };
+  if (!options.json) {
+    std::fputs(options.chat ? "" : options.prompt.c_str(), stdout);
+    std::fflush(stdout);
+  }
+  absl::Status status;
+  nibble::v1::TokenizeRequest tokenize;
+  tokenize.set_model(options.model.dir);
+  tokenize.set_add_bos(true);
+  if (options.chat) {
+    nibble::v1::ChatRequest request;
+    request.set_model(options.model.dir);
+    auto* message = request.add_messages();
+    message->set_role("user");
+    message->set_content(options.prompt);
+    *tokenize.add_messages() = *message;
+    request.set_return_token_ids(true);
+    flags.Fill(request.mutable_sampling());
+    status = client.Chat(request, on_chunk);
+  } else {
+    nibble::v1::GenerateRequest request;
+    request.set_model(options.model.dir);
+    request.set_prompt(options.prompt);
+    tokenize.set_text(options.prompt);
+    request.set_return_token_ids(true);
+    flags.Fill(request.mutable_sampling());
+    status = client.Generate(request, on_chunk);
+  }
+  if (!status.ok()) {
+    if (!options.json) std::printf("\n");
+    return ReportError("generate", status);
+  }
+  const double total = last.timing().total_seconds();
+  if (options.json) {
+    nibble::v1::TokenizeResponse prompt_ids;
+    if (absl::Status s = client.Tokenize(tokenize, &prompt_ids); !s.ok()) {
+      return ReportError("generate", s);
+    }
+    nlohmann::json out;
+    out["prompt"] = options.prompt;
+    out["prompt_ids"] = std::vector<int32_t>(prompt_ids.token_ids().begin(),
+                                             prompt_ids.token_ids().end());
+    out["generated_ids"] = ids;
+    out["text"] = text;
+    out["finish_reason"] = FinishReasonName(last.finish_reason());
+    out["time_to_first_token_seconds"] = last.timing().first_token_seconds();
+    out["total_seconds"] = total;
+    std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+  } else {
+    std::printf("\n");
+    std::fprintf(stderr, "[%d prompt + %d generated tokens, %.1f tokens/s, finish: %s]\n",
+                 last.usage().prompt_tokens(), last.usage().completion_tokens(),
+                 total > 0 ? last.usage().completion_tokens() / total : 0.0,
+                 FinishReasonName(last.finish_reason()).c_str());
+  }
+  return 0;
+}
 
 int RunGenerate(const GenerateOptions& options) {
   auto model = options.model.Load("generate");
@@ -105,7 +194,9 @@ int RunGenerate(const GenerateOptions& options) {
 CommandRunner RegisterGenerate(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand("generate", "Generate text from a model, streaming it");
   auto options = std::make_shared<GenerateOptions>();
-  options->model.Register(*cmd);
+  options->model.Register(*cmd, /*required=*/false);
+  cmd->add_option("--server", options->server,
+                  "ask this nibbled (host:port) instead of loading --model locally");
   cmd->add_option("--prompt", options->prompt, "prompt text (empty: start from BOS alone)");
   cmd->add_flag("--chat", options->chat, "render --prompt as a user turn of the chat template");
   cmd->add_option("--chat-template", options->chat_template,
@@ -125,6 +216,11 @@ CommandRunner RegisterGenerate(CLI::App& app) {
     absl::Status valid = engine::ValidateSamplingParams(options->sampling);
     if (!valid.ok()) {
       return ReportError("generate", valid);
+    }
+    if (!options->server.empty()) return RunRemoteGenerate(*options);
+    if (options->model.dir.empty()) {
+      return ReportError("generate", absl::InvalidArgumentError(
+                                         "--model is required (a model directory), or --server"));
     }
     return RunGenerate(*options);
   };

@@ -15,6 +15,8 @@ int main(int argc, char** argv) {
       {"quantize", nibble::cli::RegisterQuantize(app)},
       {"pack", nibble::cli::RegisterPack(app)},
       {"unpack", nibble::cli::RegisterUnpack(app)},
+      {"chat", nibble::cli::RegisterChat(app)},
+      {"models", nibble::cli::RegisterModels(app)},
       {"synth", nibble::cli::RegisterSynth(app)},
   };
   CLI11_PARSE(app, argc, argv);

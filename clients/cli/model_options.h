@@ -17,8 +17,12 @@ struct ModelOptions {
   std::string dtype = "float32";
   int threads = 0;
 
-  void Register(CLI::App& command) {
-    command.add_option("--model", dir, "Hugging Face model directory")->required();
+  // `required` false: the command checks itself (generate takes --model or --server).
+  void Register(CLI::App& command, bool required = true) {
+    CLI::Option* model = command.add_option(
+        "--model", dir, required ? "Hugging Face model directory"
+                                 : "Hugging Face model directory (with --server: the model's name)");
+    if (required) model->required();
     command.add_option("--dtype", dtype, "weight storage: float32 or float16 (compute is fp32)")
         ->check(CLI::IsMember({"float32", "float16"}));
     command.add_option("--threads", threads, "CPU threads (0: all cores)");

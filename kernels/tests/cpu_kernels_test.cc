@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -890,6 +891,134 @@ TEST(AttentionTest, SingleVisiblePositionReturnsItsValue) {
       EXPECT_EQ(out[h * s.head_dim + i], values[(h / 2) * s.head_dim + i]) << h << " " << i;
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------
+// Paged attention against the contiguous CausalAttention (checked against the double
+// reference above): the same cache laid out in shuffled blocks of odd sizes, several
+// sequences in one call, must give the same bits, row by row.
+
+// One sequence: its contiguous cache and queries, and the same cache scattered into a pool.
+struct Sequence {
+  int64_t start, tokens;
+  std::vector<float> q, keys, values;  // keys/values contiguous [start + tokens, kv_dim]
+  std::vector<int32_t> table;
+};
+
+void ExpectBitsEqual(const std::vector<float>& a, const std::vector<float>& b,
+                     const char* what) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_FALSE(std::isnan(a[i])) << what << " " << i;
+    ASSERT_EQ(0, std::memcmp(&a[i], &b[i], sizeof(float)))
+        << what << " element " << i << ": " << a[i] << " vs " << b[i];
+  }
+}
+
+TEST(PagedAttentionTest, ShuffledBlocksAndBatchesEqualContiguousBitForBit) {
+  std::mt19937 rng(41);
+  for (AttentionShape shape : {AttentionShape{8, 4, 8}, AttentionShape{3, 1, 5},
+                               AttentionShape{6, 2, 18}, AttentionShape{4, 4, 64}}) {
+    for (int64_t block_seq_len : {1, 3, 7, 16}) {
+      const int64_t kv_dim = shape.kv_heads * shape.head_dim;
+      // Sequences of odd lengths: prefill from empty, chunks after a cached prefix, decode.
+      std::vector<Sequence> sequences;
+      for (auto [start, tokens] : {std::pair<int64_t, int64_t>{0, 13}, {9, 5}, {37, 1},
+                                   {0, 1}, {22, 11}}) {
+        Sequence s;
+        s.start = start;
+        s.tokens = tokens;
+        s.q = RandomNonZero(tokens * shape.heads * shape.head_dim, rng);
+        for (float& v : s.q) v *= 3.0f;  // sharper softmax
+        s.keys = RandomNonZero((start + tokens) * kv_dim, rng);
+        s.values = RandomNonZero((start + tokens) * kv_dim, rng);
+        sequences.push_back(std::move(s));
+      }
+      // A pool with every block id shuffled among the sequences, plus unused blocks.
+      int64_t blocks = 3;
+      for (const Sequence& s : sequences) blocks += (s.start + s.tokens + block_seq_len - 1) / block_seq_len;
+      std::vector<int32_t> ids(blocks);
+      std::iota(ids.begin(), ids.end(), 0);
+      std::shuffle(ids.begin(), ids.end(), rng);
+      const int64_t block_stride = block_seq_len * kv_dim + 3;  // padding between blocks
+      std::vector<float> key_pool = RandomNonZero(blocks * block_stride, rng);
+      std::vector<float> value_pool = RandomNonZero(blocks * block_stride, rng);
+      size_t next = 0;
+      std::vector<AttentionSpan> spans;
+      for (Sequence& s : sequences) {
+        const int64_t length = s.start + s.tokens;
+        for (int64_t b = 0; b * block_seq_len < length; ++b) s.table.push_back(ids[next++]);
+        AttentionSpan span;
+        span.tokens = s.tokens;
+        span.start = s.start;
+        span.kv = PagedKv{key_pool.data(), value_pool.data(), s.table.data(), block_seq_len,
+                          block_stride};
+        for (int64_t p = 0; p < length; ++p) {
+          std::copy_n(s.keys.data() + p * kv_dim, kv_dim,
+                      key_pool.data() + span.kv.RowOffset(p, kv_dim));
+          std::copy_n(s.values.data() + p * kv_dim, kv_dim,
+                      value_pool.data() + span.kv.RowOffset(p, kv_dim));
+        }
+        spans.push_back(span);
+      }
+      std::vector<float> q, expected;
+      for (const Sequence& s : sequences) {
+        std::vector<float> out(s.q.size(), kNaN);
+        CausalAttention(s.q.data(), s.tokens, s.start, s.keys.data(), s.values.data(), shape,
+                        out.data());
+        q.insert(q.end(), s.q.begin(), s.q.end());
+        expected.insert(expected.end(), out.begin(), out.end());
+      }
+      // All sequences in one call, on one thread and on several.
+      ThreadCountGuard guard;
+      for (int threads : {1, 3}) {
+        SetCpuThreads(threads);
+        std::vector<float> batched(q.size(), kNaN);
+        PagedCausalAttention(q.data(), spans.data(), static_cast<int64_t>(spans.size()), shape,
+                             batched.data());
+        ExpectBitsEqual(batched, expected, "batched");
+      }
+      // Each sequence alone.
+      size_t offset = 0;
+      for (size_t i = 0; i < spans.size(); ++i) {
+        std::vector<float> alone(sequences[i].q.size(), kNaN);
+        PagedCausalAttention(sequences[i].q.data(), &spans[i], 1, shape, alone.data());
+        ExpectBitsEqual(alone,
+                        std::vector<float>(expected.begin() + offset,
+                                           expected.begin() + offset + alone.size()),
+                        "alone");
+        offset += alone.size();
+      }
+    }
+  }
+}
+
+TEST(PagedAttentionTest, ChunkedQueriesEqualOneShot) {
+  // A prompt of 29 tokens attended in one call, then in chunks of 4, 1, 11, 13 against the
+  // cache up to each chunk's end: every row equal bit for bit (the property chunked prefill
+  // and preemption's recompute rely on).
+  std::mt19937 rng(42);
+  const AttentionShape shape{6, 2, 18};
+  const int64_t kv_dim = shape.kv_heads * shape.head_dim, row = shape.heads * shape.head_dim;
+  const int64_t block_seq_len = 5, length = 29;
+  std::vector<int32_t> table = {4, 0, 5, 2, 1, 3};
+  std::vector<float> keys = RandomNonZero(6 * block_seq_len * kv_dim, rng);
+  std::vector<float> values = RandomNonZero(6 * block_seq_len * kv_dim, rng);
+  const std::vector<float> q = RandomNonZero(length * row, rng);
+  const PagedKv kv{keys.data(), values.data(), table.data(), block_seq_len,
+                   block_seq_len * kv_dim};
+  AttentionSpan whole{length, 0, kv};
+  std::vector<float> one_shot(q.size(), kNaN);
+  PagedCausalAttention(q.data(), &whole, 1, shape, one_shot.data());
+  std::vector<float> chunked(q.size(), kNaN);
+  int64_t start = 0;
+  for (int64_t n : {4, 1, 11, 13}) {
+    AttentionSpan chunk{n, start, kv};
+    PagedCausalAttention(q.data() + start * row, &chunk, 1, shape, chunked.data() + start * row);
+    start += n;
+  }
+  ASSERT_EQ(start, length);
+  ExpectBitsEqual(chunked, one_shot, "chunked");
 }
 
 }  // namespace

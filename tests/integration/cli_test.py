@@ -75,6 +75,19 @@ class GenerateTest(unittest.TestCase):
         self.assertEqual(a["generated_ids"], b["generated_ids"])
         self.assertNotEqual(a["generated_ids"], c["generated_ids"])
 
+    def test_sampled_story_ends_where_llama2c_ends_it(self):
+        # llama2.c's models close a story with BOS (id 1), and its run.c stops there; so does
+        # nibble on the converted model (without --ignore-eos). Seed 2 ends at token 230.
+        ended = generate_json("--max-tokens", "480", "--temperature", "1.0", "--seed", "2")
+        self.assertEqual(ended["finish_reason"], "stop")
+        self.assertEqual(ended["generated_ids"][-1], 1)
+        self.assertNotIn(1, ended["generated_ids"][:-1])
+        endless = generate_json("--max-tokens", "480", "--temperature", "1.0", "--seed", "2",
+                                "--ignore-eos")
+        self.assertEqual(endless["generated_ids"][:len(ended["generated_ids"])],
+                         ended["generated_ids"])
+        self.assertEqual(len(endless["generated_ids"]), 480)
+
     def test_stop_string_ends_the_text_before_it(self):
         out = generate_json("--max-tokens", "200", "--stop", "park")
         self.assertEqual(out["finish_reason"], "stop_string")

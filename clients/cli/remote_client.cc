@@ -1,0 +1,86 @@
+#include "clients/cli/remote_client.h"
+
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+
+namespace nibble::cli {
+namespace {
+
+const char* CodeName(grpc::StatusCode code) {
+  static const char* const kNames[] = {
+      "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+      "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+      "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+      "UNAUTHENTICATED"};
+  const int i = static_cast<int>(code);
+  return i >= 0 && i <= 16 ? kNames[i] : "UNKNOWN";
+}
+
+template <class Request, class Call>
+absl::Status ReadStream(const Request& request, Call start,
+                        const RemoteClient::ChunkCallback& on_chunk, grpc::Status* status) {
+  grpc::ClientContext context;
+  auto reader = start(&context, request);
+  nibble::v1::ChatChunk chunk;
+  while (reader->Read(&chunk)) on_chunk(chunk);
+  *status = reader->Finish();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::string FinishReasonName(nibble::v1::FinishReason reason) {
+  switch (reason) {
+    case nibble::v1::FINISH_REASON_LENGTH: return "length";
+    case nibble::v1::FINISH_REASON_STOP: return "stop";
+    case nibble::v1::FINISH_REASON_STOP_STRING: return "stop_string";
+    case nibble::v1::FINISH_REASON_CONTEXT_FULL: return "context_full";
+    default: return "";
+  }
+}
+
+RemoteClient::RemoteClient(const std::string& address)
+    : address_(address),
+      channel_(grpc::CreateChannel(address, grpc::InsecureChannelCredentials())),
+      inference_(nibble::v1::Inference::NewStub(channel_)),
+      models_(nibble::v1::Models::NewStub(channel_)) {}
+
+absl::Status RemoteClient::ToStatus(const grpc::Status& status) const {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
+                      absl::StrCat(address_, ": ", CodeName(status.error_code()), ": ",
+                                   status.error_message()));
+}
+
+absl::Status RemoteClient::Chat(const nibble::v1::ChatRequest& request,
+                                const ChunkCallback& on_chunk) {
+  grpc::Status status;
+  ReadStream(request, [&](grpc::ClientContext* c, const auto& r) { return inference_->Chat(c, r); },
+             on_chunk, &status);
+  return ToStatus(status);
+}
+
+absl::Status RemoteClient::Generate(const nibble::v1::GenerateRequest& request,
+                                    const ChunkCallback& on_chunk) {
+  grpc::Status status;
+  ReadStream(request,
+             [&](grpc::ClientContext* c, const auto& r) { return inference_->Generate(c, r); },
+             on_chunk, &status);
+  return ToStatus(status);
+}
+
+absl::Status RemoteClient::Tokenize(const nibble::v1::TokenizeRequest& request,
+                                    nibble::v1::TokenizeResponse* response) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  return ToStatus(inference_->Tokenize(&context, request, response));
+}
+
+absl::Status RemoteClient::ListModels(nibble::v1::ListModelsResponse* response) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  return ToStatus(models_->List(&context, nibble::v1::ListModelsRequest(), response));
+}
+
+}  // namespace nibble::cli

@@ -1,0 +1,505 @@
+// W4A16 kernels; the layout they read is drawn in w4a16_layout.h.
+//
+// One kernel template, three instantiations (the only ones the dispatcher picks, to keep the
+// multi-architecture build short):
+//   TT: tiles of 8 tokens per block (the mma's n dimension); 1 and 2 for decode, 8 for batches.
+//   WN: warps along the output features, each owning a 16-feature tile (the mma's m dimension).
+//   WK: warps along k, each taking every WK-th 64-k chunk; partial sums meet in shared memory.
+// Each thread: one 16-byte load of weights = 4 mma A fragments (64 k x 16 features), dequantized
+// with lop3 + the 0x6400 magic (no I2F/F2F), one hsub2/hfma2 for the zero and one hmul2 for the
+// scale (the weight rounded once to fp16, as every fp16 kernel does), then per token tile two
+// 16-byte activation loads (the thread's 16 contiguous k) and 4 mma.sync m16n8k16 with fp32
+// accumulators.
+#include "kernels/cuda/w4a16.h"
+
+#include <algorithm>
+#include <atomic>
+
+#include <cuda_fp16.h>
+
+#include "kernels/cuda/check.h"
+
+namespace nibble::kernels::cuda {
+namespace {
+
+__device__ __forceinline__ uint32_t Lop3AndOr(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;  // (a & b) | c
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t H2U(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ half2 U2H(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
+
+// The weight is read exactly once: skip L1 and mark its L2 lines evict-first, so that the
+// activations, scales and the next layer's data keep the cache.
+__device__ __forceinline__ uint4 LoadWeights(const uint4* p, uint64_t policy) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p), "l"(policy));
+  return v;
+}
+
+__device__ __forceinline__ uint4 LoadWeightsNoHint(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void Mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Per-thread constants of one group for its two feature rows (g and g + 8).
+struct GroupConsts {
+  half2 zlo;    // 1024 + z0: (1024 + q) - (1024 + z0) = q - z0, exact
+  half2 nzhi;   // -(64 + z1): (1024 + 16 q) / 16 - (64 + z1) = q - z1, exact in one fma
+  half2 s0, s1;
+};
+
+__device__ __forceinline__ GroupConsts MakeGroupConsts(uint32_t zs0, uint32_t zs1) {
+  GroupConsts gc;
+  const __half z0 = __ushort_as_half(static_cast<unsigned short>(zs0 >> 16));
+  const __half z1 = __ushort_as_half(static_cast<unsigned short>(zs1 >> 16));
+  gc.zlo = __half2half2(__hadd(z0, __float2half(1024.0f)));
+  gc.nzhi = __half2half2(__hneg(__hadd(z1, __float2half(64.0f))));
+  gc.s0 = __half2half2(__ushort_as_half(static_cast<unsigned short>(zs0 & 0xffff)));
+  gc.s1 = __half2half2(__ushort_as_half(static_cast<unsigned short>(zs1 & 0xffff)));
+  return gc;
+}
+
+// One word (8 nibbles, w4a16_layout.h) -> the 4 registers of an mma A fragment.
+__device__ __forceinline__ void Dequant(uint32_t w, const GroupConsts& gc, uint32_t* a) {
+  constexpr uint32_t kLo = 0x000f000f, kHi = 0x00f000f0, kMagic = 0x64006400;  // 1024.0 x2
+  const half2 kSixteenth = __half2half2(__float2half(1.0f / 16.0f));
+  const uint32_t lo0 = Lop3AndOr(w, kLo, kMagic), hi0 = Lop3AndOr(w, kHi, kMagic);
+  w >>= 8;
+  const uint32_t lo1 = Lop3AndOr(w, kLo, kMagic), hi1 = Lop3AndOr(w, kHi, kMagic);
+  a[0] = H2U(__hmul2(__hsub2(U2H(lo0), gc.zlo), gc.s0));
+  a[1] = H2U(__hmul2(__hfma2(U2H(hi0), kSixteenth, gc.nzhi), gc.s1));
+  a[2] = H2U(__hmul2(__hsub2(U2H(lo1), gc.zlo), gc.s0));
+  a[3] = H2U(__hmul2(__hfma2(U2H(hi1), kSixteenth, gc.nzhi), gc.s1));
+}
+
+// As Dequant, without the scale: (q - z) exact in fp16, for kernels that apply the scale to the
+// fp32 mma result (a 64-k chunk within one group: group >= 64).
+__device__ __forceinline__ void DequantNoScale(uint32_t w, const GroupConsts& gc, uint32_t* a) {
+  constexpr uint32_t kLo = 0x000f000f, kHi = 0x00f000f0, kMagic = 0x64006400;
+  const half2 kSixteenth = __half2half2(__float2half(1.0f / 16.0f));
+  const uint32_t lo0 = Lop3AndOr(w, kLo, kMagic), hi0 = Lop3AndOr(w, kHi, kMagic);
+  w >>= 8;
+  const uint32_t lo1 = Lop3AndOr(w, kLo, kMagic), hi1 = Lop3AndOr(w, kHi, kMagic);
+  a[0] = H2U(__hsub2(U2H(lo0), gc.zlo));
+  a[1] = H2U(__hfma2(U2H(hi0), kSixteenth, gc.nzhi));
+  a[2] = H2U(__hsub2(U2H(lo1), gc.zlo));
+  a[3] = H2U(__hfma2(U2H(hi1), kSixteenth, gc.nzhi));
+}
+
+// The 16 activations x[tok][kb .. kb + 15], zero outside [0, m) x [0, k). `vec`: rows are
+// 16-byte aligned (k % 8 == 0), so whole 8-element pieces are in or out.
+__device__ __forceinline__ void LoadX16(const __half* x, int tok, int kb, int m, int k, bool vec,
+                                        uint4& xa, uint4& xb) {
+  xa = make_uint4(0, 0, 0, 0);
+  xb = xa;
+  if (tok >= m || kb >= k) return;
+  const __half* row = x + static_cast<size_t>(tok) * k;
+  if (vec) {
+    xa = __ldg(reinterpret_cast<const uint4*>(row + kb));
+    if (kb + 8 < k) xb = __ldg(reinterpret_cast<const uint4*>(row + kb + 8));
+    return;
+  }
+  unsigned short v[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) v[i] = kb + i < k ? __ldg(reinterpret_cast<const unsigned short*>(row) + kb + i) : 0;
+  xa = make_uint4(v[0] | (v[1] << 16), v[2] | (v[3] << 16), v[4] | (v[5] << 16), v[6] | (v[7] << 16));
+  xb = make_uint4(v[8] | (v[9] << 16), v[10] | (v[11] << 16), v[12] | (v[13] << 16),
+                  v[14] | (v[15] << 16));
+}
+
+template <int TT, int WN, int WK>
+__global__ void __launch_bounds__(32 * WN * WK)
+    W4A16MmaKernel(const __half* __restrict__ x, const uint4* __restrict__ qw,
+                   const uint32_t* __restrict__ zs, const float* __restrict__ bias,
+                   __half* __restrict__ y, int m, int n, int k, int n_pad, int k_chunks,
+                   int group_shift, bool x_vec) {
+  // Loads in flight per thread: 64 bytes for decode (a warp keeps 2 KB of weights in flight;
+  // 8 loads, 86 registers, ran 1.4x slower at m = 1 on the H100: NOTES.md),
+  // 32 for the batched variant, whose accumulators need the registers.
+  constexpr int kPf = TT <= 2 ? 4 : 2;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wn = warp % WN, wk = warp / WN;
+  const int g = lane / 4, t = lane % 4;
+  const int tile = blockIdx.x * WN + wn;
+  const int tok0 = blockIdx.y * 8 * TT;
+  const bool tile_ok = tile < n_pad / 16;
+  const int my_chunks = tile_ok && wk < k_chunks ? (k_chunks - wk + WK - 1) / WK : 0;
+
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+
+  float acc[TT][4];
+#pragma unroll
+  for (int i = 0; i < TT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+
+  const uint4* wp = qw + static_cast<size_t>(tile) * k_chunks * 32 + lane;
+  const int groups_pad = (k_chunks * 64 + (1 << group_shift) - 1) >> group_shift;
+  const uint32_t* zs_row = zs + static_cast<size_t>(tile) * groups_pad * 16 + g;
+
+  uint4 ring[kPf];
+#pragma unroll
+  for (int s = 0; s < kPf; ++s) {
+    if (s < my_chunks) ring[s] = LoadWeights(wp + static_cast<size_t>(wk + s * WK) * 32, policy);
+  }
+  for (int i0 = 0; i0 < my_chunks; i0 += kPf) {
+#pragma unroll
+    for (int s = 0; s < kPf; ++s) {
+      const int i = i0 + s;
+      if (i < my_chunks) {
+        const uint4 w = ring[s];
+        if (i + kPf < my_chunks) {
+          ring[s] = LoadWeights(wp + static_cast<size_t>(wk + (i + kPf) * WK) * 32, policy);
+        }
+        const int kb = (wk + i * WK) * 64 + 16 * t;
+        const uint32_t* zg = zs_row + (kb >> group_shift) * 16;
+        const GroupConsts gc = MakeGroupConsts(__ldg(zg), __ldg(zg + 8));
+        uint32_t a[4][4];
+        Dequant(w.x, gc, a[0]);
+        Dequant(w.y, gc, a[1]);
+        Dequant(w.z, gc, a[2]);
+        Dequant(w.w, gc, a[3]);
+#pragma unroll
+        for (int tt = 0; tt < TT; ++tt) {
+          uint4 xa, xb;
+          LoadX16(x, tok0 + tt * 8 + g, kb, m, k, x_vec, xa, xb);
+          Mma(acc[tt], a[0], xa.x, xa.y);
+          Mma(acc[tt], a[1], xa.z, xa.w);
+          Mma(acc[tt], a[2], xb.x, xb.y);
+          Mma(acc[tt], a[3], xb.z, xb.w);
+        }
+      }
+    }
+  }
+
+  if constexpr (WK > 1) {
+    // Split-k partial sums: warps wk > 0 hand theirs to warp wk == 0 of the same tile.
+    __shared__ float partial[WK - 1][WN][TT * 4][32];
+    if (wk > 0) {
+#pragma unroll
+      for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) partial[wk - 1][wn][tt * 4 + r][lane] = acc[tt][r];
+    }
+    __syncthreads();
+    if (wk == 0) {
+#pragma unroll
+      for (int w = 0; w < WK - 1; ++w)
+#pragma unroll
+        for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[tt][r] += partial[w][wn][tt * 4 + r][lane];
+    }
+  }
+  if (wk != 0 || !tile_ok) return;
+  // C fragment: c0, c1 = feature g, tokens 2t, 2t + 1; c2, c3 = feature g + 8, same tokens.
+  const int row0 = tile * 16 + g, row1 = row0 + 8;
+  const float b0 = bias != nullptr && row0 < n ? bias[row0] : 0.0f;
+  const float b1 = bias != nullptr && row1 < n ? bias[row1] : 0.0f;
+#pragma unroll
+  for (int tt = 0; tt < TT; ++tt) {
+    const int tok = tok0 + tt * 8 + 2 * t;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int tk = tok + (r & 1);
+      const int row = r < 2 ? row0 : row1;
+      if (tk < m && row < n) {
+        y[static_cast<size_t>(tk) * n + row] = __float2half_rn(acc[tt][r] + (r < 2 ? b0 : b1));
+      }
+    }
+  }
+}
+
+// The decode kernel (m <= 64): one 16-feature tile per block (grid.x), 8 * TT tokens per block
+// row (grid.y), the k chunks split into contiguous runs over the block's `warps` warps (chosen at
+// run time so that all blocks are resident at once where possible: LaunchDecode). Each warp keeps
+// KPF chunks in flight in registers: the 16-byte weight load *and* the two scale/zero words of that
+// chunk's group (v0 loaded scale/zero inside the loop, one dependent memory latency per chunk:
+// NOTES.md run 4). Partial sums of the warps meet in shared memory; warp 0 writes y.
+// (A 64-register cap, __launch_bounds__(512, 2), spilled 68-196 bytes: not used.)
+template <int TT, int KPF, int FLAGS>
+__global__ void __launch_bounds__(512)
+    W4A16DecodeKernel(const __half* __restrict__ x, const uint4* __restrict__ qw,
+                      const uint32_t* __restrict__ zs, const float* __restrict__ bias,
+                      __half* __restrict__ y, int m, int n, int k, int n_pad, int k_chunks,
+                      int chunks_per_warp, int group_shift, bool x_vec, bool fold_scale) {
+  extern __shared__ float partial[];  // [warps - 1][TT * 4][32]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int tile = blockIdx.x;
+  const int tok0 = blockIdx.y * 8 * TT;
+  // Chunks c0 + cs * i, i < nch: a contiguous run per warp, or (flags & 2) interleaved.
+  // FLAGS (only 0 is instantiated): 1 = weight loads without the evict-first hint, 2 = chunks
+  // interleaved over the block's warps. Both measured no faster on the H100 (NOTES.md run 6).
+  constexpr bool interleave = (FLAGS & 2) != 0, no_hint = (FLAGS & 1) != 0;
+  const int c0 = interleave ? warp : warp * chunks_per_warp;
+  const int cs = interleave ? warps : 1;
+  const int nch = interleave ? max(0, (k_chunks - warp + warps - 1) / warps)
+                             : max(0, min(chunks_per_warp, k_chunks - c0));
+
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+
+  float acc[TT][4];
+#pragma unroll
+  for (int i = 0; i < TT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+
+  const uint4* wp = qw + (static_cast<size_t>(tile) * k_chunks + c0) * 32 + lane;
+  const int groups_pad = (k_chunks * 64 + (1 << group_shift) - 1) >> group_shift;
+  const uint32_t* zs_row = zs + static_cast<size_t>(tile) * groups_pad * 16 + g;
+  const int kt = c0 * 64 + 16 * t;  // this thread's first k in the warp's first chunk
+  // Whole 16-byte activation loads with no bounds checks when k is a multiple of 64.
+  const bool x_whole = x_vec && k % 64 == 0;
+  const __half* xrow[TT];
+#pragma unroll
+  for (int tt = 0; tt < TT; ++tt) {
+    const int tok = tok0 + tt * 8 + g;
+    xrow[tt] = tok < m ? x + static_cast<size_t>(tok) * k + kt : nullptr;
+  }
+
+  uint4 rw[KPF];
+  uint32_t rz0[KPF], rz1[KPF];
+#pragma unroll
+  for (int s = 0; s < KPF; ++s) {
+    if (s < nch) {
+      rw[s] = no_hint ? LoadWeightsNoHint(wp + s * cs * 32) : LoadWeights(wp + s * cs * 32, policy);
+      const uint32_t* zg = zs_row + ((kt + 64 * cs * s) >> group_shift) * 16;
+      rz0[s] = __ldg(zg);
+      rz1[s] = __ldg(zg + 8);
+    }
+  }
+  for (int i0 = 0; i0 < nch; i0 += KPF) {
+#pragma unroll
+    for (int s = 0; s < KPF; ++s) {
+      const int i = i0 + s;
+      if (i < nch) {
+        const int kb = kt + 64 * cs * i;
+        uint4 xa[TT], xb[TT];
+#pragma unroll
+        for (int tt = 0; tt < TT; ++tt) {
+          if (x_whole) {
+            xa[tt] = xb[tt] = make_uint4(0, 0, 0, 0);
+            if (xrow[tt] != nullptr) {
+              xa[tt] = __ldg(reinterpret_cast<const uint4*>(xrow[tt] + 64 * cs * i));
+              xb[tt] = __ldg(reinterpret_cast<const uint4*>(xrow[tt] + 64 * cs * i + 8));
+            }
+          } else {
+            LoadX16(x, tok0 + tt * 8 + g, kb, m, k, x_vec, xa[tt], xb[tt]);
+          }
+        }
+        const uint4 w = rw[s];
+        const GroupConsts gc = MakeGroupConsts(rz0[s], rz1[s]);
+        if (i + KPF < nch) {
+          const uint4* next = wp + (i + KPF) * cs * 32;
+          rw[s] = no_hint ? LoadWeightsNoHint(next) : LoadWeights(next, policy);
+          const uint32_t* zg = zs_row + ((kb + 64 * cs * KPF) >> group_shift) * 16;
+          rz0[s] = __ldg(zg);
+          rz1[s] = __ldg(zg + 8);
+        }
+        uint32_t a[4][4];
+        if (fold_scale) {
+          // group >= 64: the whole chunk is one group; (q - z) exact, the scale applied in fp32.
+          DequantNoScale(w.x, gc, a[0]);
+          DequantNoScale(w.y, gc, a[1]);
+          DequantNoScale(w.z, gc, a[2]);
+          DequantNoScale(w.w, gc, a[3]);
+          const float s0 = __half2float(__low2half(gc.s0)), s1 = __half2float(__low2half(gc.s1));
+#pragma unroll
+          for (int tt = 0; tt < TT; ++tt) {
+            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            Mma(c, a[0], xa[tt].x, xa[tt].y);
+            Mma(c, a[1], xa[tt].z, xa[tt].w);
+            Mma(c, a[2], xb[tt].x, xb[tt].y);
+            Mma(c, a[3], xb[tt].z, xb[tt].w);
+            acc[tt][0] = fmaf(s0, c[0], acc[tt][0]);
+            acc[tt][1] = fmaf(s0, c[1], acc[tt][1]);
+            acc[tt][2] = fmaf(s1, c[2], acc[tt][2]);
+            acc[tt][3] = fmaf(s1, c[3], acc[tt][3]);
+          }
+        } else {
+          Dequant(w.x, gc, a[0]);
+          Dequant(w.y, gc, a[1]);
+          Dequant(w.z, gc, a[2]);
+          Dequant(w.w, gc, a[3]);
+#pragma unroll
+          for (int tt = 0; tt < TT; ++tt) {
+            Mma(acc[tt], a[0], xa[tt].x, xa[tt].y);
+            Mma(acc[tt], a[1], xa[tt].z, xa[tt].w);
+            Mma(acc[tt], a[2], xb[tt].x, xb[tt].y);
+            Mma(acc[tt], a[3], xb[tt].z, xb[tt].w);
+          }
+        }
+      }
+    }
+  }
+
+  if (warps > 1) {
+    if (warp > 0) {
+      float* p = partial + (warp - 1) * TT * 4 * 32 + lane;
+#pragma unroll
+      for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) p[(tt * 4 + r) * 32] = acc[tt][r];
+    }
+    __syncthreads();
+    if (warp > 0) return;
+    for (int w = 0; w < warps - 1; ++w) {
+      const float* p = partial + w * TT * 4 * 32 + lane;
+#pragma unroll
+      for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[tt][r] += p[(tt * 4 + r) * 32];
+    }
+  }
+  const int row0 = tile * 16 + g, row1 = row0 + 8;
+  const float b0 = bias != nullptr && row0 < n ? bias[row0] : 0.0f;
+  const float b1 = bias != nullptr && row1 < n ? bias[row1] : 0.0f;
+#pragma unroll
+  for (int tt = 0; tt < TT; ++tt) {
+    const int tok = tok0 + tt * 8 + 2 * t;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int tk = tok + (r & 1);
+      const int row = r < 2 ? row0 : row1;
+      if (tk < m && row < n) {
+        y[static_cast<size_t>(tk) * n + row] = __float2half_rn(acc[tt][r] + (r < 2 ? b0 : b1));
+      }
+    }
+  }
+}
+
+template <int TT, int WN, int WK>
+cudaError_t Launch(const W4A16Layout& l, const uint16_t* x, const uint32_t* qw,
+                   const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
+                   cudaStream_t stream) {
+  const int n_tiles = static_cast<int>(l.n_pad / 16);
+  const dim3 grid((n_tiles + WN - 1) / WN, static_cast<unsigned>((m + 8 * TT - 1) / (8 * TT)));
+  const int group_shift = l.group == 32 ? 5 : l.group == 64 ? 6 : 7;
+  const bool x_vec = l.k % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  W4A16MmaKernel<TT, WN, WK><<<grid, 32 * WN * WK, 0, stream>>>(
+      reinterpret_cast<const __half*>(x), reinterpret_cast<const uint4*>(qw), zs, bias,
+      reinterpret_cast<__half*>(y), static_cast<int>(m), static_cast<int>(l.n),
+      static_cast<int>(l.k), static_cast<int>(l.n_pad), static_cast<int>(l.k_pad / 64),
+      group_shift, x_vec);
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return cudaSuccess;
+}
+
+// Resident blocks per SM of the decode kernel at `warps` warps per block, from the occupancy
+// calculator, cached per device ordinal (< 8) and block size (each entry computed once; a race
+// computes the same value twice).
+template <int TT, int KPF, int FLAGS>
+int DecodeBlocksPerSm(int device, int warps) {
+  static std::atomic<int> cache[8][17];  // value + 1; 0 = not yet known
+  std::atomic<int>* slot = device >= 0 && device < 8 ? &cache[device][warps] : nullptr;
+  if (slot != nullptr) {
+    const int v = slot->load(std::memory_order_relaxed);
+    if (v > 0) return v - 1;
+  }
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, W4A16DecodeKernel<TT, KPF, FLAGS>,
+                                                    32 * warps, (warps - 1) * TT * 4 * 32 * 4) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();
+    blocks = 1;
+  }
+  if (slot != nullptr) slot->store(blocks + 1, std::memory_order_relaxed);
+  return blocks;
+}
+
+// Warps per block for the decode kernel: the most (up to 16, at least 2 chunks each) for which
+// every block of the grid is resident at once, so that no SM waits on a second wave; if even one
+// warp per block gives more than a wave, 8 (long streams per warp, many waves).
+template <int TT, int KPF, int FLAGS>
+int ChooseDecodeWarps(int device, int64_t blocks, int k_chunks) {
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    sms = 1;
+  }
+  const int max_warps = std::max(1, std::min(16, k_chunks / 2));
+  for (int w = max_warps; w >= 1; --w) {
+    const int per = (k_chunks + w - 1) / w;
+    const int used = (k_chunks + per - 1) / per;
+    if (used != w) continue;  // the same split as a smaller count: try that one
+    if (static_cast<int64_t>(DecodeBlocksPerSm<TT, KPF, FLAGS>(device, w)) * sms >= blocks) return w;
+  }
+  const int per = (k_chunks + std::min(8, max_warps) - 1) / std::min(8, max_warps);
+  return (k_chunks + per - 1) / per;
+}
+
+template <int TT, int KPF, int FLAGS = 0>
+cudaError_t LaunchDecode(const W4A16Layout& l, const uint16_t* x, const uint32_t* qw,
+                         const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
+                         cudaStream_t stream, bool allow_fold = true) {
+  const int n_tiles = static_cast<int>(l.n_pad / 16);
+  const int k_chunks = static_cast<int>(l.k_pad / 64);
+  const int64_t tok_blocks = (m + 8 * TT - 1) / (8 * TT);
+  int device = 0;
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  const int warps = ChooseDecodeWarps<TT, KPF, FLAGS>(device, n_tiles * tok_blocks, k_chunks);
+  const int per = (k_chunks + warps - 1) / warps;
+  const dim3 grid(n_tiles, static_cast<unsigned>(tok_blocks));
+  const int group_shift = l.group == 32 ? 5 : l.group == 64 ? 6 : 7;
+  const bool x_vec = l.k % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  W4A16DecodeKernel<TT, KPF, FLAGS><<<grid, 32 * warps, (warps - 1) * TT * 4 * 32 * 4, stream>>>(
+      reinterpret_cast<const __half*>(x), reinterpret_cast<const uint4*>(qw), zs, bias,
+      reinterpret_cast<__half*>(y), static_cast<int>(m), static_cast<int>(l.n),
+      static_cast<int>(l.k), static_cast<int>(l.n_pad), k_chunks, per, group_shift, x_vec,
+      allow_fold && l.group >= 64);
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return cudaSuccess;
+}
+
+}  // namespace
+
+W4A16Kernel ChooseW4A16Kernel(int64_t m) {
+  if (m <= 8) return W4A16Kernel::kDecode8;
+  // Up to 64 tokens the decode kernel in blocks of 16 tokens (the weight re-read from L2 per
+  // block row) beat kTiled64 by 3x on the H100 (tests/gpu/NOTES.md).
+  if (m <= 64) return W4A16Kernel::kDecode16;
+  return W4A16Kernel::kTiled64;
+}
+
+cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint32_t* qw,
+                        const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
+                        cudaStream_t stream, W4A16Kernel kernel) {
+  if (const char* why = CheckW4A16Shape(layout.n, layout.k, layout.group)) {
+    std::fprintf(stderr, "%s:%d: MatMulW4A16: %s\n", __FILE__, __LINE__, why);
+    return cudaErrorInvalidValue;
+  }
+  if (m < 0 || m > (int64_t{1} << 30) || layout.k_pad * layout.n_pad > (int64_t{1} << 40)) {
+    return cudaErrorInvalidValue;
+  }
+  if (m == 0) return cudaSuccess;
+  if (kernel == W4A16Kernel::kAuto) kernel = ChooseW4A16Kernel(m);
+  switch (kernel) {
+    case W4A16Kernel::kDecode8:
+      return LaunchDecode<1, 4>(layout, x, qw, zs, bias, y, m, stream);
+    case W4A16Kernel::kDecode16:
+      return LaunchDecode<2, 4>(layout, x, qw, zs, bias, y, m, stream);
+    case W4A16Kernel::kDecode8V0:
+      return Launch<1, 1, 8>(layout, x, qw, zs, bias, y, m, stream);
+    case W4A16Kernel::kDecode16V0:
+      return Launch<2, 1, 8>(layout, x, qw, zs, bias, y, m, stream);
+    case W4A16Kernel::kTiled64:
+    default:
+      return Launch<8, 4, 2>(layout, x, qw, zs, bias, y, m, stream);
+  }
+}
+
+}  // namespace nibble::kernels::cuda

@@ -1,0 +1,42 @@
+// W4A16 matrix multiply on the GPU: y[m, n] = x[m, k] · Wᵀ (+ bias), x and y fp16, W int4 in
+// groups along k, (q - zero) * scale as in kernels/cpu/w4a16.h (the CPU reference), fp32
+// accumulation, fp16 output (round to nearest). W is in the device layout of w4a16_layout.h
+// (RepackW4A16 once at load).
+//
+// Ownership: the kernels own nothing and allocate nothing; every pointer is device memory the
+// caller keeps alive until the stream has run the work. x is row-major [m, k], y row-major
+// [m, n] (fully written, never read), bias fp32 [n] or null. Any k (partial last group);
+// n a multiple of 8 (CheckW4A16Shape).
+// Thread safety: none needed; launches go on `stream` and return at once.
+// Errors: the launch's cudaError_t (printed with file:line by NIBBLE_CUDA_RETURN_IF_ERROR);
+// cudaErrorInvalidValue for an unsupported shape or m < 0. m == 0 does nothing.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "kernels/cuda/w4a16_layout.h"
+
+namespace nibble::kernels::cuda {
+
+// Which kernel runs. kAuto is what the engine uses; the others exist for tests and benchmarks.
+//  kDecode8 / kDecode16: 8 / 16 tokens per block row (any m works; kAuto picks kDecode8 for
+//    m <= 8 and kDecode16 up to m = 64, re-reading the weight from L2 per block row): one
+//    16-feature tile per block, the k range split into contiguous runs over 1-16 warps (as many
+//    as keep every block resident at once), the weight streamed with an L2 evict-first hint,
+//    4 chunks (weight + scale/zero) in flight per thread; for group >= 64 the scale is applied
+//    to the fp32 mma result.
+//  kTiled64: 64 features x 64 tokens per block (4 warps along n, 2 along k), activations read
+//    by 4 warps through L1; for m > 64 (slow: 4-7x cuBLAS fp16 at m = 256, tests/gpu/RESULTS.md).
+//  kDecode8V0, kDecode16V0: the first version's decode kernels, kept one more round as the
+//    benchmark's same-run baseline (tests/gpu/NOTES.md); to be removed.
+enum class W4A16Kernel { kAuto, kDecode8, kDecode16, kTiled64, kDecode8V0, kDecode16V0 };
+
+W4A16Kernel ChooseW4A16Kernel(int64_t m);
+
+cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint32_t* qw,
+                        const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
+                        cudaStream_t stream, W4A16Kernel kernel = W4A16Kernel::kAuto);
+
+}  // namespace nibble::kernels::cuda

@@ -1,0 +1,185 @@
+#include "server/metrics.h"
+
+#include <exception>
+
+#include <prometheus/collectable.h>
+#include <prometheus/exposer.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/metric_family.h>
+
+#include "absl/strings/str_cat.h"
+
+#ifndef NIBBLE_VERSION
+#define NIBBLE_VERSION "unknown"
+#endif
+#ifndef NIBBLE_GIT_COMMIT
+#define NIBBLE_GIT_COMMIT "unknown"
+#endif
+
+namespace nibble::server {
+namespace {
+
+using prometheus::ClientMetric;
+using prometheus::MetricFamily;
+using prometheus::MetricType;
+
+MetricFamily Family(const std::string& name, const std::string& help, MetricType type) {
+  MetricFamily family;
+  family.name = name;
+  family.help = help;
+  family.type = type;
+  return family;
+}
+
+void AddSample(MetricFamily& family, std::vector<ClientMetric::Label> labels, double value) {
+  ClientMetric metric;
+  metric.label = std::move(labels);
+  if (family.type == MetricType::Counter) {
+    metric.counter.value = value;
+  } else {
+    metric.gauge.value = value;
+  }
+  family.metric.push_back(std::move(metric));
+}
+
+// vLLM's buckets, extended downwards: a tiny model on a CPU answers in milliseconds.
+const prometheus::Histogram::BucketBoundaries kFirstTokenBuckets = {
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0};
+const prometheus::Histogram::BucketBoundaries kInterTokenBuckets = {
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,
+    0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0};
+const prometheus::Histogram::BucketBoundaries kRequestBuckets = {
+    0.001, 0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0,
+    10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0};
+
+}  // namespace
+
+// Reads every engine's Stats() when Prometheus scrapes (on the exposer's HTTP thread).
+class ServerMetrics::EngineStatsCollector : public prometheus::Collectable {
+ public:
+  explicit EngineStatsCollector(const ServedModels& models) : models_(models) {}
+
+  std::vector<MetricFamily> Collect() const override {
+    MetricFamily running = Family("nibble_num_requests_running",
+                                  "Requests in the running batch.", MetricType::Gauge);
+    MetricFamily waiting = Family("nibble_num_requests_waiting",
+                                  "Requests queued, waiting to run.", MetricType::Gauge);
+    MetricFamily usage = Family("nibble_kv_cache_usage_perc",
+                                "Fraction of KV cache blocks in use (running requests and kept "
+                                "sessions), 0..1.",
+                                MetricType::Gauge);
+    MetricFamily prompt = Family("nibble_prompt_tokens_total",
+                                 "Prompt tokens computed (not those reused from a session's "
+                                 "cache).",
+                                 MetricType::Counter);
+    MetricFamily generation = Family("nibble_generation_tokens_total", "Tokens generated.",
+                                     MetricType::Counter);
+    MetricFamily preemptions = Family("nibble_num_preemptions_total",
+                                      "Times a request lost its KV cache and recomputed it.",
+                                      MetricType::Counter);
+    MetricFamily finished = Family("nibble_requests_finished_total",
+                                   "Requests that ended, however they ended.",
+                                   MetricType::Counter);
+    MetricFamily sessions = Family("nibble_sessions", "Conversations whose KV cache is kept.",
+                                   MetricType::Gauge);
+    MetricFamily blocks = Family("nibble_kv_cache_blocks",
+                                 "KV cache blocks, by state (used, total).", MetricType::Gauge);
+    MetricFamily memory = Family("nibble_device_memory_used_bytes",
+                                 "Memory held by the model on its device, by use (kv_cache: the "
+                                 "KV pool; weights).",
+                                 MetricType::Gauge);
+    for (const auto& served : models_.all()) {
+      const engine::EngineStats stats = served->engine->Stats();
+      const std::string& name = served->spec.name;
+      const std::string& device = served->spec.device;
+      AddSample(running, {{"model_name", name}}, stats.requests_running);
+      AddSample(waiting, {{"model_name", name}}, stats.requests_waiting);
+      AddSample(usage, {{"model_name", name}},
+                stats.kv_blocks_total > 0
+                    ? static_cast<double>(stats.kv_blocks_used) / stats.kv_blocks_total
+                    : 0.0);
+      AddSample(prompt, {{"model_name", name}}, static_cast<double>(stats.prompt_tokens_total));
+      AddSample(generation, {{"model_name", name}},
+                static_cast<double>(stats.generation_tokens_total));
+      AddSample(preemptions, {{"model_name", name}},
+                static_cast<double>(stats.preemptions_total));
+      AddSample(finished, {{"model_name", name}},
+                static_cast<double>(stats.requests_finished_total));
+      AddSample(sessions, {{"model_name", name}}, stats.sessions);
+      AddSample(blocks, {{"model_name", name}, {"state", "used"}},
+                static_cast<double>(stats.kv_blocks_used));
+      AddSample(blocks, {{"model_name", name}, {"state", "total"}},
+                static_cast<double>(stats.kv_blocks_total));
+      AddSample(memory, {{"device", device}, {"model_name", name}, {"use", "kv_cache"}},
+                static_cast<double>(stats.kv_cache_bytes));
+      AddSample(memory, {{"device", device}, {"model_name", name}, {"use", "weights"}},
+                static_cast<double>(served->engine->model().weight_bytes()));
+    }
+    return {running, waiting, usage, prompt, generation, preemptions, finished, sessions, blocks,
+            memory};
+  }
+
+ private:
+  const ServedModels& models_;
+};
+
+ServerMetrics::ServerMetrics(const ServedModels& models)
+    : registry_(std::make_shared<prometheus::Registry>()),
+      engine_stats_(std::make_shared<EngineStatsCollector>(models)) {
+  prometheus::BuildGauge()
+      .Name("nibble_build_info")
+      .Help("nibble's version and git commit (always 1).")
+      .Register(*registry_)
+      .Add({{"version", NIBBLE_VERSION}, {"git_commit", NIBBLE_GIT_COMMIT}})
+      .Set(1);
+  auto& first_token = prometheus::BuildHistogram()
+                          .Name("nibble_time_to_first_token_seconds")
+                          .Help("Seconds from a request's arrival to its first generated token.")
+                          .Register(*registry_);
+  auto& inter_token = prometheus::BuildHistogram()
+                          .Name("nibble_inter_token_latency_seconds")
+                          .Help("Seconds between consecutive generated tokens of a request.")
+                          .Register(*registry_);
+  auto& e2e = prometheus::BuildHistogram()
+                  .Name("nibble_e2e_request_latency_seconds")
+                  .Help("Seconds from a request's arrival to its end.")
+                  .Register(*registry_);
+  auto& queue = prometheus::BuildHistogram()
+                    .Name("nibble_request_queue_time_seconds")
+                    .Help("Seconds a request waited in the queue before it first ran.")
+                    .Register(*registry_);
+  for (const auto& served : models.all()) {
+    const prometheus::Labels labels = {{"model_name", served->spec.name}};
+    RequestHistograms h;
+    h.time_to_first_token = &first_token.Add(labels, kFirstTokenBuckets);
+    h.inter_token_latency = &inter_token.Add(labels, kInterTokenBuckets);
+    h.e2e_request_latency = &e2e.Add(labels, kRequestBuckets);
+    h.request_queue_time = &queue.Add(labels, kRequestBuckets);
+    histograms_.emplace_back(served->spec.name, h);
+  }
+}
+
+ServerMetrics::~ServerMetrics() = default;
+
+absl::Status ServerMetrics::Serve(const std::string& address) {
+  try {
+    exposer_ = std::make_unique<prometheus::Exposer>(address);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(
+        absl::StrCat("metrics_listen ", address, ": cannot serve metrics there (", e.what(), ")"));
+  }
+  exposer_->RegisterCollectable(registry_);
+  exposer_->RegisterCollectable(engine_stats_);
+  return absl::OkStatus();
+}
+
+const RequestHistograms* ServerMetrics::For(const std::string& model_name) const {
+  for (const auto& [name, h] : histograms_) {
+    if (name == model_name) return &h;
+  }
+  return nullptr;
+}
+
+}  // namespace nibble::server
