@@ -1,6 +1,7 @@
 #include "engine/inference_engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <limits>
@@ -15,6 +16,7 @@
 #include "engine/completion.h"
 #include "engine/kv_cache.h"
 #include "engine/status_macros.h"
+#include "kernels/cpu/ops.h"
 
 namespace nibble::engine {
 namespace {
@@ -90,17 +92,49 @@ class InferenceEngine::Impl {
     stats_.kv_cache_bytes = total_blocks * block_bytes;
   }
 
-  void StartThread() { thread_ = std::thread([this] { Loop(); }); }
+  // Starts the scheduler thread and waits until it has applied the model's thread count.
+  void StartThread() {
+    std::unique_lock<std::mutex> lock(mu_);
+    thread_ = std::thread([this] { SchedulerMain(); });
+    scheduler_id_ = thread_.get_id();
+    // Releases mu_ while waiting: the thread's first act is to take it, so it sees thread_
+    // and scheduler_id_ assigned.
+    wake_.wait(lock, [this] { return scheduler_cpu_threads_ > 0; });
+  }
+  // True on the scheduler thread while it runs (its id may be reused once it has ended).
+  bool OnSchedulerThread() const {
+    return scheduler_running_.load() && std::this_thread::get_id() == scheduler_id_;
+  }
+  // The last owner let go inside a callback (on the scheduler thread, which cannot join
+  // itself): stop, and let the scheduler thread delete this when its loop has ended.
+  void DeleteWhenStopped() {
+    delete_when_stopped_ = true;
+    std::lock_guard<std::mutex> lock(mu_);
+    shutting_down_ = true;
+  }
 
   absl::StatusOr<uint64_t> Submit(InferenceRequest request, StreamCallback on_event);
   void Cancel(uint64_t id) {
     std::lock_guard<std::mutex> lock(mu_);
     cancels_.push_back(id);
+    // A cancelled request no longer holds its session: the session's next request may come
+    // at once (it will not see this one's cache, which a cancelled request never keeps).
+    if (auto it = request_sessions_.find(id); it != request_sessions_.end()) {
+      auto active = active_sessions_.find(it->second);
+      if (active != active_sessions_.end() && active->second.request_id == id) {
+        active_sessions_.erase(active);
+      }
+      request_sessions_.erase(it);
+    }
     wake_.notify_one();
   }
   void EndSession(const std::string& session_id) {
     std::lock_guard<std::mutex> lock(mu_);
     ended_sessions_.push_back(session_id);
+    // A request of the session in flight keeps nothing when it finishes.
+    if (auto it = active_sessions_.find(session_id); it != active_sessions_.end()) {
+      it->second.end_session = true;
+    }
     wake_.notify_one();
   }
   EngineStats Stats() const {
@@ -114,8 +148,13 @@ class InferenceEngine::Impl {
   const Model& model() const { return *model_; }
   const EngineOptions& options() const { return options_; }
   int64_t session_len() const { return session_len_; }
+  int cpu_threads() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return scheduler_cpu_threads_;
+  }
 
  private:
+  void SchedulerMain();
   void Loop();
   // One scheduler iteration's parts, in order.
   void TakeNewRequests(std::vector<std::unique_ptr<Sequence>> incoming);
@@ -152,13 +191,25 @@ class InferenceEngine::Impl {
   std::vector<std::unique_ptr<Sequence>> inbox_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> cancels_ ABSL_GUARDED_BY(mu_);
   std::vector<std::string> ended_sessions_ ABSL_GUARDED_BY(mu_);
-  std::set<std::string> active_sessions_ ABSL_GUARDED_BY(mu_);  // with a request in flight
+  // Sessions with a request in flight (queued or running, neither cancelled nor finished),
+  // and the session of each such request.
+  struct InFlight {
+    uint64_t request_id = 0;
+    std::optional<Clock::time_point> deadline;  // once passed, the request no longer counts
+    bool end_session = false;                   // EndSession came while it ran: keep nothing
+  };
+  std::map<std::string, InFlight> active_sessions_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, std::string> request_sessions_ ABSL_GUARDED_BY(mu_);
   int64_t queued_ ABSL_GUARDED_BY(mu_) = 0;  // inbox plus waiting queue
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   EngineStats stats_ ABSL_GUARDED_BY(mu_);
+  // OpenMP threads of the scheduler thread's kernels, as that thread reports them.
+  int scheduler_cpu_threads_ ABSL_GUARDED_BY(mu_) = 0;
   std::mutex join_mu_;  // serializes Shutdown's join
   std::thread thread_;
+  std::thread::id scheduler_id_;  // set by StartThread before anyone else sees the engine
+  std::atomic<bool> scheduler_running_{false};
 
   // --- The scheduler thread's own. ---
   std::deque<std::unique_ptr<Sequence>> waiting_;
@@ -169,6 +220,7 @@ class InferenceEngine::Impl {
   int64_t admitted_counter_ = 0;
   std::vector<float> logits_;
   EngineStats counters_;  // the cumulative fields, copied into stats_ by PublishStats
+  bool delete_when_stopped_ = false;  // set by DeleteWhenStopped, on this thread
 };
 
 absl::StatusOr<uint64_t> InferenceEngine::Impl::Submit(InferenceRequest request,
@@ -214,21 +266,39 @@ absl::StatusOr<uint64_t> InferenceEngine::Impl::Submit(InferenceRequest request,
   sequence->on_event = std::move(on_event);
 
   std::lock_guard<std::mutex> lock(mu_);
-  if (shutting_down_) return absl::FailedPreconditionError("the engine is shutting down");
-  if (queued_ >= options_.max_queued_requests) {
+  if (shutting_down_) return absl::UnavailableError("the engine is shutting down");
+  // The limit is on the requests that must wait: those queued (this one included) beyond
+  // the batch slots free now, which they will take at the next step.
+  const int64_t free_slots =
+      std::max<int64_t>(0, options_.max_batch_size - stats_.requests_running);
+  if (queued_ + 1 - free_slots > options_.max_queued_requests) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "the queue is full: ", queued_, " requests are waiting (max_queued_requests ",
-        options_.max_queued_requests, ")"));
+        "the queue is full: ", queued_, " requests are queued for ", free_slots,
+        " free batch slots, and at most ", options_.max_queued_requests,
+        " may wait (max_queued_requests)"));
   }
+  const Clock::time_point now = Clock::now();
   if (!request.session_id.empty()) {
-    if (!active_sessions_.insert(request.session_id).second) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "session \"", request.session_id, "\" already has a request in flight"));
+    auto active = active_sessions_.find(request.session_id);
+    if (active != active_sessions_.end()) {
+      const InFlight& in_flight = active->second;
+      if (!in_flight.deadline.has_value() || *in_flight.deadline > now) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "session \"", request.session_id, "\" already has a request in flight"));
+      }
+      // Its deadline passed: it ends at the scheduler's next step, before this one runs,
+      // and keeps nothing.
+      request_sessions_.erase(in_flight.request_id);
+      active_sessions_.erase(active);
     }
   }
-  sequence->request = std::move(request);
   sequence->id = next_id_++;
   const uint64_t id = sequence->id;
+  if (!request.session_id.empty()) {
+    active_sessions_[request.session_id] = InFlight{id, request.deadline, false};
+    request_sessions_[id] = request.session_id;
+  }
+  sequence->request = std::move(request);
   inbox_.push_back(std::move(sequence));
   ++queued_;
   wake_.notify_one();
@@ -243,19 +313,40 @@ void InferenceEngine::Impl::Shutdown() {
   }
   // From a callback (the scheduler thread itself) the loop ends after this step; joining
   // there would wait for itself.
-  if (std::this_thread::get_id() == thread_.get_id()) return;
+  if (OnSchedulerThread()) return;
   std::lock_guard<std::mutex> lock(join_mu_);
   if (thread_.joinable()) thread_.join();
 }
 
+void InferenceEngine::Impl::SchedulerMain() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);  // StartThread has assigned thread_ once this is ours
+    scheduler_running_ = true;
+    kernels::cpu::SetCpuThreads(model_->cpu_threads());
+    scheduler_cpu_threads_ = kernels::cpu::CpuThreads();
+    wake_.notify_all();  // StartThread
+  }
+  Loop();
+  scheduler_running_ = false;
+  if (delete_when_stopped_) {
+    // Nobody owns this any more (DeleteWhenStopped): nothing can join this thread.
+    thread_.detach();
+    delete this;
+  }
+}
+
 void InferenceEngine::Impl::Loop() {
   while (true) {
+    // OpenMP's thread count is per thread: the model's setting, applied on this thread (the
+    // one that drives the backend), and again each step in case a callback changed it.
+    kernels::cpu::SetCpuThreads(model_->cpu_threads());
     std::vector<std::unique_ptr<Sequence>> incoming;
     std::vector<uint64_t> cancels;
     std::vector<std::string> ended_sessions;
     bool shutting_down;
     {
       std::unique_lock<std::mutex> lock(mu_);
+      scheduler_cpu_threads_ = kernels::cpu::CpuThreads();
       // Idle: sleep until a caller hands over something.
       wake_.wait(lock, [&] {
         return shutting_down_ || !inbox_.empty() || !cancels_.empty() ||
@@ -539,7 +630,19 @@ void InferenceEngine::Impl::Finish(std::unique_ptr<Sequence> sequence, StopCause
                                    FinishReason reason, absl::Status status,
                                    std::vector<int32_t> last_ids, std::string last_text) {
   const std::string& session_id = sequence->request.session_id;
-  if (cause == StopCause::kFinished && !session_id.empty() && options_.max_sessions > 0 &&
+  // Whether the request still holds its session: not after Cancel, a passed deadline that let
+  // a newer request in, or EndSession while it ran.
+  bool holds_session = false;
+  if (!session_id.empty()) {
+    std::lock_guard<std::mutex> lock(mu_);
+    request_sessions_.erase(sequence->id);
+    auto active = active_sessions_.find(session_id);
+    if (active != active_sessions_.end() && active->second.request_id == sequence->id) {
+      holds_session = !active->second.end_session;
+      active_sessions_.erase(active);
+    }
+  }
+  if (cause == StopCause::kFinished && holds_session && options_.max_sessions > 0 &&
       sequence->computed > 0) {
     // Keep the conversation's cache: every token but the last, which never ran.
     KeptSession kept;
@@ -572,10 +675,6 @@ void InferenceEngine::Impl::Finish(std::unique_ptr<Sequence> sequence, StopCause
       static_cast<int32_t>(sequence->tokens.size()) - static_cast<int32_t>(sequence->prompt_length);
   event.queue_seconds = sequence->queue_seconds;
   event.first_token_seconds = sequence->first_token_seconds;
-  if (!session_id.empty()) {
-    std::lock_guard<std::mutex> lock(mu_);
-    active_sessions_.erase(session_id);
-  }
   sequence->on_event(event);
 }
 
@@ -671,7 +770,16 @@ absl::StatusOr<std::unique_ptr<InferenceEngine>> InferenceEngine::Start(
 }
 
 InferenceEngine::InferenceEngine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-InferenceEngine::~InferenceEngine() { Shutdown(); }
+InferenceEngine::~InferenceEngine() {
+  if (impl_->OnSchedulerThread()) {
+    // Destroyed inside a callback (its last owner let go there): the scheduler thread cannot
+    // join itself, so it ends every request with kShutdown after the callback returns, and
+    // then deletes the engine's state and detaches itself.
+    impl_.release()->DeleteWhenStopped();
+    return;
+  }
+  Shutdown();
+}
 
 absl::StatusOr<uint64_t> InferenceEngine::Submit(InferenceRequest request,
                                                  StreamCallback on_event) {
@@ -685,6 +793,7 @@ EngineStats InferenceEngine::Stats() const { return impl_->Stats(); }
 const Model& InferenceEngine::model() const { return impl_->model(); }
 const EngineOptions& InferenceEngine::options() const { return impl_->options(); }
 int64_t InferenceEngine::session_len() const { return impl_->session_len(); }
+int InferenceEngine::cpu_threads() const { return impl_->cpu_threads(); }
 void InferenceEngine::Shutdown() { impl_->Shutdown(); }
 
 }  // namespace nibble::engine

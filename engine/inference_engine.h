@@ -4,11 +4,16 @@
 //
 // Threads (the contract; engine/README.md says it at length):
 // - The scheduler thread, started by Start and joined by Shutdown/the destructor, is the only
-//   thread that touches the backend, the KV cache, the sequences and the samplers.
-// - Submit, Cancel, Stats, Shutdown may be called from any thread.
+//   thread that touches the backend, the KV cache, the sequences and the samplers. It runs the
+//   model's kernels with the model's cpu_threads (OpenMP's thread count is per thread, so it
+//   applies it itself).
+// - Submit, Cancel, EndSession, Stats, Shutdown may be called from any thread.
 // - The event callback of a request runs on the scheduler thread. It must not block and must
-//   not call back into the engine except Cancel (which only marks the request); a slow
-//   consumer buffers or coalesces on its side.
+//   not call back into the engine except Cancel and EndSession (which only mark); a slow
+//   consumer buffers or coalesces on its side. It may release the engine's last owner: the
+//   engine is then destroyed on its own scheduler thread, which cannot join itself, so it
+//   ends every request with kShutdown after the callback returns and frees the engine's
+//   state itself (the thread is detached).
 #pragma once
 
 #include <chrono>
@@ -39,7 +44,10 @@ struct EngineOptions {
   // Longest sequence (prompt + output), at most the model's context; 0: the model's context.
   int64_t session_len = 0;
   int32_t max_batch_size = 64;        // sequences in the running batch
-  int32_t max_queued_requests = 256;  // waiting requests beyond which Submit is refused
+  // Requests that may wait for a batch slot: Submit refuses one when the requests queued
+  // (this one included) exceed the batch slots free now by more than this. 0: no waiting,
+  // refuse unless a slot is free. (A request with a slot may still wait for KV blocks.)
+  int32_t max_queued_requests = 256;
   int32_t max_prefill_tokens_per_step = 256;  // chunked prefill: prompt tokens per step
   int64_t cpu_memory_budget_bytes = int64_t{1} << 30;
   int32_t max_sessions = 64;  // kept session caches (least recently used evicted first)
@@ -119,22 +127,25 @@ class InferenceEngine {
   // option and its value), a budget that holds no block (ResourceExhausted).
   static absl::StatusOr<std::unique_ptr<InferenceEngine>> Start(std::unique_ptr<Model> model,
                                                                 const EngineOptions& options);
-  ~InferenceEngine();  // Shutdown()
+  ~InferenceEngine();  // Shutdown(); inside a callback, see the threads contract above
 
   // Validates and queues the request; returns its id. Errors (the request is not queued and
   // its callback never called): InvalidArgument (empty prompt, bad sampling values, token
-  // outside the vocabulary, max_tokens < 0, no callback), ResourceExhausted (queue full,
-  // prompt longer than session_len or than the whole KV cache), FailedPrecondition (the
-  // session has a request in flight, or the engine is shutting down). A request that later
+  // outside the vocabulary, max_tokens < 0, no callback), ResourceExhausted (queue full: see
+  // max_queued_requests; prompt longer than session_len or than the whole KV cache),
+  // FailedPrecondition (the session has a request in flight that is neither cancelled nor
+  // past its deadline), Unavailable (the engine is shutting down). A request that later
   // cannot fit the cache even alone ends with kError (ResourceExhausted). max_tokens 0 ends
   // at once (kFinished, kLength, no tokens), as Generate does.
   absl::StatusOr<uint64_t> Submit(InferenceRequest request, StreamCallback on_event);
 
-  // Ends the request soon with kCancelled and frees its KV blocks. Unknown or finished ids
-  // are ignored. Safe from any thread, including inside a callback.
+  // Ends the request soon with kCancelled and frees its KV blocks. Its session (if any) is
+  // free at once: the session's next request is accepted and starts without a kept cache.
+  // Unknown or finished ids are ignored. Safe from any thread, including inside a callback.
   void Cancel(uint64_t request_id);
 
-  // Forgets a session's kept cache (no-op for unknown ids).
+  // Forgets a session's kept cache (no-op for unknown ids). A request of the session in
+  // flight runs on and keeps nothing when it finishes.
   void EndSession(const std::string& session_id);
 
   EngineStats Stats() const;
@@ -143,10 +154,13 @@ class InferenceEngine {
   // The effective longest sequence (prompt + output): options().session_len, or the model's
   // context (max_position_embeddings) when that is 0.
   int64_t session_len() const;
+  // OpenMP threads of the scheduler thread's kernels, as that thread reports them: the
+  // model's cpu_threads (all cores when that is <= 0).
+  int cpu_threads() const;
 
-  // Stops admitting (Submit fails with FailedPrecondition), ends every queued and running
-  // request with kShutdown, frees kept sessions, joins the scheduler thread. Idempotent.
-  // From inside a callback it only asks the scheduler to stop (it cannot join itself).
+  // Stops admitting (Submit fails with Unavailable), ends every queued and running request
+  // with kShutdown, frees kept sessions, joins the scheduler thread. Idempotent. From inside
+  // a callback it only asks the scheduler to stop (it cannot join itself).
   void Shutdown();
 
  private:

@@ -99,8 +99,10 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   store->ReleaseResidentPages();  // the weights are copied or repacked, or read in place
   const size_t weight_bytes = weights.StorageBytes();
   auto backend = MakeCpuBackend(config, std::move(weights));
-  return std::unique_ptr<Model>(new Model(dir, std::move(config), std::move(loaded.tokenizer),
-                                          std::move(backend), weight_bytes));
+  std::unique_ptr<Model> model(new Model(dir, std::move(config), std::move(loaded.tokenizer),
+                                         std::move(backend), weight_bytes));
+  model->cpu_threads_ = options.cpu_threads;
+  return model;
 }
 
 std::vector<int32_t> Model::StopTokenIds() const {

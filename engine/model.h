@@ -33,6 +33,11 @@ class Model {
   const ChatTemplate& chat_template() const { return chat_template_; }
   Backend& backend() { return *backend_; }
   size_t weight_bytes() const { return weight_bytes_; }
+  // OpenMP threads for this model's CPU kernels (ModelLoadOptions::cpu_threads; <= 0: all
+  // cores). OpenMP's thread count is a per-thread setting: Load applies it to the loading
+  // thread, and any other thread that drives the backend (the serving engine's scheduler)
+  // applies it itself with kernels::cpu::SetCpuThreads.
+  int cpu_threads() const { return cpu_threads_; }
 
   // Token ids that end generation: the config's EOS ids and the template's stop words that
   // are single pieces of this vocabulary.
@@ -48,6 +53,7 @@ class Model {
   ChatTemplate chat_template_;
   std::unique_ptr<Backend> backend_;
   size_t weight_bytes_;
+  int cpu_threads_ = 0;
 };
 
 }  // namespace nibble::engine

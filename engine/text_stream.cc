@@ -1,12 +1,20 @@
 #include "engine/text_stream.h"
 
 #include <algorithm>
+#include <cstddef>
+#include <string_view>
+#include <utility>
+#include <vector>
 
 namespace nibble::engine {
 namespace {
 
 // SentencePiece decodes an incomplete byte sequence to U+FFFD; the next token may complete it.
 constexpr std::string_view kReplacementCharacter = "\xEF\xBF\xBD";
+
+bool EndsWith(std::string_view text, std::string_view suffix) {
+  return text.size() >= suffix.size() && text.substr(text.size() - suffix.size()) == suffix;
+}
 
 }  // namespace
 
@@ -37,21 +45,54 @@ TextStream::TextStream(const Tokenizer& tokenizer, std::vector<std::string> stop
                       stop_strings_.end());
 }
 
+std::string TextStream::DecodeFrom(size_t from) const {
+  return tokenizer_.Decode(std::vector<int32_t>(ids_.begin() + static_cast<std::ptrdiff_t>(from),
+                                                ids_.end()));
+}
+
 std::string TextStream::Push(int32_t token) {
   if (stopped_) return "";
   ids_.push_back(token);
-  // Decoding the whole output each time is what keeps SentencePiece's rules (leading space,
-  // byte pieces) right; outputs are short next to the model's cost per token.
-  std::string text = tokenizer_.Decode(ids_);
+  // The text of the tokens past read_offset_, from the window's decode (see the header).
+  std::string window = DecodeFrom(prefix_offset_);
+  if (window.compare(0, prefix_text_.size(), prefix_text_) != 0) {
+    // The window's earlier text changed under the new token (not seen with SentencePiece):
+    // start over from the decode of all ids, which is right by definition.
+    prefix_offset_ = read_offset_ = final_size_ = 0;
+    prefix_text_.clear();
+    window = DecodeFrom(0);
+  }
+  const size_t unchanged = final_size_;  // bytes of text_ that this token cannot change
+  text_.resize(final_size_);
+  text_.append(window, prefix_text_.size());
+  if (text_.size() > final_size_ && CompleteUtf8Prefix(text_) == text_.size() &&
+      !EndsWith(text_, kReplacementCharacter)) {
+    // No unfinished character: the text so far is final, and the next window may start at
+    // the old read offset, if its tokens have text of their own.
+    std::string next_prefix = DecodeFrom(read_offset_);
+    if (!next_prefix.empty()) {
+      prefix_offset_ = read_offset_;
+      prefix_text_ = std::move(next_prefix);
+    } else {
+      prefix_text_ = std::move(window);
+    }
+    read_offset_ = ids_.size();
+    final_size_ = text_.size();
+  }
+  const std::string& text = text_;
   // Hold back a trailing replacement character (an incomplete byte sequence so far) and
   // any incomplete UTF-8 character.
   size_t safe = CompleteUtf8Prefix(text);
   while (safe >= kReplacementCharacter.size() &&
-         std::string_view(text).substr(safe - kReplacementCharacter.size(),
-                                       kReplacementCharacter.size()) == kReplacementCharacter) {
+         EndsWith(std::string_view(text).substr(0, safe), kReplacementCharacter)) {
     safe -= kReplacementCharacter.size();
   }
-  if (text.compare(0, emitted_.size(), emitted_) != 0 || safe < emitted_.size()) {
+  // What was emitted must still be the start of the text. The part that was final before
+  // this token cannot have changed, so only the emitted text past it is compared.
+  const size_t checked_from = std::min(unchanged, emitted_.size());
+  if (safe < emitted_.size() ||
+      text.compare(checked_from, emitted_.size() - checked_from, emitted_, checked_from,
+                   emitted_.size() - checked_from) != 0) {
     // Earlier text changed under a longer decode (should not happen with SentencePiece);
     // keep what was promised and wait.
     return "";

@@ -197,7 +197,9 @@ absl::StatusOr<ServerConfig> ParseRoot(const YAML::Node& root, const std::string
         absl::StrCat(source, ": expected a mapping of keys at the top, got ", Describe(root)));
   }
   NIBBLE_RETURN_IF_ERROR(CheckKeys(
-      root, "", {"listen", "metrics_listen", "drain_grace_seconds", "models", "engine"}, error));
+      root, "",
+      {"listen", "metrics_listen", "drain_grace_seconds", "max_request_bytes", "models", "engine"},
+      error));
   ServerConfig config;
   if (root["listen"]) {
     NIBBLE_ASSIGN_OR_RETURN(config.listen_address, GetString(root["listen"], "listen", error));
@@ -218,6 +220,20 @@ absl::StatusOr<ServerConfig> ParseRoot(const YAML::Node& root, const std::string
       return error("drain_grace_seconds",
                    absl::StrCat("must be in [0, 86400], got ", config.drain_grace_seconds));
     }
+  }
+  if (root["max_request_bytes"]) {
+    const YAML::Node& size = root["max_request_bytes"];
+    auto bytes = size.IsScalar() ? ParseByteSize(size.Scalar())
+                                 : absl::InvalidArgumentError(absl::StrCat(
+                                       "expected a size such as \"1MiB\", got ", Describe(size)));
+    if (!bytes.ok()) return error("max_request_bytes", std::string(bytes.status().message()));
+    constexpr int64_t kMin = 1024;
+    constexpr int64_t kMax = std::numeric_limits<int32_t>::max();  // gRPC's limit is an int
+    if (*bytes < kMin || *bytes > kMax) {
+      return error("max_request_bytes",
+                   absl::StrCat("must be in [", kMin, ", ", kMax, "] bytes, got ", *bytes));
+    }
+    config.max_request_bytes = *bytes;
   }
   if (!root["models"]) return error("models", "missing (a list of the models to serve)");
   const YAML::Node& models = root["models"];

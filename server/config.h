@@ -27,6 +27,9 @@ struct ServerConfig {
   std::string listen_address = "0.0.0.0:50051";   // gRPC
   std::string metrics_address = "0.0.0.0:9464";   // Prometheus /metrics; empty: off
   double drain_grace_seconds = 30;                // SIGTERM: time running streams get
+  // The largest request message gRPC accepts (larger ones get RESOURCE_EXHAUSTED from gRPC
+  // itself, before any of our code runs). Bounds the work a call can ask of a handler.
+  int64_t max_request_bytes = int64_t{1} << 20;
   std::vector<ModelSpec> models;                  // at least one
   engine::EngineOptions engine;                   // shared by every model's engine
 };

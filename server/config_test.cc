@@ -30,6 +30,7 @@ TEST(ServerConfig, MinimalFileTakesDefaultsAndResolvesRelativePaths) {
   EXPECT_EQ(config->models[0].path, "/etc/nibble/models/tiny");
   EXPECT_EQ(config->models[0].device, "cpu");
   EXPECT_EQ(config->engine.cache_block_seq_len, engine::EngineOptions{}.cache_block_seq_len);
+  EXPECT_EQ(config->max_request_bytes, 1 << 20);
 }
 
 TEST(ServerConfig, EveryKeyIsRead) {
@@ -37,6 +38,7 @@ TEST(ServerConfig, EveryKeyIsRead) {
 listen: 127.0.0.1:7000
 metrics_listen: 127.0.0.1:7001
 drain_grace_seconds: 2.5
+max_request_bytes: 64KiB
 models:
   - name: a
     path: /m/a
@@ -58,6 +60,7 @@ engine:
   EXPECT_EQ(config->listen_address, "127.0.0.1:7000");
   EXPECT_EQ(config->metrics_address, "127.0.0.1:7001");
   EXPECT_DOUBLE_EQ(config->drain_grace_seconds, 2.5);
+  EXPECT_EQ(config->max_request_bytes, 64 << 10);
   EXPECT_EQ(config->models[0].load.weight_storage, engine::WeightStorage::kF16);
   EXPECT_EQ(config->models[0].load.cpu_threads, 3);
   EXPECT_DOUBLE_EQ(config->engine.cache_max_entry_count, 0.25);
@@ -88,6 +91,12 @@ TEST(ServerConfig, ErrorsNameTheKey) {
               "engine.cache_chunk_size", "must be in");
   ExpectError(std::string(kMinimal) + "drain_grace_seconds: -1\n", "drain_grace_seconds",
               "must be in");
+  ExpectError(std::string(kMinimal) + "max_request_bytes: 10\n", "max_request_bytes",
+              "must be in");
+  ExpectError(std::string(kMinimal) + "max_request_bytes: 3GiB\n", "max_request_bytes",
+              "must be in");
+  ExpectError(std::string(kMinimal) + "max_request_bytes: lots\n", "max_request_bytes",
+              "not a size");
   ExpectError("models: []\n", "'models'", "non-empty list");
   ExpectError("listen: x\n", "'models'", "missing");
   ExpectError("models:\n  - path: /a\n", "models[0].name", "missing");

@@ -56,15 +56,22 @@ int RunDaemon(const ServerConfig& config) {
     auto served = std::make_unique<ServedModel>();
     served->spec = spec;
     served->engine = std::move(engine).value();
+    served->max_piece_bytes = PromptByteBound(served->engine->model().tokenizer());
     const engine::EngineStats stats = served->engine->Stats();
     std::fprintf(stderr,
                  "nibbled: model \"%s\" loaded from %s in %.2f s (KV cache: %lld blocks of %d "
-                 "tokens, %lld bytes)\n",
+                 "tokens, %lld bytes; session_len %lld; %s)\n",
                  spec.name.c_str(), spec.path.c_str(),
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start)
                      .count(),
                  static_cast<long long>(stats.kv_blocks_total), stats.kv_block_seq_len,
-                 static_cast<long long>(stats.kv_cache_bytes));
+                 static_cast<long long>(stats.kv_cache_bytes),
+                 static_cast<long long>(served->engine->session_len()),
+                 served->max_piece_bytes > 0
+                     ? absl::StrCat("prompts over ", served->max_prompt_weight(),
+                                    " bytes refused untokenized")
+                           .c_str()
+                     : "no prompt byte bound: the tokenizer normalizes text");
     models.Add(std::move(served));
   }
 
@@ -83,6 +90,8 @@ int RunDaemon(const ServerConfig& config) {
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(config.listen_address, grpc::InsecureServerCredentials(), &port);
+  // Larger requests get RESOURCE_EXHAUSTED from gRPC before any handler runs.
+  builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_request_bytes));
   builder.RegisterService(&inference);
   builder.RegisterService(&models_service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
@@ -109,7 +118,8 @@ int RunDaemon(const ServerConfig& config) {
   // 1. Refuse new work and tell the load balancer.
   state.StartDraining();
   health->SetServingStatus(false);
-  // 2. Let running streams finish within the grace period.
+  // 2. Let running calls finish within the grace period (calls being prepared when the drain
+  //    began are counted too: ServingState).
   const auto grace_end = std::chrono::steady_clock::now() +
                          std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                              std::chrono::duration<double>(config.drain_grace_seconds));

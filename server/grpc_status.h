@@ -9,8 +9,10 @@
 namespace nibble::server {
 
 // absl and gRPC share the canonical code numbering; the message travels unchanged.
-// FailedPrecondition stays FAILED_PRECONDITION (a session with a request running); the
-// daemon refuses calls with UNAVAILABLE itself while draining, before the engine sees them.
+// FailedPrecondition stays FAILED_PRECONDITION (a session with a request running);
+// Unavailable (Submit after the engine shut down: a call caught by the end of a drain)
+// becomes UNAVAILABLE. The daemon refuses new calls with UNAVAILABLE itself while draining,
+// before the engine sees them.
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
 // The status a stream ends with, from its final engine event: OK for kFinished, CANCELLED,

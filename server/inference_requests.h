@@ -1,14 +1,21 @@
 // Turns validated wire requests (nibble.v1) into engine requests. Every check names the field
 // and the allowed range, so a client can fix its request from the message alone.
+//
+// Cheap checks come first: the handlers run on gRPC's threads, so a request is refused by its
+// sizes (fields, message count, prompt bytes) before its prompt is rendered or tokenized.
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include <grpcpp/support/status.h>
 
+#include "engine/chat_template.h"
 #include "engine/inference_engine.h"
 #include "nibble/v1/inference.pb.h"
+#include "server/served_model.h"
 
 namespace nibble::server {
 
@@ -21,18 +28,39 @@ inline constexpr float kMaxTemperature = 100.0f;
 inline constexpr float kMaxRepetitionPenalty = 100.0f;
 inline constexpr int32_t kDefaultMaxTokens = 256;
 
-// The prompt length a request may have: session_len, or the model's context when it is 0.
-int64_t EffectiveSessionLen(const engine::InferenceEngine& engine);
+// What a request tokenizes: a text, or a conversation rendered with the model's chat template.
+struct PromptInput {
+  std::string_view text;
+  // Non-null: a conversation (then `text` is empty).
+  const google::protobuf::RepeatedPtrField<nibble::v1::ChatMessage>* messages = nullptr;
+  bool add_bos = true;
+};
 
-// INVALID_ARGUMENT naming the field; RESOURCE_EXHAUSTED for a prompt past session_len.
-grpc::Status PrepareChat(const nibble::v1::ChatRequest& wire, const engine::InferenceEngine& engine,
-                         engine::InferenceRequest* request);
-grpc::Status PrepareGenerate(const nibble::v1::GenerateRequest& wire,
-                             const engine::InferenceEngine& engine,
-                             engine::InferenceRequest* request);
+PromptInput InputOf(const nibble::v1::ChatRequest& wire);
+PromptInput InputOf(const nibble::v1::GenerateRequest& wire);
+// INVALID_ARGUMENT when the request sets both a text and messages.
+grpc::Status InputOf(const nibble::v1::TokenizeRequest& wire, PromptInput* input);
 
-// The ids Tokenize and CountTokens report: the text, or the rendered conversation.
-grpc::Status TokenizeInput(const nibble::v1::TokenizeRequest& wire, const engine::Model& model,
-                           std::vector<int32_t>* ids);
+// The ids of `input`: checks the messages (count, roles), renders them, refuses a prompt
+// whose PromptWeight is past model.max_prompt_weight() (RESOURCE_EXHAUSTED naming
+// session_len) before tokenizing it, then tokenizes.
+grpc::Status TokenizePrompt(const PromptInput& input, const ServedModel& model,
+                            std::vector<int32_t>* ids);
+
+// A Chat or Generate request (its sampling, session id and prompt input) as an engine
+// request. INVALID_ARGUMENT naming the field; RESOURCE_EXHAUSTED for a prompt past
+// session_len (in bytes or in tokens). A request without a seed gets a random one
+// (request->sampling.seed holds the seed used).
+grpc::Status PrepareRequest(const nibble::v1::SamplingParams& sampling,
+                            const std::string& session_id, const PromptInput& input,
+                            const ServedModel& model, engine::InferenceRequest* request);
+
+// The model's own stops: its stop tokens (EOS and the template's), and for a chat the
+// template's stop words as stop strings; with ignore_eos neither.
+void ApplyModelStops(bool chat, bool ignore_eos, const engine::ChatTemplate& chat_template,
+                     engine::InferenceRequest* request);
+
+// INVALID_ARGUMENT unless 1..kMaxSessionIdBytes bytes (`required`) or at most that (else).
+grpc::Status CheckSessionId(const std::string& session_id, bool required);
 
 }  // namespace nibble::server

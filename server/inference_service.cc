@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "server/grpc_status.h"
 #include "server/inference_requests.h"
 #include "server/raw_messages.h"
@@ -40,17 +41,17 @@ class RefusedStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
 // arrive for a deleted stream.
 class GenerationStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
+  // Takes over a call counted by ServingState::TryStartCall (CallDone when deleted).
+  // `arrival`: when the handler started, the origin of every timing this stream reports.
   GenerationStream(grpc::CallbackServerContext* context, ServedModel& model,
-                   const RequestHistograms* histograms, ServingState& state,
-                   bool return_token_ids)
+                   const RequestMetrics* metrics, ServingState& state, bool return_token_ids,
+                   Clock::time_point arrival)
       : context_(context),
         model_(model),
-        histograms_(histograms),
+        metrics_(metrics),
         state_(state),
         return_token_ids_(return_token_ids),
-        arrival_(Clock::now()) {
-    state_.StreamStarted();
-  }
+        arrival_(arrival) {}
 
   // Submits `request`; on refusal finishes the call with the engine's status.
   void Start(engine::InferenceRequest request) {
@@ -59,6 +60,9 @@ class GenerationStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>
       // The client's deadline, moved onto the engine's clock.
       request.deadline = Clock::now() + (deadline - std::chrono::system_clock::now());
     }
+    seed_ = request.sampling.seed;
+    // The engine's timings count from Submit; ours from arrival.
+    submit_offset_ = std::chrono::duration<double>(Clock::now() - arrival_).count();
     refs_.store(2);
     auto id = model_.engine->Submit(std::move(request),
                                     [this](const engine::StreamEvent& event) { OnEvent(event); });
@@ -81,7 +85,12 @@ class GenerationStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>
   }
 
  private:
-  ~GenerationStream() override { state_.StreamDone(); }
+  ~GenerationStream() override { state_.CallDone(); }
+
+  // An engine timing (seconds since Submit, 0: it did not happen) from arrival instead.
+  double SinceArrival(double since_submit) const {
+    return since_submit > 0 ? since_submit + submit_offset_ : 0.0;
+  }
 
   // The engine's scheduler thread. Never blocks beyond the short lock.
   void OnEvent(const engine::StreamEvent& event) {
@@ -107,30 +116,33 @@ class GenerationStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>
     if (last) Unref();  // the engine's reference: it never calls again
   }
 
+  // Time to first token and end to end share one origin: the call's arrival.
   void ObserveTokens(const engine::StreamEvent& event, Clock::time_point now) {
-    if (histograms_ == nullptr) return;
+    if (metrics_ == nullptr) return;
     const size_t n = event.token_ids.size();
     if (!saw_token_) {
       saw_token_ = true;
-      histograms_->time_to_first_token->Observe(
-          event.first_token_seconds > 0
-              ? event.first_token_seconds
-              : std::chrono::duration<double>(now - arrival_).count());
+      const double first = SinceArrival(event.first_token_seconds);
+      metrics_->time_to_first_token->Observe(
+          first > 0 ? first : std::chrono::duration<double>(now - arrival_).count());
       if (n > 1) {
         // Tokens after the first in the same event: no measurable gap.
-        for (size_t i = 1; i < n; ++i) histograms_->inter_token_latency->Observe(0);
+        for (size_t i = 1; i < n; ++i) metrics_->inter_token_latency->Observe(0);
       }
     } else {
       const double gap = std::chrono::duration<double>(now - last_token_).count() / n;
-      for (size_t i = 0; i < n; ++i) histograms_->inter_token_latency->Observe(gap);
+      for (size_t i = 0; i < n; ++i) metrics_->inter_token_latency->Observe(gap);
     }
     last_token_ = now;
   }
 
   void ObserveEnd(const engine::StreamEvent& event, Clock::time_point now) {
-    if (histograms_ == nullptr) return;
-    histograms_->e2e_request_latency->Observe(std::chrono::duration<double>(now - arrival_).count());
-    if (event.queue_seconds > 0) histograms_->request_queue_time->Observe(event.queue_seconds);
+    if (metrics_ == nullptr) return;
+    metrics_->e2e_request_latency->Observe(std::chrono::duration<double>(now - arrival_).count());
+    if (event.queue_seconds > 0) {
+      metrics_->request_queue_time->Observe(SinceArrival(event.queue_seconds));
+    }
+    metrics_->prompt_tokens_cached->Increment(event.usage.cached_prompt_tokens);
   }
 
   // Starts the next write or the Finish, if one is due and none is in flight. Called without
@@ -176,9 +188,10 @@ class GenerationStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>
           usage->set_cached_prompt_tokens(final_->usage.cached_prompt_tokens);
           usage->set_completion_tokens(final_->usage.completion_tokens);
           usage->set_preemptions(final_->usage.preemptions);
+          chunk.set_seed(seed_);
           auto* timing = chunk.mutable_timing();
-          timing->set_queue_seconds(final_->queue_seconds);
-          timing->set_first_token_seconds(final_->first_token_seconds);
+          timing->set_queue_seconds(SinceArrival(final_->queue_seconds));
+          timing->set_first_token_seconds(SinceArrival(final_->first_token_seconds));
           timing->set_total_seconds(
               std::chrono::duration<double>(Clock::now() - arrival_).count());
         }
@@ -231,10 +244,12 @@ class GenerationStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>
 
   grpc::CallbackServerContext* const context_;
   ServedModel& model_;
-  const RequestHistograms* const histograms_;
+  const RequestMetrics* const metrics_;
   ServingState& state_;
   const bool return_token_ids_;
   const Clock::time_point arrival_;
+  uint64_t seed_ = 0;           // set by Start
+  double submit_offset_ = 0;    // set by Start: seconds from arrival to Submit
   std::atomic<int> refs_{1};
 
   std::mutex mu_;
@@ -254,80 +269,124 @@ class GenerationStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>
 
 }  // namespace
 
-template <class WireRequest, class Prepare>
+template <class WireRequest>
 grpc::ServerWriteReactor<grpc::ByteBuffer>* InferenceService::Stream(
-    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request, Prepare prepare) {
-  if (state_.draining()) return new RefusedStream(DrainingStatus());
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
+  const Clock::time_point arrival = Clock::now();
+  // Counted before anything else, so a drain that starts now waits for this call.
+  CallGuard call(state_);
+  if (!call.counted()) return new RefusedStream(DrainingStatus());
   WireRequest wire;
   if (grpc::Status s = ParseRequest(*request, &wire); !s.ok()) return new RefusedStream(s);
   ServedModel* model = nullptr;
   if (grpc::Status s = models_.Find(wire.model(), &model); !s.ok()) return new RefusedStream(s);
+  // A full queue refuses before the prompt is tokenized (Submit checks again).
+  const int32_t max_queued = model->engine->options().max_queued_requests;
+  if (const int32_t waiting = model->engine->Stats().requests_waiting; waiting >= max_queued) {
+    return new RefusedStream(grpc::Status(
+        grpc::StatusCode::RESOURCE_EXHAUSTED,
+        absl::StrCat("the queue is full: ", waiting, " requests are waiting (max_queued_requests ",
+                     max_queued, ")")));
+  }
   engine::InferenceRequest engine_request;
-  if (grpc::Status s = prepare(wire, *model->engine, &engine_request); !s.ok()) {
+  if (grpc::Status s = PrepareRequest(wire.sampling(), wire.session_id(), InputOf(wire), *model,
+                                      &engine_request);
+      !s.ok()) {
     return new RefusedStream(s);
   }
   auto* stream = new GenerationStream(
       context, *model, metrics_ ? metrics_->For(model->spec.name) : nullptr, state_,
-      wire.return_token_ids());
+      wire.return_token_ids(), arrival);
+  call.Release();  // the stream ends the call when it is deleted
   stream->Start(std::move(engine_request));
   return stream;
 }
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* InferenceService::Chat(
     grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
-  return Stream<nibble::v1::ChatRequest>(context, request, PrepareChat);
+  return Stream<nibble::v1::ChatRequest>(context, request);
 }
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* InferenceService::Generate(
     grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
-  return Stream<nibble::v1::GenerateRequest>(context, request, PrepareGenerate);
+  return Stream<nibble::v1::GenerateRequest>(context, request);
 }
 
-grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext* context,
-                                                     const grpc::ByteBuffer* request,
-                                                     grpc::ByteBuffer* response) {
+template <class Response, class Respond>
+grpc::ServerUnaryReactor* InferenceService::TokenizeCall(grpc::CallbackServerContext* context,
+                                                         const grpc::ByteBuffer* request,
+                                                         grpc::ByteBuffer* response,
+                                                         Respond respond) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (state_.draining()) {
+  CallGuard call(state_);
+  if (!call.counted()) {
     reactor->Finish(DrainingStatus());
     return reactor;
   }
   nibble::v1::TokenizeRequest wire;
   ServedModel* model = nullptr;
+  PromptInput input;
   std::vector<int32_t> ids;
   grpc::Status status = ParseRequest(*request, &wire);
   if (status.ok()) status = models_.Find(wire.model(), &model);
-  if (status.ok()) status = TokenizeInput(wire, model->engine->model(), &ids);
+  if (status.ok()) status = InputOf(wire, &input);
+  if (status.ok()) status = TokenizePrompt(input, *model, &ids);
   if (status.ok()) {
-    nibble::v1::TokenizeResponse out;
-    out.mutable_token_ids()->Add(ids.begin(), ids.end());
-    const engine::Tokenizer& tokenizer = model->engine->model().tokenizer();
-    for (int32_t id : ids) out.add_pieces(tokenizer.IdToPiece(id));
+    Response out;
+    respond(*model, ids, &out);
     SerializeResponse(out, response);
   }
   reactor->Finish(status);
   return reactor;
 }
 
+namespace {
+
+void FillTokenize(const ServedModel& model, const std::vector<int32_t>& ids,
+                  nibble::v1::TokenizeResponse* out) {
+  out->mutable_token_ids()->Add(ids.begin(), ids.end());
+  const engine::Tokenizer& tokenizer = model.engine->model().tokenizer();
+  for (int32_t id : ids) out->add_pieces(tokenizer.IdToPiece(id));
+}
+
+void FillCount(const ServedModel& model, const std::vector<int32_t>& ids,
+               nibble::v1::CountTokensResponse* out) {
+  out->set_token_count(static_cast<int32_t>(ids.size()));
+  out->set_session_len(model.engine->session_len());
+  out->set_context_length(model.engine->model().config().max_position_embeddings);
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext* context,
+                                                     const grpc::ByteBuffer* request,
+                                                     grpc::ByteBuffer* response) {
+  return TokenizeCall<nibble::v1::TokenizeResponse>(context, request, response, FillTokenize);
+}
+
 grpc::ServerUnaryReactor* InferenceService::CountTokens(grpc::CallbackServerContext* context,
                                                         const grpc::ByteBuffer* request,
                                                         grpc::ByteBuffer* response) {
+  return TokenizeCall<nibble::v1::CountTokensResponse>(context, request, response, FillCount);
+}
+
+grpc::ServerUnaryReactor* InferenceService::EndSession(grpc::CallbackServerContext* context,
+                                                       const grpc::ByteBuffer* request,
+                                                       grpc::ByteBuffer* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (state_.draining()) {
+  CallGuard call(state_);
+  if (!call.counted()) {
     reactor->Finish(DrainingStatus());
     return reactor;
   }
-  nibble::v1::TokenizeRequest wire;
+  nibble::v1::EndSessionRequest wire;
   ServedModel* model = nullptr;
-  std::vector<int32_t> ids;
   grpc::Status status = ParseRequest(*request, &wire);
+  if (status.ok()) status = CheckSessionId(wire.session_id(), /*required=*/true);
   if (status.ok()) status = models_.Find(wire.model(), &model);
-  if (status.ok()) status = TokenizeInput(wire, model->engine->model(), &ids);
   if (status.ok()) {
-    nibble::v1::CountTokensResponse out;
-    out.set_token_count(static_cast<int32_t>(ids.size()));
-    out.set_session_len(EffectiveSessionLen(*model->engine));
-    out.set_context_length(model->engine->model().config().max_position_embeddings);
-    SerializeResponse(out, response);
+    model->engine->EndSession(wire.session_id());
+    SerializeResponse(nibble::v1::EndSessionResponse(), response);
   }
   reactor->Finish(status);
   return reactor;

@@ -20,7 +20,8 @@ using InferenceServiceBase = nibble::v1::Inference::WithRawCallbackMethod_Chat<
     nibble::v1::Inference::WithRawCallbackMethod_Generate<
         nibble::v1::Inference::WithRawCallbackMethod_Tokenize<
             nibble::v1::Inference::WithRawCallbackMethod_CountTokens<
-                nibble::v1::Inference::Service>>>>;
+                nibble::v1::Inference::WithRawCallbackMethod_EndSession<
+                    nibble::v1::Inference::Service>>>>>;
 
 class InferenceService final : public InferenceServiceBase {
  public:
@@ -39,12 +40,20 @@ class InferenceService final : public InferenceServiceBase {
   grpc::ServerUnaryReactor* CountTokens(grpc::CallbackServerContext* context,
                                         const grpc::ByteBuffer* request,
                                         grpc::ByteBuffer* response) override;
+  grpc::ServerUnaryReactor* EndSession(grpc::CallbackServerContext* context,
+                                       const grpc::ByteBuffer* request,
+                                       grpc::ByteBuffer* response) override;
 
  private:
-  template <class WireRequest, class Prepare>
+  // Chat and Generate: count the call, parse, cheap checks, tokenize, submit.
+  template <class WireRequest>
   grpc::ServerWriteReactor<grpc::ByteBuffer>* Stream(grpc::CallbackServerContext* context,
-                                                     const grpc::ByteBuffer* request,
-                                                     Prepare prepare);
+                                                     const grpc::ByteBuffer* request);
+  // Tokenize and CountTokens: `respond(model, ids, &response_message)` fills the response.
+  template <class Response, class Respond>
+  grpc::ServerUnaryReactor* TokenizeCall(grpc::CallbackServerContext* context,
+                                         const grpc::ByteBuffer* request,
+                                         grpc::ByteBuffer* response, Respond respond);
 
   const ServedModels& models_;
   const ServerMetrics* metrics_;  // null: no metrics

@@ -1,5 +1,6 @@
 // nibbled: the nibble daemon. `nibbled --config FILE [--listen ADDR] [--metrics-listen ADDR]`.
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include <CLI/CLI.hpp>
@@ -28,6 +29,13 @@ int main(int argc, char** argv) {
   if (!config.ok()) {
     std::fprintf(stderr, "nibbled: %s\n", std::string(config.status().message()).c_str());
     return 2;
+  }
+  // libgomp reads its wait policy when it loads, before main: only the environment can set
+  // it. Spinning idle workers halve throughput on a shared machine (tests/bench/SERVING.md).
+  if (std::getenv("OMP_WAIT_POLICY") == nullptr) {
+    std::fprintf(stderr,
+                 "nibbled: note: OMP_WAIT_POLICY is not set; idle OpenMP threads spin. On a "
+                 "machine shared with other work, set OMP_WAIT_POLICY=passive.\n");
   }
   if (!listen.empty()) config->listen_address = listen;
   if (metrics_listen_set) config->metrics_address = metrics_listen;

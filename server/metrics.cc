@@ -3,6 +3,7 @@
 #include <exception>
 
 #include <prometheus/collectable.h>
+#include <prometheus/counter.h>
 #include <prometheus/exposer.h>
 #include <prometheus/family.h>
 #include <prometheus/gauge.h>
@@ -71,8 +72,9 @@ class ServerMetrics::EngineStatsCollector : public prometheus::Collectable {
                                 "sessions), 0..1.",
                                 MetricType::Gauge);
     MetricFamily prompt = Family("nibble_prompt_tokens_total",
-                                 "Prompt tokens computed (not those reused from a session's "
-                                 "cache).",
+                                 "Prompt tokens computed: excludes those reused from a "
+                                 "session's cache (nibble_prompt_tokens_cached_total), includes "
+                                 "prompt tokens computed again after a preemption.",
                                  MetricType::Counter);
     MetricFamily generation = Family("nibble_generation_tokens_total", "Tokens generated.",
                                      MetricType::Counter);
@@ -80,16 +82,21 @@ class ServerMetrics::EngineStatsCollector : public prometheus::Collectable {
                                       "Times a request lost its KV cache and recomputed it.",
                                       MetricType::Counter);
     MetricFamily finished = Family("nibble_requests_finished_total",
-                                   "Requests that ended, however they ended.",
+                                   "Requests that finished with a finish reason (length, stop, "
+                                   "stop string, context full); not those cancelled, past their "
+                                   "deadline, ended by shutdown or failed.",
                                    MetricType::Counter);
     MetricFamily sessions = Family("nibble_sessions", "Conversations whose KV cache is kept.",
                                    MetricType::Gauge);
     MetricFamily blocks = Family("nibble_kv_cache_blocks",
                                  "KV cache blocks, by state (used, total).", MetricType::Gauge);
     MetricFamily memory = Family("nibble_device_memory_used_bytes",
-                                 "Memory held by the model on its device, by use (kv_cache: the "
-                                 "KV pool; weights).",
+                                 "Memory in use on the model's device, by use (kv_cache: the "
+                                 "KV blocks in use; weights).",
                                  MetricType::Gauge);
+    MetricFamily capacity = Family("nibble_kv_cache_capacity_bytes",
+                                   "Bytes of the KV cache pool (all blocks, used or free).",
+                                   MetricType::Gauge);
     for (const auto& served : models_.all()) {
       const engine::EngineStats stats = served->engine->Stats();
       const std::string& name = served->spec.name;
@@ -112,13 +119,19 @@ class ServerMetrics::EngineStatsCollector : public prometheus::Collectable {
                 static_cast<double>(stats.kv_blocks_used));
       AddSample(blocks, {{"model_name", name}, {"state", "total"}},
                 static_cast<double>(stats.kv_blocks_total));
+      const double block_bytes =
+          stats.kv_blocks_total > 0
+              ? static_cast<double>(stats.kv_cache_bytes) / static_cast<double>(stats.kv_blocks_total)
+              : 0.0;
       AddSample(memory, {{"device", device}, {"model_name", name}, {"use", "kv_cache"}},
+                block_bytes * static_cast<double>(stats.kv_blocks_used));
+      AddSample(capacity, {{"device", device}, {"model_name", name}},
                 static_cast<double>(stats.kv_cache_bytes));
       AddSample(memory, {{"device", device}, {"model_name", name}, {"use", "weights"}},
                 static_cast<double>(served->engine->model().weight_bytes()));
     }
-    return {running, waiting, usage, prompt, generation, preemptions, finished, sessions, blocks,
-            memory};
+    return {running, waiting, usage,  prompt,   generation, preemptions,
+            finished, sessions, blocks, memory, capacity};
   }
 
  private:
@@ -136,7 +149,8 @@ ServerMetrics::ServerMetrics(const ServedModels& models)
       .Set(1);
   auto& first_token = prometheus::BuildHistogram()
                           .Name("nibble_time_to_first_token_seconds")
-                          .Help("Seconds from a request's arrival to its first generated token.")
+                          .Help("Seconds from a request's arrival at the daemon to its first "
+                                "generated token.")
                           .Register(*registry_);
   auto& inter_token = prometheus::BuildHistogram()
                           .Name("nibble_inter_token_latency_seconds")
@@ -144,19 +158,25 @@ ServerMetrics::ServerMetrics(const ServedModels& models)
                           .Register(*registry_);
   auto& e2e = prometheus::BuildHistogram()
                   .Name("nibble_e2e_request_latency_seconds")
-                  .Help("Seconds from a request's arrival to its end.")
+                  .Help("Seconds from a request's arrival at the daemon to its end.")
                   .Register(*registry_);
   auto& queue = prometheus::BuildHistogram()
                     .Name("nibble_request_queue_time_seconds")
-                    .Help("Seconds a request waited in the queue before it first ran.")
+                    .Help("Seconds from a request's arrival at the daemon to the first "
+                          "scheduler step that ran it (tokenizing and waiting in the queue).")
+                    .Register(*registry_);
+  auto& cached = prometheus::BuildCounter()
+                    .Name("nibble_prompt_tokens_cached_total")
+                    .Help("Prompt tokens reused from a session's KV cache (not computed).")
                     .Register(*registry_);
   for (const auto& served : models.all()) {
     const prometheus::Labels labels = {{"model_name", served->spec.name}};
-    RequestHistograms h;
+    RequestMetrics h;
     h.time_to_first_token = &first_token.Add(labels, kFirstTokenBuckets);
     h.inter_token_latency = &inter_token.Add(labels, kInterTokenBuckets);
     h.e2e_request_latency = &e2e.Add(labels, kRequestBuckets);
     h.request_queue_time = &queue.Add(labels, kRequestBuckets);
+    h.prompt_tokens_cached = &cached.Add(labels);
     histograms_.emplace_back(served->spec.name, h);
   }
 }
@@ -175,7 +195,7 @@ absl::Status ServerMetrics::Serve(const std::string& address) {
   return absl::OkStatus();
 }
 
-const RequestHistograms* ServerMetrics::For(const std::string& model_name) const {
+const RequestMetrics* ServerMetrics::For(const std::string& model_name) const {
   for (const auto& [name, h] : histograms_) {
     if (name == model_name) return &h;
   }

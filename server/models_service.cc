@@ -2,7 +2,6 @@
 
 #include "engine/chat_template.h"
 #include "engine/model_config.h"
-#include "server/inference_requests.h"
 #include "server/raw_messages.h"
 
 namespace nibble::server {
@@ -35,7 +34,7 @@ void ModelsService::Describe(const ServedModel& served, nibble::v1::ModelInfo* i
   cache->set_cache_max_entry_count(options.cache_max_entry_count);
   cache->set_cache_block_seq_len(options.cache_block_seq_len);
   cache->set_cache_chunk_size(options.cache_chunk_size);
-  cache->set_session_len(EffectiveSessionLen(engine));
+  cache->set_session_len(engine.session_len());
   cache->set_max_batch_size(options.max_batch_size);
   cache->set_max_queued_requests(options.max_queued_requests);
   cache->set_kv_blocks_total(stats.kv_blocks_total);

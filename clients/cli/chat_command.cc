@@ -1,12 +1,14 @@
 // `nibble chat --server ADDR`: a conversation with a model served by nibbled. Interactive
 // (lines from stdin, the reply streamed as it comes) or one shot with --prompt; --json prints
-// one JSON object per chunk for scripts. The conversation keeps a session id, so the daemon
-// reuses its KV cache from turn to turn.
+// one JSON object per chunk for scripts. An interactive conversation keeps a session id, so
+// the daemon reuses its KV cache from turn to turn, and ends the session (EndSession) when
+// it exits. A one-shot run keeps no session unless --session-id names one.
 #include <unistd.h>
 
 #include <cstdio>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -26,7 +28,8 @@ struct ChatOptions {
   std::string system;
   std::string session_id;
   bool json = false;
-  RemoteSamplingFlags sampling;
+  SamplingFlags sampling;
+  std::optional<double> timeout;
 };
 
 nlohmann::json ChunkJson(const nibble::v1::ChatChunk& chunk) {
@@ -40,6 +43,7 @@ nlohmann::json ChunkJson(const nibble::v1::ChatChunk& chunk) {
                     {"completion_tokens", chunk.usage().completion_tokens()}};
     out["time_to_first_token_seconds"] = chunk.timing().first_token_seconds();
     out["total_seconds"] = chunk.timing().total_seconds();
+    out["seed"] = chunk.seed();
   }
   return out;
 }
@@ -52,11 +56,33 @@ std::string NewSessionId() {
   return id;
 }
 
+// One reply streamed to stdout; `last` gets the final chunk, `reply` the text.
+absl::Status StreamReply(RemoteClient& client, const ChatOptions& options,
+                         const nibble::v1::ChatRequest& request, std::string* reply,
+                         nibble::v1::ChatChunk* last) {
+  return client.Chat(request, [&](const nibble::v1::ChatChunk& chunk) {
+    *reply += chunk.text();
+    if (options.json) {
+      std::printf("%s\n", ChunkJson(chunk)
+                              .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
+                              .c_str());
+    } else {
+      std::fwrite(chunk.text().data(), 1, chunk.text().size(), stdout);
+    }
+    std::fflush(stdout);
+    *last = chunk;
+  });
+}
+
 int RunChat(const ChatOptions& options) {
-  RemoteClient client(options.server);
+  RemoteClient client(options.server, options.timeout);
+  const bool interactive = options.prompt.empty();
   nibble::v1::ChatRequest request;
   request.set_model(options.model);
-  request.set_session_id(options.session_id.empty() ? NewSessionId() : options.session_id);
+  // One shot: no session unless asked (a kept cache nobody continues only takes blocks).
+  if (interactive || !options.session_id.empty()) {
+    request.set_session_id(options.session_id.empty() ? NewSessionId() : options.session_id);
+  }
   request.set_return_token_ids(options.json);
   options.sampling.Fill(request.mutable_sampling());
   if (!options.system.empty()) {
@@ -64,8 +90,9 @@ int RunChat(const ChatOptions& options) {
     message->set_role("system");
     message->set_content(options.system);
   }
-  const bool interactive = options.prompt.empty();
   const bool show_prompt = interactive && isatty(STDIN_FILENO) && !options.json;
+  bool session_used = false;
+  int exit_code = 0;
   std::string line;
   while (true) {
     if (interactive) {
@@ -83,27 +110,19 @@ int RunChat(const ChatOptions& options) {
     user->set_content(line);
     std::string reply;
     nibble::v1::ChatChunk last;
-    absl::Status status = client.Chat(request, [&](const nibble::v1::ChatChunk& chunk) {
-      reply += chunk.text();
-      if (options.json) {
-        std::printf("%s\n", ChunkJson(chunk)
-                                .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
-                                .c_str());
-      } else {
-        std::fwrite(chunk.text().data(), 1, chunk.text().size(), stdout);
-      }
-      std::fflush(stdout);
-      last = chunk;
-    });
-    if (!status.ok()) {
+    session_used = true;
+    if (absl::Status status = StreamReply(client, options, request, &reply, &last);
+        !status.ok()) {
       if (!options.json) std::printf("\n");
-      return ReportError("chat", status);
+      exit_code = ReportError("chat", status);
+      break;
     }
     if (!options.json) {
       std::printf("\n");
-      std::fprintf(stderr, "[%d prompt (%d cached) + %d generated tokens, finish: %s]\n",
+      std::fprintf(stderr, "[%d prompt (%d cached) + %d generated tokens, seed %llu, finish: %s]\n",
                    last.usage().prompt_tokens(), last.usage().cached_prompt_tokens(),
                    last.usage().completion_tokens(),
+                   static_cast<unsigned long long>(last.seed()),
                    FinishReasonName(last.finish_reason()).c_str());
     }
     auto* assistant = request.add_messages();
@@ -111,11 +130,18 @@ int RunChat(const ChatOptions& options) {
     assistant->set_content(reply);
     if (!interactive) break;
   }
-  return 0;
+  // The conversation is over (EOF): the daemon may drop its cache now.
+  if (interactive && session_used) {
+    if (absl::Status status = client.EndSession(options.model, request.session_id());
+        !status.ok() && exit_code == 0) {
+      exit_code = ReportError("chat", status);
+    }
+  }
+  return exit_code;
 }
 
-int RunModelsList(const std::string& server, bool json) {
-  RemoteClient client(server);
+int RunModelsList(const std::string& server, bool json, std::optional<double> timeout) {
+  RemoteClient client(server, timeout);
   nibble::v1::ListModelsResponse response;
   if (absl::Status status = client.ListModels(&response); !status.ok()) {
     return ReportError("models list", status);
@@ -148,27 +174,47 @@ int RunModelsList(const std::string& server, bool json) {
 
 }  // namespace
 
-void RemoteSamplingFlags::Register(CLI::App& command) {
+void SamplingFlags::Register(CLI::App& command) {
   command.add_option("--max-tokens", max_tokens, "tokens to generate at most")
       ->check(CLI::NonNegativeNumber);
   command.add_option("--temperature", temperature, "0: greedy");
   command.add_option("--top-k", top_k, "0: no limit");
   command.add_option("--top-p", top_p, "nucleus mass in (0, 1]");
   command.add_option("--repetition-penalty", repetition_penalty, "1: none");
-  command.add_option("--seed", seed, "random seed for sampling");
+  command.add_option("--seed", seed,
+                     "random seed for sampling (default: 0 locally; a daemon picks one at random "
+                     "and reports it)");
   command.add_option("--stop", stop, "stop string (repeatable)");
-  command.add_flag("--ignore-eos", ignore_eos, "do not stop at EOS or template stop tokens");
+  command.add_flag("--ignore-eos", ignore_eos,
+                   "do not stop at EOS, the template's stop tokens or its stop words");
 }
 
-void RemoteSamplingFlags::Fill(nibble::v1::SamplingParams* out) const {
+void SamplingFlags::Fill(nibble::v1::SamplingParams* out) const {
   out->set_max_tokens(max_tokens);
   out->set_temperature(temperature);
   out->set_top_k(top_k);
   out->set_top_p(top_p);
   out->set_repetition_penalty(repetition_penalty);
-  out->set_seed(seed);
+  if (seed) out->set_seed(*seed);
   for (const std::string& s : stop) out->add_stop(s);
   out->set_ignore_eos(ignore_eos);
+}
+
+engine::SamplingParams SamplingFlags::Local() const {
+  engine::SamplingParams params;
+  params.temperature = temperature;
+  params.top_k = top_k;
+  params.top_p = top_p;
+  params.repetition_penalty = repetition_penalty;
+  params.seed = seed.value_or(0);
+  return params;
+}
+
+void RegisterTimeout(CLI::App& command, std::optional<double>* timeout) {
+  command.add_option("--timeout", *timeout,
+                     "seconds each call to the daemon may take, a streamed reply included "
+                     "(default: none)")
+      ->check(CLI::PositiveNumber);
 }
 
 CommandRunner RegisterChat(CLI::App& app) {
@@ -179,9 +225,11 @@ CommandRunner RegisterChat(CLI::App& app) {
   cmd->add_option("--prompt", options->prompt, "one user message, one reply (else: read stdin)");
   cmd->add_option("--system", options->system, "system message");
   cmd->add_option("--session-id", options->session_id,
-                  "session id (default: a new random one per run)");
+                  "session id (default: interactive, a new random one per run, ended at exit; "
+                  "with --prompt, none)");
   cmd->add_flag("--json", options->json, "print one JSON object per streamed chunk");
   options->sampling.Register(*cmd);
+  RegisterTimeout(*cmd, &options->timeout);
   return [options]() { return RunChat(*options); };
 }
 
@@ -191,9 +239,11 @@ CommandRunner RegisterModels(CLI::App& app) {
   CLI::App* list = cmd->add_subcommand("list", "List the models");
   auto server = std::make_shared<std::string>();
   auto json = std::make_shared<bool>(false);
+  auto timeout = std::make_shared<std::optional<double>>();
   list->add_option("--server", *server, "nibbled address host:port")->required();
   list->add_flag("--json", *json, "print JSON");
-  return [server, json]() { return RunModelsList(*server, *json); };
+  RegisterTimeout(*list, timeout.get());
+  return [server, json, timeout]() { return RunModelsList(*server, *json, *timeout); };
 }
 
 }  // namespace nibble::cli

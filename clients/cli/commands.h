@@ -3,14 +3,16 @@
 #pragma once
 
 #include <cstdio>
-#include <functional>
 #include <cstdint>
+#include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <CLI/CLI.hpp>
 
 #include "absl/status/status.h"
+#include "engine/sampler.h"
 
 namespace nibble::v1 {
 class SamplingParams;
@@ -37,20 +39,29 @@ CommandRunner RegisterUnpack(CLI::App& app);
 CommandRunner RegisterChat(CLI::App& app);
 CommandRunner RegisterModels(CLI::App& app);
 
-// The sampling flags of `nibble generate`, for the commands that ask a daemon.
-struct RemoteSamplingFlags {
+// The sampling flags of `nibble generate` and `nibble chat` (--max-tokens, --temperature,
+// --top-k, --top-p, --repetition-penalty, --seed, --stop, --ignore-eos), registered and
+// mapped in one place (chat_command.cc).
+struct SamplingFlags {
   int max_tokens = 256;
   float temperature = 0.0f;
   int top_k = 0;
   float top_p = 1.0f;
   float repetition_penalty = 1.0f;
-  uint64_t seed = 0;
+  // Unset: a daemon picks a random seed (and reports it); a local run uses 0.
+  std::optional<uint64_t> seed;
   std::vector<std::string> stop;
   bool ignore_eos = false;
 
   void Register(CLI::App& command);
+  // For a daemon: every flag, the seed only when given.
   void Fill(nibble::v1::SamplingParams* out) const;
+  // For a local run.
+  engine::SamplingParams Local() const;
 };
+
+// Adds `--timeout SECONDS` (the deadline of each call to the daemon; default none).
+void RegisterTimeout(CLI::App& command, std::optional<double>* timeout);
 CommandRunner RegisterSynth(CLI::App& app);
 
 }  // namespace nibble::cli

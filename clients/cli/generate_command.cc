@@ -1,5 +1,6 @@
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -18,12 +19,10 @@ struct GenerateOptions {
   std::string prompt;
   bool chat = false;
   std::string chat_template;
-  int max_tokens = 256;
-  engine::SamplingParams sampling;
-  std::vector<std::string> stop;
-  bool ignore_eos = false;
+  SamplingFlags sampling;  // --max-tokens, --temperature, ... --ignore-eos
   bool json = false;
   std::string server;  // non-empty: ask this nibbled instead of loading --model
+  std::optional<double> timeout;  // with --server
 };
 
 // `nibble generate --server ADDR`: the same flags, answered by a daemon (--model names the
@@ -34,16 +33,8 @@ int RunRemoteGenerate(const GenerateOptions& options) {
                                        "--chat-template applies to local models only (a daemon "
                                        "renders with its model's template)"));
   }
-  RemoteClient client(options.server);
-  RemoteSamplingFlags flags;
-  flags.max_tokens = options.max_tokens;
-  flags.temperature = options.sampling.temperature;
-  flags.top_k = options.sampling.top_k;
-  flags.top_p = options.sampling.top_p;
-  flags.repetition_penalty = options.sampling.repetition_penalty;
-  flags.seed = options.sampling.seed;
-  flags.stop = options.stop;
-  flags.ignore_eos = options.ignore_eos;
+  RemoteClient client(options.server, options.timeout);
+  const SamplingFlags& flags = options.sampling;
   std::string text;
   std::vector<int32_t> ids;
   nibble::v1::ChatChunk last;
@@ -102,12 +93,15 @@ int RunRemoteGenerate(const GenerateOptions& options) {
     out["finish_reason"] = FinishReasonName(last.finish_reason());
     out["time_to_first_token_seconds"] = last.timing().first_token_seconds();
     out["total_seconds"] = total;
+    out["seed"] = last.seed();
     std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   } else {
     std::printf("\n");
-    std::fprintf(stderr, "[%d prompt + %d generated tokens, %.1f tokens/s, finish: %s]\n",
+    std::fprintf(stderr,
+                 "[%d prompt + %d generated tokens, %.1f tokens/s, seed %llu, finish: %s]\n",
                  last.usage().prompt_tokens(), last.usage().completion_tokens(),
                  total > 0 ? last.usage().completion_tokens() / total : 0.0,
+                 static_cast<unsigned long long>(last.seed()),
                  FinishReasonName(last.finish_reason()).c_str());
   }
   return 0;
@@ -143,12 +137,18 @@ int RunGenerate(const GenerateOptions& options) {
     const std::vector<int32_t> ids = tokenizer.Encode(prompt_text);
     request.prompt_ids.insert(request.prompt_ids.end(), ids.begin(), ids.end());
   }
-  request.max_tokens = options.max_tokens;
-  request.sampling = options.sampling;
-  request.stop_strings = options.stop;
-  if (!options.ignore_eos) request.stop_token_ids = model->StopTokenIds();
-  if (options.chat) {
-    for (const std::string& word : chat_template.StopWords()) request.stop_strings.push_back(word);
+  request.max_tokens = options.sampling.max_tokens;
+  request.sampling = options.sampling.Local();
+  request.stop_strings = options.sampling.stop;
+  // --ignore-eos drops EOS, the template's stop tokens and (--chat) its stop words, as the
+  // daemon does.
+  if (!options.sampling.ignore_eos) {
+    request.stop_token_ids = model->StopTokenIds();
+    if (options.chat) {
+      for (const std::string& word : chat_template.StopWords()) {
+        request.stop_strings.push_back(word);
+      }
+    }
   }
 
   engine::TextCallback stream_to_terminal;
@@ -201,19 +201,12 @@ CommandRunner RegisterGenerate(CLI::App& app) {
   cmd->add_flag("--chat", options->chat, "render --prompt as a user turn of the chat template");
   cmd->add_option("--chat-template", options->chat_template,
                   "plain, internlm, internlm2 or llama2 (default: from the architecture)");
-  cmd->add_option("--max-tokens", options->max_tokens, "tokens to generate at most")
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--temperature", options->sampling.temperature, "0: greedy");
-  cmd->add_option("--top-k", options->sampling.top_k, "0: no limit");
-  cmd->add_option("--top-p", options->sampling.top_p, "nucleus mass in (0, 1]");
-  cmd->add_option("--repetition-penalty", options->sampling.repetition_penalty, "1: none");
-  cmd->add_option("--seed", options->sampling.seed, "random seed for sampling");
-  cmd->add_option("--stop", options->stop, "stop string (repeatable)");
-  cmd->add_flag("--ignore-eos", options->ignore_eos, "do not stop at EOS or template stop tokens");
+  options->sampling.Register(*cmd);
+  RegisterTimeout(*cmd, &options->timeout);
   cmd->add_flag("--json", options->json,
                 "print one JSON object (prompt ids, generated ids, text) instead of streaming");
   return [options]() {
-    absl::Status valid = engine::ValidateSamplingParams(options->sampling);
+    absl::Status valid = engine::ValidateSamplingParams(options->sampling.Local());
     if (!valid.ok()) {
       return ReportError("generate", valid);
     }

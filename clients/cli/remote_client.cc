@@ -17,16 +17,7 @@ const char* CodeName(grpc::StatusCode code) {
   return i >= 0 && i <= 16 ? kNames[i] : "UNKNOWN";
 }
 
-template <class Request, class Call>
-absl::Status ReadStream(const Request& request, Call start,
-                        const RemoteClient::ChunkCallback& on_chunk, grpc::Status* status) {
-  grpc::ClientContext context;
-  auto reader = start(&context, request);
-  nibble::v1::ChatChunk chunk;
-  while (reader->Read(&chunk)) on_chunk(chunk);
-  *status = reader->Finish();
-  return absl::OkStatus();
-}
+constexpr double kUnaryDefaultSeconds = 30;
 
 }  // namespace
 
@@ -40,8 +31,9 @@ std::string FinishReasonName(nibble::v1::FinishReason reason) {
   }
 }
 
-RemoteClient::RemoteClient(const std::string& address)
-    : address_(address),
+RemoteClient::RemoteClient(const std::string& address, std::optional<double> timeout_seconds)
+    : timeout_seconds_(timeout_seconds),
+      address_(address),
       channel_(grpc::CreateChannel(address, grpc::InsecureChannelCredentials())),
       inference_(nibble::v1::Inference::NewStub(channel_)),
       models_(nibble::v1::Models::NewStub(channel_)) {}
@@ -53,34 +45,60 @@ absl::Status RemoteClient::ToStatus(const grpc::Status& status) const {
                                    status.error_message()));
 }
 
+void RemoteClient::SetDeadline(grpc::ClientContext* context, double default_seconds) const {
+  const double seconds = timeout_seconds_.value_or(default_seconds);
+  if (seconds <= 0) return;
+  context->set_deadline(std::chrono::system_clock::now() +
+                        std::chrono::duration_cast<std::chrono::system_clock::duration>(
+                            std::chrono::duration<double>(seconds)));
+}
+
+template <class Request, class Call>
+absl::Status RemoteClient::ReadStream(const Request& request, Call start,
+                                      const ChunkCallback& on_chunk) {
+  grpc::ClientContext context;
+  SetDeadline(&context, 0);
+  auto reader = start(&context, request);
+  nibble::v1::ChatChunk chunk;
+  while (reader->Read(&chunk)) on_chunk(chunk);
+  return ToStatus(reader->Finish());
+}
+
 absl::Status RemoteClient::Chat(const nibble::v1::ChatRequest& request,
                                 const ChunkCallback& on_chunk) {
-  grpc::Status status;
-  ReadStream(request, [&](grpc::ClientContext* c, const auto& r) { return inference_->Chat(c, r); },
-             on_chunk, &status);
-  return ToStatus(status);
+  return ReadStream(
+      request, [&](grpc::ClientContext* c, const auto& r) { return inference_->Chat(c, r); },
+      on_chunk);
 }
 
 absl::Status RemoteClient::Generate(const nibble::v1::GenerateRequest& request,
                                     const ChunkCallback& on_chunk) {
-  grpc::Status status;
-  ReadStream(request,
-             [&](grpc::ClientContext* c, const auto& r) { return inference_->Generate(c, r); },
-             on_chunk, &status);
-  return ToStatus(status);
+  return ReadStream(
+      request, [&](grpc::ClientContext* c, const auto& r) { return inference_->Generate(c, r); },
+      on_chunk);
 }
 
 absl::Status RemoteClient::Tokenize(const nibble::v1::TokenizeRequest& request,
                                     nibble::v1::TokenizeResponse* response) {
   grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  SetDeadline(&context, kUnaryDefaultSeconds);
   return ToStatus(inference_->Tokenize(&context, request, response));
 }
 
 absl::Status RemoteClient::ListModels(nibble::v1::ListModelsResponse* response) {
   grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  SetDeadline(&context, kUnaryDefaultSeconds);
   return ToStatus(models_->List(&context, nibble::v1::ListModelsRequest(), response));
+}
+
+absl::Status RemoteClient::EndSession(const std::string& model, const std::string& session_id) {
+  grpc::ClientContext context;
+  SetDeadline(&context, kUnaryDefaultSeconds);
+  nibble::v1::EndSessionRequest request;
+  request.set_model(model);
+  request.set_session_id(session_id);
+  nibble::v1::EndSessionResponse response;
+  return ToStatus(inference_->EndSession(&context, request, &response));
 }
 
 }  // namespace nibble::cli

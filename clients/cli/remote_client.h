@@ -4,6 +4,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <grpcpp/grpcpp.h>
@@ -16,7 +17,10 @@ namespace nibble::cli {
 
 class RemoteClient {
  public:
-  explicit RemoteClient(const std::string& address);
+  // `timeout_seconds`: the deadline of every call (a stream's whole reply included); unset:
+  // streams have none and unary calls 30 s.
+  explicit RemoteClient(const std::string& address,
+                        std::optional<double> timeout_seconds = std::nullopt);
 
   using ChunkCallback = std::function<void(const nibble::v1::ChatChunk&)>;
   // Streams the reply, calling `on_chunk` for each chunk as it arrives. The status names the
@@ -26,9 +30,17 @@ class RemoteClient {
   absl::Status Tokenize(const nibble::v1::TokenizeRequest& request,
                         nibble::v1::TokenizeResponse* response);
   absl::Status ListModels(nibble::v1::ListModelsResponse* response);
+  // Forgets the daemon's kept cache of a session (Inference.EndSession).
+  absl::Status EndSession(const std::string& model, const std::string& session_id);
 
  private:
   absl::Status ToStatus(const grpc::Status& status) const;
+  // Sets the deadline: the timeout, or `default_seconds` (0: none) without one.
+  void SetDeadline(grpc::ClientContext* context, double default_seconds) const;
+  template <class Request, class Call>
+  absl::Status ReadStream(const Request& request, Call start, const ChunkCallback& on_chunk);
+
+  std::optional<double> timeout_seconds_;
 
   std::string address_;
   std::shared_ptr<grpc::Channel> channel_;

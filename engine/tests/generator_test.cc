@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <memory>
 #include <random>
 #include <string>
@@ -571,6 +572,99 @@ TEST(TextStreamTest, RandomStopStringsMatchTheModelAtEveryStep) {
         }
       }
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Long outputs (the stream decodes a few recent tokens per Push, not the whole output)
+
+// `count` random ids of the whole vocabulary, half of them byte pieces (so characters
+// complete, stay unfinished, or start with a stray continuation byte), with control pieces
+// (<s>, </s>) and <unk> among them.
+std::vector<int32_t> RandomIds(const Tokenizer& tokenizer, size_t count, uint32_t seed) {
+  std::vector<int32_t> byte_ids;
+  for (int b = 0; b < 256; ++b) {
+    char piece[8];
+    std::snprintf(piece, sizeof(piece), "<0x%02X>", b);
+    const int32_t id = tokenizer.PieceToId(piece);
+    if (id >= 0) byte_ids.push_back(id);
+  }
+  EXPECT_EQ(byte_ids.size(), 256u) << "the vocabulary has byte-fallback pieces";
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int32_t> any(0, tokenizer.VocabSize() - 1);
+  std::uniform_int_distribution<size_t> byte(0, byte_ids.size() - 1);
+  std::uniform_int_distribution<int> kind(0, 99);
+  std::vector<int32_t> ids;
+  for (size_t i = 0; i < count; ++i) {
+    const int k = kind(rng);
+    if (k < 50) {
+      ids.push_back(byte_ids[byte(rng)]);
+    } else if (k < 53) {
+      ids.push_back(k - 50);  // <unk>, <s>, </s>
+    } else {
+      ids.push_back(any(rng));
+    }
+  }
+  return ids;
+}
+
+TEST(TextStreamTest, LongRandomOutputsAddUpToTheDecodeOfAllIdsBitForBit) {
+  for (const NamedTokenizer& t : Tokenizers()) {
+    ASSERT_NE(t.tokenizer, nullptr) << t.name;
+    ASSERT_EQ(t.tokenizer->IdToPiece(1), "<s>") << t.name;
+    for (uint32_t seed = 1; seed <= 4; ++seed) {
+      const std::vector<int32_t> ids = RandomIds(*t.tokenizer, 2000, seed);
+      const std::string decoded = t.tokenizer->Decode(ids);
+      const std::string label = std::string(t.name) + " seed " + std::to_string(seed);
+      if (seed == 1) {
+        // Every step against the from-scratch model of the contract.
+        const StreamResult result = StreamAndCheck(*t.tokenizer, ids, {}, label);
+        EXPECT_EQ(result.concatenated, decoded) << label;
+      } else {
+        TextStream stream(*t.tokenizer, {});
+        std::string concatenated;
+        for (int32_t id : ids) concatenated += stream.Push(id);
+        concatenated += stream.Finish();
+        EXPECT_EQ(concatenated, decoded) << label;
+      }
+      // A stop string that first occurs late in the output.
+      const size_t at = decoded.size() * 9 / 10;
+      size_t begin = at;
+      while (begin < decoded.size() && (static_cast<unsigned char>(decoded[begin]) & 0xC0) == 0x80) {
+        ++begin;
+      }
+      size_t end = std::min(decoded.size(), begin + 6);
+      end = begin + CompleteUtf8Prefix(std::string_view(decoded).substr(begin, end - begin));
+      ASSERT_LT(begin, end) << label;
+      const std::vector<std::string> stops = {decoded.substr(begin, end - begin)};
+      const size_t first = FirstStop(decoded, stops);
+      TextStream stream(*t.tokenizer, stops);
+      std::string concatenated;
+      for (int32_t id : ids) concatenated += stream.Push(id);
+      concatenated += stream.Finish();
+      EXPECT_TRUE(stream.stopped()) << label;
+      EXPECT_EQ(concatenated, decoded.substr(0, first)) << label;
+      if (HasFailure()) return;
+    }
+  }
+}
+
+TEST(TextStreamTest, LongRealTextStreamsAsItsDecode) {
+  // Thousands of tokens of real multilingual text, with a <s> and a </s> inside it, whose
+  // pieces carry SentencePiece's leading spaces.
+  std::string text;
+  for (int r = 0; r < 10; ++r) {
+    for (const std::string& line : MultiByteTexts()) text += line + " ";
+  }
+  for (const NamedTokenizer& t : Tokenizers()) {
+    ASSERT_NE(t.tokenizer, nullptr) << t.name;
+    std::vector<int32_t> ids = {t.tokenizer->BosId()};
+    for (int32_t id : t.tokenizer->Encode(text)) ids.push_back(id);
+    ids.insert(ids.begin() + static_cast<std::ptrdiff_t>(ids.size() / 2), t.tokenizer->EosId());
+    ids.insert(ids.begin() + static_cast<std::ptrdiff_t>(ids.size() / 3), t.tokenizer->BosId());
+    ASSERT_GT(ids.size(), 1500u) << t.name;
+    const StreamResult result = StreamAndCheck(*t.tokenizer, ids, {"zzz"}, t.name);
+    EXPECT_EQ(result.concatenated, t.tokenizer->Decode(ids)) << t.name;
   }
 }
 

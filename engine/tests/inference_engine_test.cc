@@ -19,6 +19,7 @@
 #include "engine/generator.h"
 #include "engine/llama2c.h"
 #include "engine/model.h"
+#include "kernels/cpu/ops.h"
 #include "tests/testing/test_support.h"
 
 namespace nibble::engine {
@@ -89,7 +90,10 @@ GenerateResult Reference(const InferenceRequest& request) {
   return result.ok() ? *result : GenerateResult{};
 }
 
-// Collects every request's events; waits for final ones.
+// Collects every request's events; waits for final ones. Declare it (and whatever an `also`
+// callback touches) before the engine, so that the engine, destroyed first, ends its requests
+// while they still exist; the callbacks share the collector's state besides, so a collector
+// that goes first (a helper's, on an early ASSERT) is not called after its death.
 class Collector {
  public:
   struct Stream {
@@ -101,43 +105,83 @@ class Collector {
   };
 
   StreamCallback Callback(int key, std::function<void(const StreamEvent&)> also = nullptr) {
-    return [this, key, also](const StreamEvent& event) {
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        Stream& s = streams_[key];
-        EXPECT_FALSE(s.done) << "event after the final one for " << key;
-        s.ids.insert(s.ids.end(), event.token_ids.begin(), event.token_ids.end());
-        s.text += event.text_delta;
-        ++s.events;
-        if (event.final) {
-          s.done = true;
-          s.final_event = event;
-        }
-      }
+    return [state = state_, key, also](const StreamEvent& event) {
+      // `also` first: once the final event is recorded, a waiter may go on and end the test.
       if (also) also(event);
-      done_.notify_all();
+      std::lock_guard<std::mutex> lock(state->mu);
+      Stream& s = state->streams[key];
+      EXPECT_FALSE(s.done) << "event after the final one for " << key;
+      s.ids.insert(s.ids.end(), event.token_ids.begin(), event.token_ids.end());
+      s.text += event.text_delta;
+      ++s.events;
+      if (event.final) {
+        s.done = true;
+        s.final_event = event;
+      }
+      // Under the lock: a waiter cannot wake, return and destroy the collector mid-notify.
+      state->done.notify_all();
     };
   }
 
   // Waits until `count` streams are final (at most 60 s).
   bool WaitFinal(int count) {
-    std::unique_lock<std::mutex> lock(mu_);
-    return done_.wait_for(lock, 60s, [&] {
+    std::unique_lock<std::mutex> lock(state_->mu);
+    return state_->done.wait_for(lock, 60s, [&] {
       int n = 0;
-      for (auto& [key, s] : streams_) n += s.done;
+      for (auto& [key, s] : state_->streams) n += s.done;
       return n >= count;
     });
   }
 
   Stream Get(int key) {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    return state_->streams[key];
+  }
+
+ private:
+  struct State {
+    std::mutex mu;
+    std::condition_variable done;
+    std::map<int, Stream> streams;
+  };
+  std::shared_ptr<State> state_ = std::make_shared<State>();
+};
+
+// Holds the scheduler thread inside a callback until opened, so that a test can act while a
+// request is certainly in flight and nothing else progresses (tests only: callbacks must
+// not block). It opens by itself after 20 s, so a failed test cannot hang on it. Declare it
+// before the engine.
+class Gate {
+ public:
+  // An `also` callback for Collector: blocks on the first event it sees, whatever it is.
+  std::function<void(const StreamEvent&)> HoldFirstEvent() {
+    auto first = std::make_shared<std::atomic<bool>>(true);
+    return [this, first](const StreamEvent&) {
+      if (first->exchange(false)) Hold();
+    };
+  }
+  void Hold() {
+    std::unique_lock<std::mutex> lock(mu_);
+    held_ = true;
+    cv_.notify_all();
+    cv_.wait_for(lock, 20s, [&] { return open_; });
+  }
+  // Waits until a callback is held (at most 20 s).
+  bool WaitHeld() {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, 20s, [&] { return held_; });
+  }
+  void Open() {
     std::lock_guard<std::mutex> lock(mu_);
-    return streams_[key];
+    open_ = true;
+    cv_.notify_all();
   }
 
  private:
   std::mutex mu_;
-  std::condition_variable done_;
-  std::map<int, Stream> streams_;
+  std::condition_variable cv_;
+  bool held_ = false;
+  bool open_ = false;
 };
 
 std::unique_ptr<InferenceEngine> StartEngine(const EngineOptions& options) {
@@ -362,13 +406,14 @@ InferenceRequest Endless(int prompt_index = 0) {
 }
 
 TEST(InferenceEngineTest, CancelAndDeadlineEndTheStreamAndFreeTheCache) {
-  auto engine = StartEngine(SmallOptions());
-  ASSERT_NE(engine, nullptr);
   Collector collector;
-  // Cancelled from inside its own callback after 5 tokens.
+  Collector queued;
   uint64_t cancel_id = 0;
   std::mutex id_mu;
   int seen = 0;
+  auto engine = StartEngine(SmallOptions());
+  ASSERT_NE(engine, nullptr);
+  // Cancelled from inside its own callback after 5 tokens.
   auto cancelled = engine->Submit(Endless(0), collector.Callback(0, [&](const StreamEvent& e) {
     if (++seen == 5) {
       std::lock_guard<std::mutex> lock(id_mu);
@@ -404,7 +449,6 @@ TEST(InferenceEngineTest, CancelAndDeadlineEndTheStreamAndFreeTheCache) {
   one.max_batch_size = 1;
   auto single = StartEngine(one);
   ASSERT_NE(single, nullptr);
-  Collector queued;
   auto first = single->Submit(Endless(0), queued.Callback(0));
   auto second = single->Submit(Endless(1), queued.Callback(1));
   ASSERT_TRUE(first.ok() && second.ok());
@@ -422,6 +466,8 @@ TEST(InferenceEngineTest, CancelAndDeadlineEndTheStreamAndFreeTheCache) {
 }
 
 TEST(InferenceEngineTest, SessionReusesItsCacheAndEqualsAFreshRequest) {
+  Collector c1;
+  Collector c2;
   auto engine = StartEngine(SmallOptions());
   ASSERT_NE(engine, nullptr);
   const Tokenizer& tokenizer = ReferenceModel().tokenizer();
@@ -430,7 +476,6 @@ TEST(InferenceEngineTest, SessionReusesItsCacheAndEqualsAFreshRequest) {
   turn1.max_tokens = 30;
   turn1.stop_token_ids = {0};
   turn1.session_id = "conversation-1";
-  Collector c1;
   ASSERT_TRUE(engine->Submit(turn1, c1.Callback(0)).ok());
   // The same session while its request is in flight is refused (or it already finished).
   auto busy = engine->Submit(turn1, c1.Callback(1));
@@ -452,7 +497,6 @@ TEST(InferenceEngineTest, SessionReusesItsCacheAndEqualsAFreshRequest) {
   turn2.session_id = "conversation-1";
   const int64_t conversation = static_cast<int64_t>(turn2.prompt_ids.size());
   const int64_t before = stats.prompt_tokens_total;
-  Collector c2;
   ASSERT_TRUE(engine->Submit(turn2, c2.Callback(0)).ok());
   ASSERT_TRUE(c2.WaitFinal(1));
   const auto second = c2.Get(0);
@@ -480,21 +524,20 @@ TEST(InferenceEngineTest, SessionReusesItsCacheAndEqualsAFreshRequest) {
 TEST(InferenceEngineTest, SessionsBeyondMaxSessionsAreEvictedLeastRecentlyUsedFirst) {
   EngineOptions options = SmallOptions();
   options.max_sessions = 2;
+  Collector c;
   auto engine = StartEngine(options);
   ASSERT_NE(engine, nullptr);
   auto requests = GreedyRequests(3, 10);
   for (int i = 0; i < 3; ++i) {
     requests[i].session_id = "s" + std::to_string(i);
-    Collector c;
-    ASSERT_TRUE(engine->Submit(requests[i], c.Callback(0)).ok());
-    ASSERT_TRUE(c.WaitFinal(1));
+    ASSERT_TRUE(engine->Submit(requests[i], c.Callback(i)).ok());
+    ASSERT_TRUE(c.WaitFinal(i + 1));
   }
   EXPECT_EQ(WaitIdle(*engine).sessions, 2);
   // s0 was evicted: its next turn computes everything again.
-  Collector c;
-  ASSERT_TRUE(engine->Submit(requests[0], c.Callback(0)).ok());
-  ASSERT_TRUE(c.WaitFinal(1));
-  EXPECT_EQ(c.Get(0).final_event.usage.cached_prompt_tokens, 0);
+  ASSERT_TRUE(engine->Submit(requests[0], c.Callback(3)).ok());
+  ASSERT_TRUE(c.WaitFinal(4));
+  EXPECT_EQ(c.Get(3).final_event.usage.cached_prompt_tokens, 0);
 }
 
 TEST(InferenceEngineTest, SubmitErrors) {
@@ -502,9 +545,11 @@ TEST(InferenceEngineTest, SubmitErrors) {
   options.session_len = 64;
   options.max_batch_size = 1;
   options.max_queued_requests = 2;
+  Collector collector;
+  Collector c;
+  Gate gate;
   auto engine = StartEngine(options);
   ASSERT_NE(engine, nullptr);
-  Collector collector;
   auto code = [&](InferenceRequest r) {
     return engine->Submit(std::move(r), collector.Callback(-1)).status().code();
   };
@@ -525,28 +570,31 @@ TEST(InferenceEngineTest, SubmitErrors) {
   EXPECT_EQ(status.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(status.message().find("session_len 64"), std::string::npos) << status;
 
-  // Queue full: one runs, two wait, the rest are refused.
+  // Queue full: one runs (held in its first callback, so nothing finishes meanwhile), two
+  // wait, the rest are refused.
   int accepted = 0, refused = 0;
   for (int i = 0; i < 8; ++i) {
-    auto id = engine->Submit(Endless(), collector.Callback(i));
+    auto id = engine->Submit(Endless(), collector.Callback(i, gate.HoldFirstEvent()));
     if (id.ok()) {
       ++accepted;
     } else {
       EXPECT_EQ(id.status().code(), absl::StatusCode::kResourceExhausted) << id.status();
+      EXPECT_NE(id.status().message().find("max_queued_requests"), std::string::npos);
       ++refused;
     }
   }
-  EXPECT_GT(refused, 0);
-  EXPECT_LE(accepted, 4);
-  // max_tokens 0 is valid and ends at once, as Generate does.
+  EXPECT_EQ(accepted, 3);
+  EXPECT_EQ(refused, 5);
+  gate.Open();
   engine->Shutdown();
   InferenceRequest ok = Endless();
-  EXPECT_EQ(code(ok), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(code(ok), absl::StatusCode::kUnavailable);
   ASSERT_TRUE(collector.WaitFinal(accepted));
-  // Context full at session_len: as Generate at the model's context.
+  // Context full at session_len: as Generate at the model's context. max_tokens 0 is valid
+  // and ends at once, as Generate does.
   auto short_engine = StartEngine(options);
   ASSERT_NE(short_engine, nullptr);
-  Collector c;
+  EXPECT_EQ(short_engine->session_len(), 64);
   InferenceRequest fill = Endless();
   ASSERT_TRUE(short_engine->Submit(fill, c.Callback(0)).ok());
   InferenceRequest zero = Endless(1);
@@ -576,12 +624,12 @@ TEST(InferenceEngineTest, StartRejectsBadOptions) {
 }
 
 TEST(InferenceEngineTest, ShutdownEndsRunningRequests) {
-  auto engine = StartEngine(SmallOptions());
-  ASSERT_NE(engine, nullptr);
   Collector collector;
   std::mutex mu;
   std::condition_variable started_cv;
   int started = 0;
+  auto engine = StartEngine(SmallOptions());
+  ASSERT_NE(engine, nullptr);
   for (int i = 0; i < 4; ++i) {
     ASSERT_TRUE(engine
                     ->Submit(Endless(i), collector.Callback(i,
@@ -602,18 +650,19 @@ TEST(InferenceEngineTest, ShutdownEndsRunningRequests) {
   for (int i = 0; i < 4; ++i) {
     EXPECT_EQ(collector.Get(i).final_event.stop_cause, StopCause::kShutdown) << i;
   }
-  EXPECT_EQ(engine->Submit(Endless(), collector.Callback(9)).status().code(),
-            absl::StatusCode::kFailedPrecondition);
+  const absl::Status after = engine->Submit(Endless(), collector.Callback(9)).status();
+  EXPECT_EQ(after.code(), absl::StatusCode::kUnavailable) << after;
+  EXPECT_NE(after.message().find("shutting down"), std::string::npos) << after;
   EXPECT_EQ(engine->Stats().kv_blocks_used, 0);
 }
 
 TEST(InferenceEngineTest, SubmitAndCancelFromManyThreads) {
   EngineOptions options = SmallOptions();
   options.max_batch_size = 8;
-  auto engine = StartEngine(options);
-  ASSERT_NE(engine, nullptr);
   Collector collector;
   std::atomic<int> accepted{0};
+  auto engine = StartEngine(options);
+  ASSERT_NE(engine, nullptr);
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&, t] {
@@ -635,6 +684,196 @@ TEST(InferenceEngineTest, SubmitAndCancelFromManyThreads) {
   EXPECT_EQ(stats.kv_blocks_used, 0);
   EXPECT_EQ(stats.requests_running, 0);
   EXPECT_EQ(stats.requests_waiting, 0);
+}
+
+TEST(InferenceEngineTest, SchedulerThreadRunsTheModelsCpuThreads) {
+  // OpenMP's thread count is per thread: a thread started now gets the default, whatever
+  // this thread set. The model asks for one more than that default.
+  int fresh_default = 0;
+  std::thread([&] { fresh_default = kernels::cpu::CpuThreads(); }).join();
+  const int saved = kernels::cpu::CpuThreads();
+  ModelLoadOptions load;
+  load.cpu_threads = fresh_default + 1;
+  auto model = Model::Load(ModelDir(), load);
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_EQ((*model)->cpu_threads(), fresh_default + 1);
+  auto engine = InferenceEngine::Start(std::move(*model), SmallOptions());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  EXPECT_EQ((*engine)->cpu_threads(), fresh_default + 1);
+  // Results do not depend on the thread count.
+  ExpectSameAsGenerate(**engine, GreedyRequests(4, 16));
+  EXPECT_EQ((*engine)->cpu_threads(), fresh_default + 1);
+  (*engine)->Shutdown();
+  // 0: all cores.
+  load.cpu_threads = 0;
+  model = Model::Load(ModelDir(), load);
+  ASSERT_TRUE(model.ok()) << model.status();
+  int all_cores = 0;
+  std::thread([&] {
+    kernels::cpu::SetCpuThreads(0);
+    all_cores = kernels::cpu::CpuThreads();
+  }).join();
+  engine = InferenceEngine::Start(std::move(*model), SmallOptions());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  EXPECT_EQ((*engine)->cpu_threads(), all_cores);
+  kernels::cpu::SetCpuThreads(saved);  // Load set this thread's count
+}
+
+TEST(InferenceEngineTest, SessionLenIsTheOptionOrTheModelsContext) {
+  EngineOptions options = SmallOptions();
+  auto engine = StartEngine(options);
+  ASSERT_NE(engine, nullptr);
+  EXPECT_EQ(engine->session_len(), ReferenceModel().config().max_position_embeddings);
+  options.session_len = 100;
+  engine = StartEngine(options);
+  ASSERT_NE(engine, nullptr);
+  EXPECT_EQ(engine->session_len(), 100);
+}
+
+// Submits short requests while the scheduler is held inside the first one's callback (so
+// nothing runs, finishes or is admitted meanwhile) until one is refused: the batch's free
+// slots and `max_queued` more must be accepted. Then, once all have run, slots are free again.
+void ExpectQueueLimit(int32_t max_batch_size, int32_t max_queued) {
+  Collector collector;
+  Gate gate;
+  EngineOptions options = SmallOptions();
+  options.max_batch_size = max_batch_size;
+  options.max_queued_requests = max_queued;
+  auto engine = StartEngine(options);
+  ASSERT_NE(engine, nullptr);
+  int accepted = 0;
+  for (int i = 0; i < max_batch_size + max_queued + 10; ++i) {
+    InferenceRequest r = Endless(i % 8);
+    r.max_tokens = 4;
+    auto id = engine->Submit(r, collector.Callback(i, i == 0 ? gate.HoldFirstEvent() : nullptr));
+    if (!id.ok()) {
+      EXPECT_EQ(id.status().code(), absl::StatusCode::kResourceExhausted) << id.status();
+      break;
+    }
+    ++accepted;
+    if (i == 0) {
+      ASSERT_TRUE(gate.WaitHeld());
+    }
+  }
+  EXPECT_EQ(accepted, max_batch_size + max_queued);
+  gate.Open();
+  ASSERT_TRUE(collector.WaitFinal(accepted));
+  for (int i = 0; i < accepted; ++i) {
+    EXPECT_EQ(collector.Get(i).final_event.stop_cause, StopCause::kFinished) << i;
+  }
+  WaitIdle(*engine);
+  ASSERT_TRUE(engine->Submit(Endless(), collector.Callback(-1)).ok());
+  ASSERT_TRUE(collector.WaitFinal(accepted + 1));
+}
+
+TEST(InferenceEngineTest, QueueLimitCountsOnlyRequestsBeyondFreeBatchSlots) {
+  // A burst within one step fills the 64 slots and 4 more wait.
+  ExpectQueueLimit(64, 4);
+}
+
+TEST(InferenceEngineTest, QueueLimitZeroRefusesUnlessABatchSlotIsFree) {
+  ExpectQueueLimit(2, 0);
+}
+
+// A session's request is held running in its first callback, then cancelled or left to
+// pass its deadline: a new request on the session is accepted at once, before the scheduler
+// has seen either, and runs alone, without the ended request's cache (which it never keeps).
+void ExpectSessionFreeOnceItsRequestEnds(StopCause ended_by) {
+  Collector c;
+  Gate gate;
+  auto engine = StartEngine(SmallOptions());
+  ASSERT_NE(engine, nullptr);
+  InferenceRequest first = Endless(0);
+  first.session_id = "s";
+  const auto deadline = std::chrono::steady_clock::now() + 300ms;
+  if (ended_by == StopCause::kDeadlineExceeded) first.deadline = deadline;
+  auto id = engine->Submit(first, c.Callback(0, gate.HoldFirstEvent()));
+  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(gate.WaitHeld());  // the scheduler is inside its callback
+  InferenceRequest retry = first;
+  retry.deadline.reset();
+  retry.max_tokens = 12;
+  if (std::chrono::steady_clock::now() < deadline) {  // genuinely in flight: refused
+    EXPECT_EQ(engine->Submit(retry, c.Callback(1)).status().code(),
+              absl::StatusCode::kFailedPrecondition);
+  }
+  if (ended_by == StopCause::kCancelled) {
+    engine->Cancel(*id);
+  } else {
+    std::this_thread::sleep_until(deadline + 1ms);
+  }
+  auto retried = engine->Submit(retry, c.Callback(2));
+  EXPECT_TRUE(retried.ok()) << retried.status();
+  gate.Open();
+  ASSERT_TRUE(c.WaitFinal(retried.ok() ? 2 : 1));
+  EXPECT_EQ(c.Get(0).final_event.stop_cause, ended_by);
+  const Collector::Stream got = c.Get(2);
+  EXPECT_EQ(got.final_event.stop_cause, StopCause::kFinished);
+  EXPECT_EQ(got.final_event.usage.cached_prompt_tokens, 0);
+  EXPECT_EQ(got.ids, Reference(retry).output_ids);
+  EXPECT_EQ(WaitIdle(*engine).sessions, 1);  // the retry's
+}
+
+TEST(InferenceEngineTest, SessionIsFreeForANewRequestOnceItsRequestIsCancelled) {
+  ExpectSessionFreeOnceItsRequestEnds(StopCause::kCancelled);
+}
+
+TEST(InferenceEngineTest, SessionIsFreeForANewRequestOnceItsRequestsDeadlinePassed) {
+  ExpectSessionFreeOnceItsRequestEnds(StopCause::kDeadlineExceeded);
+}
+
+TEST(InferenceEngineTest, EndSessionWhileItsRequestRunsKeepsNothing) {
+  Collector c;
+  Gate gate;
+  auto engine = StartEngine(SmallOptions());
+  ASSERT_NE(engine, nullptr);
+  InferenceRequest turn = Endless(2);
+  turn.max_tokens = 20;
+  turn.session_id = "e";
+  ASSERT_TRUE(engine->Submit(turn, c.Callback(0, gate.HoldFirstEvent())).ok());
+  ASSERT_TRUE(gate.WaitHeld());  // running
+  engine->EndSession("e");
+  gate.Open();
+  ASSERT_TRUE(c.WaitFinal(1));
+  EXPECT_EQ(c.Get(0).final_event.stop_cause, StopCause::kFinished);
+  EngineStats stats = WaitIdle(*engine);
+  EXPECT_EQ(stats.sessions, 0);
+  EXPECT_EQ(stats.kv_blocks_used, 0);
+  // The session's next request starts from nothing; it is kept as usual.
+  ASSERT_TRUE(engine->Submit(turn, c.Callback(1)).ok());
+  ASSERT_TRUE(c.WaitFinal(2));
+  EXPECT_EQ(c.Get(1).final_event.usage.cached_prompt_tokens, 0);
+  EXPECT_EQ(c.Get(1).ids, c.Get(0).ids);
+  EXPECT_EQ(WaitIdle(*engine).sessions, 1);
+}
+
+TEST(InferenceEngineTest, EngineDestroyedInsideItsOwnCallbackShutsDownSafely) {
+  // The last owner is released inside a callback, on the scheduler thread: the engine cannot
+  // join that thread, which ends the requests with kShutdown and frees the engine itself.
+  Collector c;
+  std::mutex mu;
+  std::shared_ptr<InferenceEngine> owner;
+  std::atomic<bool> destroyed{false};
+  {
+    std::lock_guard<std::mutex> lock(mu);  // the callback takes `owner` only after Submit
+    owner = StartEngine(SmallOptions());
+    ASSERT_NE(owner, nullptr);
+    for (int i = 0; i < 3; ++i) {
+      auto id = owner->Submit(Endless(i), c.Callback(i, [&](const StreamEvent& event) {
+        std::lock_guard<std::mutex> l(mu);
+        if (!event.final && owner != nullptr) {
+          owner.reset();  // ~InferenceEngine, here on the scheduler thread
+          destroyed = true;
+        }
+      }));
+      ASSERT_TRUE(id.ok()) << id.status();
+    }
+  }
+  ASSERT_TRUE(c.WaitFinal(3));
+  EXPECT_TRUE(destroyed);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(c.Get(i).final_event.stop_cause, StopCause::kShutdown) << i;
+  }
 }
 
 }  // namespace

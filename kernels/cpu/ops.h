@@ -5,8 +5,12 @@
 
 namespace nibble::kernels::cpu {
 
-// Threads used by the parallel CPU kernels from now on (<= 0: all cores).
+// Threads used by the parallel CPU kernels called from the calling thread from now on (<= 0:
+// all cores). OpenMP's thread count is a per-thread setting: other threads, and threads
+// started later, keep their own (the OMP_NUM_THREADS default), so a thread that drives the
+// kernels sets it itself.
 void SetCpuThreads(int threads);
+// The calling thread's setting.
 int CpuThreads();
 
 // out[r, :] = x[r, :] / sqrt(mean(x[r, :]²) + eps) * weight, for each of `rows` rows.

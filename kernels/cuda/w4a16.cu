@@ -1,7 +1,9 @@
 // W4A16 kernels; the layout they read is drawn in w4a16_layout.h.
 //
-// One kernel template, three instantiations (the only ones the dispatcher picks, to keep the
-// multi-architecture build short):
+// The decode kernel (W4A16DecodeKernel, m <= 64, described at its definition) and the first
+// version's mma kernel, whose instantiations are tiled64 and, for one more benchmark round, the
+// v0 decode kernels (only what the dispatcher can pick, to keep the multi-architecture build
+// short). The mma kernel:
 //   TT: tiles of 8 tokens per block (the mma's n dimension); 1 and 2 for decode, 8 for batches.
 //   WN: warps along the output features, each owning a 16-feature tile (the mma's m dimension).
 //   WK: warps along k, each taking every WK-th 64-k chunk; partial sums meet in shared memory.

@@ -5,7 +5,6 @@ python3-grpcio with stubs generated at build time), the real stories260K model.
 Every daemon a test starts is stopped by the test's cleanup, also on failure (and killed at
 exit as a last resort). `server_test.py PrometheusTest` runs the scrape by a real Prometheus.
 """
-import atexit
 import importlib.util
 import json
 import os
@@ -27,6 +26,7 @@ sys.path.insert(0, STUBS)
 import grpc  # noqa: E402
 from google.protobuf import descriptor_pb2  # noqa: E402
 from nibble.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc  # noqa: E402
+from nibbled_process import Nibbled, free_port, scalar_metric, track  # noqa: E402
 
 
 def _load(name, relative):
@@ -47,52 +47,15 @@ MODEL = os.path.join(os.environ["NIBBLE_TEST_MODELS"], "stories260K")
 PROMETHEUS = os.environ.get("NIBBLE_PROMETHEUS", "")
 PROMTOOL = os.environ.get("NIBBLE_PROMTOOL", "")
 
-_processes = []
-
-
-@atexit.register
-def _kill_leftovers():
-    for process in _processes:
-        if process.poll() is None:
-            process.kill()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scalar_metric(text, name, labels=""):
-    for line in text.splitlines():
-        if line.startswith(name + "{") and (not labels or labels in line):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in metrics:\n{text}")
-
-
-class Daemon:
-    """One nibbled on free loopback ports, with a config written for it."""
+class Daemon(Nibbled):
+    """One nibbled on free loopback ports, with a config written for it (nibbled_process.py),
+    stopped by the test's cleanup; its gRPC stubs on one channel."""
 
     def __init__(self, test, engine=None, grace=5.0, extra_config=""):
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="nibbled-test-")
-        test.addCleanup(shutil.rmtree, self.dir, True)
-        engine = engine or {}
-        engine_yaml = "".join(f"  {k}: {v}\n" for k, v in engine.items())
-        self.config = os.path.join(self.dir, "nibbled.yaml")
-        with open(self.config, "w") as f:
-            f.write(f"listen: 127.0.0.1:{self.port}\n"
-                    f"metrics_listen: 127.0.0.1:{self.metrics_port}\n"
-                    f"drain_grace_seconds: {grace}\n"
-                    f"models:\n  - name: stories260K\n    path: {MODEL}\n    cpu_threads: 1\n"
-                    + ("engine:\n" + engine_yaml if engine_yaml else "") + extra_config)
-        self.log = open(os.path.join(self.dir, "nibbled.log"), "w+")
-        self.process = subprocess.Popen([NIBBLED, "--config", self.config], stdout=self.log,
-                                        stderr=subprocess.STDOUT)
-        _processes.append(self.process)
+        super().__init__(NIBBLED, MODEL, grace=grace, engine=engine, extra_config=extra_config,
+                         prefix="nibbled-test-")
         test.addCleanup(self.stop)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.channel = grpc.insecure_channel(self.address)
         test.addCleanup(self.channel.close)
         self.inference = inference_pb2_grpc.InferenceStub(self.channel)
         self.models = models_pb2_grpc.ModelsStub(self.channel)
@@ -104,50 +67,18 @@ class Daemon:
             "/grpc.health.v1.Health/Watch",
             request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
             response_deserializer=health_pb2.HealthCheckResponse.FromString)
-        self.wait_serving()
-
-    def output(self):
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def wait_serving(self, timeout=30):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"nibbled exited ({self.process.returncode}):\n{self.output()}")
-            try:
-                status = self.health_check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"nibbled did not start serving:\n{self.output()}")
-
-    def metrics(self):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            return r.read().decode()
+        self.wait_serving(lambda: self.health_check(health_pb2.HealthCheckRequest(), timeout=1)
+                          .status == health_pb2.HealthCheckResponse.SERVING, grpc.RpcError)
 
     def wait_metric(self, name, predicate, timeout=10):
         deadline = time.time() + timeout
         while True:
-            value = scalar_metric(self.metrics(), name)
+            value = self.metric(name)
             if predicate(value):
                 return value
             if time.time() > deadline:
                 raise AssertionError(f"{name} stayed at {value}")
             time.sleep(0.05)
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
 
 
 def sampling(**kwargs):
@@ -207,6 +138,11 @@ class StreamingTest(unittest.TestCase):
         self.assertGreater(last.usage.completion_tokens, 0)
         for chunk in chunks[:-1]:
             self.assertEqual(chunk.finish_reason, inference_pb2.FINISH_REASON_UNSPECIFIED)
+        # One origin (arrival at the daemon) for every timing.
+        timing = last.timing
+        self.assertGreater(timing.queue_seconds, 0)
+        self.assertLessEqual(timing.queue_seconds, timing.first_token_seconds)
+        self.assertLessEqual(timing.first_token_seconds, timing.total_seconds)
 
     def test_greedy_generate_equals_local_cli(self):
         for prompt in ["", "Once upon a time", "The little dog saw 3 big cats"]:
@@ -303,7 +239,34 @@ class StreamingTest(unittest.TestCase):
         files = [descriptor_pb2.FileDescriptorProto.FromString(b)
                  for b in responses[1].file_descriptor_response.file_descriptor_proto]
         services = {s.name: [m.name for m in s.method] for f in files for s in f.service}
-        self.assertEqual(services["Inference"], ["Chat", "Generate", "Tokenize", "CountTokens"])
+        self.assertEqual(services["Inference"],
+                         ["Chat", "Generate", "Tokenize", "CountTokens", "EndSession"])
+
+    def test_unseeded_sampling_is_random_and_the_returned_seed_replays_it(self):
+        kw = dict(max_tokens=64, temperature=1.0, ignore_eos=True)
+        _, ids1, last1 = generate(self.daemon, "Once upon a time", **kw)
+        _, ids2, last2 = generate(self.daemon, "Once upon a time", **kw)
+        self.assertEqual(len(ids1), 64)
+        self.assertNotEqual(last1.seed, last2.seed)
+        self.assertNotEqual(ids1, ids2)
+        _, replay, last3 = generate(self.daemon, "Once upon a time", seed=last1.seed, **kw)
+        self.assertEqual(replay, ids1)
+        self.assertEqual(last3.seed, last1.seed)
+        _, _, seeded = generate(self.daemon, "Once", max_tokens=3, seed=7)
+        self.assertEqual(seeded.seed, 7)
+
+    def test_chat_with_ignore_eos_runs_past_the_stop_token_to_max_tokens(self):
+        messages = [("user", "Tom had a red ball.")]
+        _, stopped, last = chat(self.daemon, messages, max_tokens=400)
+        self.assertEqual(last.finish_reason, inference_pb2.FINISH_REASON_STOP)
+        self.assertLess(len(stopped), 400)
+        _, ids, last = chat(self.daemon, messages, max_tokens=400, ignore_eos=True)
+        self.assertEqual(last.finish_reason, inference_pb2.FINISH_REASON_LENGTH)
+        self.assertEqual(len(ids), 400)
+        self.assertEqual(ids[:len(stopped)], stopped)  # the stop token is generated, not obeyed
+        expected = cli_generate("--chat", "--prompt", "Tom had a red ball.", "--max-tokens", "400",
+                                "--ignore-eos")
+        self.assertEqual(ids, expected["generated_ids"])
 
 
 BAD = "@@BADUTF8@@"  # replaced by as many invalid UTF-8 bytes in the serialized request
@@ -401,9 +364,13 @@ class BadInputTest(unittest.TestCase):
                     words="session_len")
         self.expect(IA, "/nibble.v1.Inference/Generate", inference_pb2.GenerateRequest(prompt=BAD),
                     words="prompt")
-        # Past gRPC's 4 MiB message limit: refused by gRPC itself.
+        # Past max_request_bytes (1 MiB by default): refused by gRPC itself.
+        for size in [(1 << 20) + 1000, 5 << 20]:
+            self.expect(RE, "/nibble.v1.Inference/Generate",
+                        inference_pb2.GenerateRequest(prompt="a" * size))
+        # Past session_len in tokens while under the byte bound: refused after tokenizing.
         self.expect(RE, "/nibble.v1.Inference/Generate",
-                    inference_pb2.GenerateRequest(prompt="a" * (5 << 20)))
+                    inference_pb2.GenerateRequest(prompt="a " * 1000), words="tokens, more than")
         for method in ["Tokenize", "CountTokens"]:
             path = f"/nibble.v1.Inference/{method}"
             T = inference_pb2.TokenizeRequest
@@ -412,6 +379,13 @@ class BadInputTest(unittest.TestCase):
             self.expect(IA, path, T(messages=[M(role="bot", content="a")]), streaming=False)
             self.expect(NF, path, T(model="nope", text="a"), streaming=False)
             self.expect(IA, path, b"\xff", streaming=False)
+            self.expect(RE, path, T(text=huge), streaming=False, words="session_len")
+        end = "/nibble.v1.Inference/EndSession"
+        E = inference_pb2.EndSessionRequest
+        self.expect(IA, end, E(session_id=""), streaming=False, words="session_id")
+        self.expect(IA, end, E(session_id="s" * 129), streaming=False, words="session_id")
+        self.expect(NF, end, E(model="nope", session_id="s"), streaming=False)
+        self.daemon.inference.EndSession(E(session_id="never-used"), timeout=10)  # not an error
         get = "/nibble.v1.Models/Get"
         self.expect(IA, get, models_pb2.GetModelRequest(name=""), streaming=False)
         self.expect(NF, get, models_pb2.GetModelRequest(name="nope"), streaming=False)
@@ -426,6 +400,64 @@ class BadInputTest(unittest.TestCase):
         self.assertEqual(generate(self.daemon, "Once", max_tokens=10)[1],
                          cli_generate("--prompt", "Once", "--max-tokens", "10")["generated_ids"])
         self.assertIsNone(self.daemon.process.poll())
+
+
+class OverloadTest(unittest.TestCase):
+    """Huge prompts are refused by their size, fast, without starving other requests."""
+
+    def setUp(self):
+        self.daemon = Daemon(self)
+
+    def test_huge_prompt_is_refused_fast(self):
+        near_limit = "Once upon a time " * 60000  # 1.02 MB: under max_request_bytes
+        cases = [
+            ("Generate", inference_pb2.GenerateRequest(prompt=near_limit)),
+            ("Chat", inference_pb2.ChatRequest(
+                messages=[inference_pb2.ChatMessage(role="user", content=near_limit)])),
+            ("Generate", inference_pb2.GenerateRequest(prompt="a" * 3_900_000)),  # past it
+        ]
+        for method, request in cases:
+            start = time.time()
+            with self.assertRaises(grpc.RpcError) as caught:
+                list(getattr(self.daemon.inference, method)(request, timeout=30))
+            self.assertEqual(caught.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+            self.assertLess(time.time() - start, 1.0, method)
+        start = time.time()
+        with self.assertRaises(grpc.RpcError) as caught:
+            self.daemon.inference.CountTokens(inference_pb2.TokenizeRequest(text=near_limit),
+                                              timeout=30)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assertLess(time.time() - start, 1.0)
+
+    def test_small_request_is_not_delayed_by_concurrent_huge_ones(self):
+        huge = [inference_pb2.GenerateRequest(prompt="Once upon a time " * 60000),
+                inference_pb2.GenerateRequest(prompt="a" * 3_900_000)]
+        stop = threading.Event()
+        sent = []
+
+        def flood(i):
+            while not stop.is_set():
+                try:
+                    list(self.daemon.inference.Generate(huge[i % 2], timeout=60))
+                except grpc.RpcError:
+                    pass
+                sent.append(i)
+
+        threads = [threading.Thread(target=flood, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        try:
+            while len(sent) < 16:  # the flood is running
+                time.sleep(0.01)
+            start = time.time()
+            _, ids, _ = generate(self.daemon, "Once", max_tokens=5)
+            elapsed = time.time() - start
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        self.assertEqual(len(ids), 5)
+        self.assertLess(elapsed, 5.0)
 
 
 class CancellationTest(unittest.TestCase):
@@ -465,26 +497,51 @@ class CancellationTest(unittest.TestCase):
         client = subprocess.Popen([sys.executable, "-c", script, STUBS,
                                    f"127.0.0.1:{self.daemon.port}"], stdout=subprocess.PIPE,
                                   text=True)
-        _processes.append(client)
+        track(client)
         self.addCleanup(lambda: client.poll() is None and client.kill())
         self.assertEqual(client.stdout.readline().strip(), "streaming")
         client.kill()
         client.wait()
         self.assert_freed_and_serving()
 
+    def generated_tokens(self):
+        return scalar_metric(self.daemon.metrics(), "nibble_generation_tokens_total")
+
     def test_deadline_passes_mid_stream(self):
+        # 32 long streams share the batch, so the one under test takes seconds; its deadline
+        # passes after it has streamed (the server saw the request run and cut it).
+        background = [self.daemon.inference.Generate(self.long_request(), timeout=120)
+                      for _ in range(32)]
+        for stream in background:
+            next(stream)
+        before = self.generated_tokens()
+        chunks = 0
         with self.assertRaises(grpc.RpcError) as caught:
-            for _ in self.daemon.inference.Generate(self.long_request(), timeout=0.02):
-                pass
+            for _ in self.daemon.inference.Generate(self.long_request(), timeout=0.5):
+                chunks += 1
         self.assertEqual(caught.exception.code(), grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.assertGreater(chunks, 0, "the deadline passed before the stream started")
+        for stream in background:
+            for _ in stream:
+                pass
+        self.daemon.wait_metric("nibble_num_requests_running", lambda v: v == 0)
+        # The background streams finished (at most 32 x 480 tokens since `before`); the stream
+        # under test was cut short of its 480.
+        self.assertLess(self.generated_tokens() - before, 33 * 480)
         self.assert_freed_and_serving()
 
     def test_many_cancelled_streams(self):
+        before = self.generated_tokens()
         streams = [self.daemon.inference.Generate(self.long_request(), timeout=60)
                    for _ in range(32)]
         for s in streams:
-            s.cancel()
+            next(s)  # running: it has streamed a chunk
+        self.assertGreater(scalar_metric(self.daemon.metrics(), "nibble_kv_cache_usage_perc"), 0)
+        cancelled = sum(1 for s in streams if s.cancel())
+        self.assertEqual(cancelled, 32, "streams ended before they were cancelled")
         self.assert_freed_and_serving()
+        # Cut short: far fewer than the 32 x 480 tokens they asked for.
+        self.assertLess(self.generated_tokens() - before, 32 * 480 // 2)
 
 
 class SessionTest(unittest.TestCase):
@@ -504,6 +561,24 @@ class SessionTest(unittest.TestCase):
         # Most of the second prompt (the first turn's prompt and reply) came from the cache.
         self.assertGreaterEqual(last2.usage.cached_prompt_tokens, last1.usage.prompt_tokens)
         self.assertEqual(fresh_last.usage.cached_prompt_tokens, 0)
+        # Metrics: reused tokens counted apart; the kept session's blocks are memory in use.
+        metrics = self.daemon.metrics()
+        self.assertEqual(scalar_metric(metrics, "nibble_prompt_tokens_cached_total"),
+                         last2.usage.cached_prompt_tokens)
+        used = scalar_metric(metrics, "nibble_device_memory_used_bytes", 'use="kv_cache"')
+        capacity = scalar_metric(metrics, "nibble_kv_cache_capacity_bytes")
+        self.assertGreater(used, 0)
+        self.assertLess(used, capacity)
+
+    def test_end_session_frees_its_cache(self):
+        chat(self.daemon, [("user", "Lily went to the park.")], session_id="conv-2", max_tokens=20)
+        self.daemon.wait_metric("nibble_sessions", lambda v: v == 1)
+        self.daemon.inference.EndSession(inference_pb2.EndSessionRequest(session_id="conv-2"),
+                                         timeout=10)
+        self.daemon.wait_metric("nibble_sessions", lambda v: v == 0)
+        self.daemon.wait_metric("nibble_kv_cache_usage_perc", lambda v: v == 0)
+        self.assertEqual(scalar_metric(self.daemon.metrics(), "nibble_device_memory_used_bytes",
+                                       'use="kv_cache"'), 0)
 
 
 class LifecycleTest(unittest.TestCase):
@@ -514,6 +589,8 @@ class LifecycleTest(unittest.TestCase):
         streams = [daemon.inference.Generate(inference_pb2.GenerateRequest(
             prompt="Once", sampling=sampling(max_tokens=480, ignore_eos=True)), timeout=60)
             for _ in range(64)]
+        for stream in streams:
+            next(stream)  # every stream is running before the drain starts
         start = time.time()
         daemon.process.send_signal(signal.SIGTERM)
         self.assertEqual(next(watch).status, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -522,12 +599,17 @@ class LifecycleTest(unittest.TestCase):
         self.assertEqual(caught.exception.code(), grpc.StatusCode.UNAVAILABLE)
         self.assertEqual(daemon.process.wait(timeout=15), 0, daemon.output())
         self.assertLess(time.time() - start, 0.5 + 8)
+        cut = 0
         for stream in streams:
             try:
                 for _ in stream:
                     pass
             except grpc.RpcError as e:  # ended by the grace period, with a clear status
                 self.assertEqual(e.code(), grpc.StatusCode.UNAVAILABLE, e.details())
+                self.assertIn("grace period", e.details())
+                cut += 1
+        # 64 x 480 tokens take seconds: the 0.5 s grace period cut streams off.
+        self.assertGreater(cut, 0)
 
     def test_idle_daemon_exits_zero_on_sigint(self):
         daemon = Daemon(self)
@@ -602,18 +684,39 @@ class CliClientTest(unittest.TestCase):
                                                            "--max-tokens", "30")["text"])
 
     def test_chat_one_shot_json_and_interactive_session(self):
-        out = self.nibble("chat", "--server", self.server, "--prompt", "Hi", "--json",
-                          "--max-tokens", "20")
-        chunks = [json.loads(line) for line in out.stdout.splitlines()]
-        self.assertIn(chunks[-1]["finish_reason"], ["length", "stop", "stop_string"])
-        self.assertEqual(chunks[-1]["usage"]["cached_prompt_tokens"], 0)
+        # Interactive: a session from turn to turn, ended (its cache freed) at EOF.
         out = self.nibble("chat", "--server", self.server, "--json", "--max-tokens", "20",
                           stdin="Lily had a cat.\nThe cat was happy.\n")
         finals = [c for c in map(json.loads, out.stdout.splitlines()) if "finish_reason" in c]
         self.assertEqual(len(finals), 2)
         self.assertGreater(finals[1]["usage"]["cached_prompt_tokens"], 0)
+        self.daemon.wait_metric("nibble_sessions", lambda v: v == 0)
+        self.daemon.wait_metric("nibble_kv_cache_usage_perc", lambda v: v == 0)
+        # One shot: no session kept.
+        out = self.nibble("chat", "--server", self.server, "--prompt", "Hi", "--json",
+                          "--max-tokens", "20")
+        chunks = [json.loads(line) for line in out.stdout.splitlines()]
+        self.assertIn(chunks[-1]["finish_reason"], ["length", "stop", "stop_string"])
+        self.assertEqual(chunks[-1]["usage"]["cached_prompt_tokens"], 0)
+        self.assertIn("seed", chunks[-1])
+        # ... unless one is named: then exactly that one is kept (so the gauge is current and
+        # the run before kept none).
+        self.nibble("chat", "--server", self.server, "--prompt", "Hi", "--max-tokens", "5",
+                    "--session-id", "kept")
+        self.daemon.wait_metric("nibble_sessions", lambda v: v == 1)
         plain = self.nibble("chat", "--server", self.server, "--prompt", "Hi", "--max-tokens", "10")
         self.assertIn("generated tokens", plain.stderr)
+        time.sleep(0.2)
+        self.assertEqual(scalar_metric(self.daemon.metrics(), "nibble_sessions"), 1)
+
+    def test_timeout_flag_ends_a_stream(self):
+        slow = self.nibble("generate", "--server", self.server, "--prompt", "Once",
+                           "--max-tokens", "480", "--ignore-eos", "--timeout", "0.000001",
+                           check=False)
+        self.assertEqual(slow.returncode, 1)
+        self.assertIn("DEADLINE_EXCEEDED", slow.stderr)
+        ok = self.nibble("models", "list", "--server", self.server, "--timeout", "30")
+        self.assertIn("stories260K", ok.stdout)
 
     def test_models_list_and_errors(self):
         out = self.nibble("models", "list", "--server", self.server)
@@ -649,7 +752,7 @@ class PrometheusTest(unittest.TestCase):
         prometheus = subprocess.Popen(
             [PROMETHEUS, f"--config.file={d}/prometheus.yml", f"--storage.tsdb.path={d}/data",
              f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
-        _processes.append(prometheus)
+        track(prometheus)
 
         def stop_prometheus():
             if prometheus.poll() is None:
@@ -688,7 +791,8 @@ class PrometheusTest(unittest.TestCase):
                      "nibble_inter_token_latency_seconds_bucket",
                      "nibble_e2e_request_latency_seconds_bucket",
                      "nibble_request_queue_time_seconds_bucket", "nibble_build_info",
-                     "nibble_device_memory_used_bytes"]:
+                     "nibble_device_memory_used_bytes", "nibble_kv_cache_capacity_bytes",
+                     "nibble_prompt_tokens_cached_total"]:
             self.assertIn(name + "{", text)
         self.assertGreater(scalar_metric(text, "nibble_time_to_first_token_seconds_count"), 0)
 

@@ -1,0 +1,313 @@
+// Element-wise and per-row kernels (ops.h). All memory-bound: one pass over the data (RMSNorm
+// re-reads its row, which its own block has just touched, from L1/L2), 16-byte accesses when
+// the shapes and pointers allow (V = 8 halves per access), fp32 arithmetic.
+#include "kernels/cuda/ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+
+#include <cuda_fp16.h>
+
+#include "kernels/cuda/check.h"
+#include "kernels/cuda/half8.h"
+
+namespace nibble::kernels::cuda {
+namespace {
+
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// V consecutive halves <-> V floats. V = 8: one 16-byte access; V = 1: one 2-byte access.
+template <int V>
+__device__ __forceinline__ void LoadF(const __half* p, float* f) {
+  if constexpr (V == 8) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);  // one 16-byte load
+    Half8ToFloat(u, f);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) f[j] = __half2float(p[j]);
+  }
+}
+
+template <int V>
+__device__ __forceinline__ void StoreF(__half* p, const float* f) {
+  if constexpr (V == 8) {
+    uint4 u;
+    __half2* h = reinterpret_cast<__half2*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) h[j] = __floats2half2_rn(f[2 * j], f[2 * j + 1]);
+    *reinterpret_cast<uint4*>(p) = u;
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) p[j] = __float2half_rn(f[j]);
+  }
+}
+
+// Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets the result.
+__device__ __forceinline__ float BlockSum(float v) {
+  __shared__ float partial[32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  v = lane < warps ? partial[lane] : 0.0f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// One block per row (grid-stride over rows). kAdd: x += residual first (rounded to fp16 and
+// stored), and the norm is of the stored value.
+template <bool kAdd, int V>
+__global__ void RmsNormKernel(__half* x, const __half* __restrict__ residual,
+                              const __half* __restrict__ weight, int64_t rows, int dim,
+                              float eps, __half* y) {
+  const int nv = dim / V;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    __half* xr = x + row * dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+      float f[V];
+      LoadF<V>(xr + i * V, f);
+      if constexpr (kAdd) {
+        float r[V];
+        LoadF<V>(residual + row * dim + i * V, r);
+#pragma unroll
+        for (int j = 0; j < V; ++j) f[j] = __half2float(__float2half_rn(f[j] + r[j]));
+        StoreF<V>(xr + i * V, f);  // exact: f[j] is already an fp16 value
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) ss = fmaf(f[j], f[j], ss);
+    }
+    ss = BlockSum(ss);
+    const float scale = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
+    // The same thread reads back what it wrote above (or what the row held): no barrier needed.
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+      float f[V], w[V];
+      LoadF<V>(xr + i * V, f);
+      LoadF<V>(weight + i * V, w);
+#pragma unroll
+      for (int j = 0; j < V; ++j) f[j] = f[j] * scale * w[j];
+      StoreF<V>(y + row * dim + i * V, f);
+    }
+    __syncthreads();  // BlockSum's shared memory is reused by the next row
+  }
+}
+
+template <bool kAdd>
+cudaError_t LaunchRmsNorm(uint16_t* x, const uint16_t* residual, const uint16_t* weight,
+                          int64_t rows, int64_t dim, float eps, uint16_t* y,
+                          cudaStream_t stream) {
+  if (rows < 0 || dim <= 0 || dim > (int64_t{1} << 30)) return cudaErrorInvalidValue;
+  if (rows == 0) return cudaSuccess;
+  const bool vec = dim % 8 == 0 && Aligned16(x) && Aligned16(weight) && Aligned16(y) &&
+                   (!kAdd || Aligned16(residual));
+  const int64_t items = vec ? dim / 8 : dim;
+  const int threads = static_cast<int>(std::clamp<int64_t>((items + 31) / 32 * 32, 32, 1024));
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(rows, 1 << 30));
+  auto* xh = reinterpret_cast<__half*>(x);
+  auto* rh = reinterpret_cast<const __half*>(residual);
+  auto* wh = reinterpret_cast<const __half*>(weight);
+  auto* yh = reinterpret_cast<__half*>(y);
+  if (vec) {
+    RmsNormKernel<kAdd, 8><<<grid, threads, 0, stream>>>(xh, rh, wh, rows, static_cast<int>(dim), eps, yh);
+  } else {
+    RmsNormKernel<kAdd, 1><<<grid, threads, 0, stream>>>(xh, rh, wh, rows, static_cast<int>(dim), eps, yh);
+  }
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return cudaSuccess;
+}
+
+template <int V>
+__global__ void SiluMulKernel(const __half* gate, int64_t gate_stride, const __half* up,
+                              int64_t up_stride, int64_t rows, int cols, __half* out,
+                              int64_t out_stride) {
+  const int i = (blockIdx.x * blockDim.x + threadIdx.x) * V;
+  if (i >= cols) return;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    float g[V], u[V];
+    LoadF<V>(gate + row * gate_stride + i, g);
+    LoadF<V>(up + row * up_stride + i, u);
+#pragma unroll
+    for (int j = 0; j < V; ++j) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+    StoreF<V>(out + row * out_stride + i, g);
+  }
+}
+
+// The rotation angle position * inv_freq, exact in double (a 31-bit integer times a 24-bit
+// significand), reduced to [-pi, pi] in double, then sin and cos in fp32.
+__device__ __forceinline__ void RopeCosSin(int position, float inv_freq, float* c, float* s) {
+  const double a = static_cast<double>(position) * static_cast<double>(inv_freq);
+  const double k = rint(a * 0.15915494309189535);  // 1 / (2 pi)
+  double r = fma(-k, 6.283185307179586, a);        // 2 pi, high part
+  r = fma(-k, 2.4492935982947064e-16, r);          // 2 pi, low part
+  sincosf(static_cast<float>(r), s, c);
+}
+
+// One block per token (grid-stride): the half = head_dim / 2 cos/sin pairs into shared memory,
+// then every (head, pair) of q and k. kPair: two adjacent i per thread (half2 accesses).
+template <bool kPair>
+__global__ void RopeKernel(__half* q, int64_t q_stride, int heads, __half* k, int64_t k_stride,
+                           int kv_heads, int head_dim, int64_t tokens,
+                           const int32_t* __restrict__ positions,
+                           const float* __restrict__ inv_freq,
+                           const int32_t* __restrict__ freq_index) {
+  extern __shared__ float cs[];  // cos[half], sin[half]
+  const int half = head_dim / 2;
+  constexpr int P = kPair ? 2 : 1;
+  const int per_head = half / P;
+  const int total = (heads + kv_heads) * per_head;
+  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
+    const int position = positions[t];
+    const float* f = inv_freq + (freq_index != nullptr ? static_cast<int64_t>(freq_index[t]) * half : 0);
+    for (int i = threadIdx.x; i < half; i += blockDim.x) RopeCosSin(position, f[i], &cs[i], &cs[half + i]);
+    __syncthreads();
+    for (int p = threadIdx.x; p < total; p += blockDim.x) {
+      const int head = p / per_head, i = (p % per_head) * P;
+      __half* h = head < heads ? q + t * q_stride + static_cast<int64_t>(head) * head_dim
+                               : k + t * k_stride + static_cast<int64_t>(head - heads) * head_dim;
+      if constexpr (kPair) {
+        const float2 a = __half22float2(*reinterpret_cast<const __half2*>(h + i));
+        const float2 b = __half22float2(*reinterpret_cast<const __half2*>(h + half + i));
+        const float c0 = cs[i], c1 = cs[i + 1], s0 = cs[half + i], s1 = cs[half + i + 1];
+        *reinterpret_cast<__half2*>(h + i) = __floats2half2_rn(a.x * c0 - b.x * s0, a.y * c1 - b.y * s1);
+        *reinterpret_cast<__half2*>(h + half + i) =
+            __floats2half2_rn(b.x * c0 + a.x * s0, b.y * c1 + a.y * s1);
+      } else {
+        const float a = __half2float(h[i]), b = __half2float(h[half + i]);
+        const float c = cs[i], s = cs[half + i];
+        h[i] = __float2half_rn(a * c - b * s);
+        h[half + i] = __float2half_rn(b * c + a * s);
+      }
+    }
+    __syncthreads();  // cs is rewritten for the next token
+  }
+}
+
+template <int V>
+__global__ void EmbeddingKernel(const __half* __restrict__ table, int64_t vocab, int hidden,
+                                const int32_t* __restrict__ ids, int64_t n, __half* out) {
+  const int nv = hidden / V;
+  for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+    const int32_t id = ids[r];
+    __half* o = out + r * hidden;
+    if (id < 0 || id >= vocab) {  // never reached after the host check: a visible NaN row
+      for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = __ushort_as_half(0x7e00);
+      continue;
+    }
+    const __half* src = table + static_cast<int64_t>(id) * hidden;
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+      if constexpr (V == 8) {
+        reinterpret_cast<uint4*>(o)[i] = __ldg(reinterpret_cast<const uint4*>(src) + i);
+      } else {
+        o[i] = src[i];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t RmsNorm(const uint16_t* x, const uint16_t* weight, int64_t rows, int64_t dim,
+                    float eps, uint16_t* y, cudaStream_t stream) {
+  // The kAdd = false kernel never writes x.
+  return LaunchRmsNorm<false>(const_cast<uint16_t*>(x), nullptr, weight, rows, dim, eps, y, stream);
+}
+
+cudaError_t AddRmsNorm(uint16_t* x, const uint16_t* residual, const uint16_t* weight,
+                       int64_t rows, int64_t dim, float eps, uint16_t* y, cudaStream_t stream) {
+  if (y == x || y == residual) return cudaErrorInvalidValue;
+  return LaunchRmsNorm<true>(x, residual, weight, rows, dim, eps, y, stream);
+}
+
+cudaError_t SiluMul(const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
+                    int64_t up_stride, int64_t rows, int64_t cols, uint16_t* out,
+                    int64_t out_stride, cudaStream_t stream) {
+  if (rows < 0 || cols <= 0 || cols > (int64_t{1} << 30) || gate_stride < cols ||
+      up_stride < cols || out_stride < cols) {
+    return cudaErrorInvalidValue;
+  }
+  if (rows == 0) return cudaSuccess;
+  const bool vec = cols % 8 == 0 && gate_stride % 8 == 0 && up_stride % 8 == 0 &&
+                   out_stride % 8 == 0 && Aligned16(gate) && Aligned16(up) && Aligned16(out);
+  const int v = vec ? 8 : 1;
+  const int threads = 128;
+  const dim3 grid(static_cast<unsigned>((cols / v + threads - 1) / threads),
+                  static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+  auto* g = reinterpret_cast<const __half*>(gate);
+  auto* u = reinterpret_cast<const __half*>(up);
+  auto* o = reinterpret_cast<__half*>(out);
+  if (vec) {
+    SiluMulKernel<8><<<grid, threads, 0, stream>>>(g, gate_stride, u, up_stride, rows, static_cast<int>(cols), o, out_stride);
+  } else {
+    SiluMulKernel<1><<<grid, threads, 0, stream>>>(g, gate_stride, u, up_stride, rows, static_cast<int>(cols), o, out_stride);
+  }
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return cudaSuccess;
+}
+
+cudaError_t RopeRotateHalf(uint16_t* q, int64_t q_stride, int64_t heads, uint16_t* k,
+                           int64_t k_stride, int64_t kv_heads, int64_t head_dim, int64_t tokens,
+                           const int32_t* positions, const float* inv_freq,
+                           const int32_t* freq_index, cudaStream_t stream) {
+  if (k == nullptr) kv_heads = 0;
+  if (tokens < 0 || heads < 0 || kv_heads < 0 || head_dim <= 0 || head_dim % 2 != 0 ||
+      head_dim > 1024 || q_stride < heads * head_dim || (kv_heads > 0 && k_stride < kv_heads * head_dim) ||
+      (heads + kv_heads) * head_dim > (int64_t{1} << 30)) {
+    return cudaErrorInvalidValue;
+  }
+  if (tokens == 0 || heads + kv_heads == 0) return cudaSuccess;
+  const auto even = [](int64_t v) { return v % 2 == 0; };
+  const bool pair = head_dim % 4 == 0 && even(q_stride) && reinterpret_cast<uintptr_t>(q) % 4 == 0 &&
+                    (kv_heads == 0 || (even(k_stride) && reinterpret_cast<uintptr_t>(k) % 4 == 0));
+  const int64_t items = (heads + kv_heads) * head_dim / (pair ? 4 : 2);
+  const int threads = static_cast<int>(std::clamp<int64_t>((items + 31) / 32 * 32, 32, 256));
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tokens, 1 << 30));
+  const size_t smem = static_cast<size_t>(head_dim) * sizeof(float);
+  auto* qh = reinterpret_cast<__half*>(q);
+  auto* kh = reinterpret_cast<__half*>(k);
+  if (pair) {
+    RopeKernel<true><<<grid, threads, smem, stream>>>(qh, q_stride, static_cast<int>(heads), kh, k_stride,
+        static_cast<int>(kv_heads), static_cast<int>(head_dim), tokens, positions, inv_freq, freq_index);
+  } else {
+    RopeKernel<false><<<grid, threads, smem, stream>>>(qh, q_stride, static_cast<int>(heads), kh, k_stride,
+        static_cast<int>(kv_heads), static_cast<int>(head_dim), tokens, positions, inv_freq, freq_index);
+  }
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return cudaSuccess;
+}
+
+cudaError_t CheckTokenIds(const int32_t* host_ids, int64_t n, int64_t vocab) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (host_ids[i] < 0 || host_ids[i] >= vocab) {
+      std::fprintf(stderr, "%s:%d: Embedding: token %lld (id %d) outside the vocabulary of %lld\n",
+                   __FILE__, __LINE__, static_cast<long long>(i), host_ids[i],
+                   static_cast<long long>(vocab));
+      return cudaErrorInvalidValue;
+    }
+  }
+  return cudaSuccess;
+}
+
+cudaError_t Embedding(const uint16_t* table, int64_t vocab, int64_t hidden, const int32_t* ids,
+                      int64_t n, uint16_t* out, cudaStream_t stream, const int32_t* host_ids) {
+  if (n < 0 || vocab <= 0 || hidden <= 0 || hidden > (int64_t{1} << 30)) return cudaErrorInvalidValue;
+  if (host_ids != nullptr) NIBBLE_CUDA_RETURN_IF_ERROR(CheckTokenIds(host_ids, n, vocab));
+  if (n == 0) return cudaSuccess;
+  const bool vec = hidden % 8 == 0 && Aligned16(table) && Aligned16(out);
+  const int64_t items = vec ? hidden / 8 : hidden;
+  const int threads = static_cast<int>(std::clamp<int64_t>((items + 31) / 32 * 32, 32, 512));
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(n, 1 << 30));
+  auto* t = reinterpret_cast<const __half*>(table);
+  auto* o = reinterpret_cast<__half*>(out);
+  if (vec) {
+    EmbeddingKernel<8><<<grid, threads, 0, stream>>>(t, vocab, static_cast<int>(hidden), ids, n, o);
+  } else {
+    EmbeddingKernel<1><<<grid, threads, 0, stream>>>(t, vocab, static_cast<int>(hidden), ids, n, o);
+  }
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return cudaSuccess;
+}
+
+}  // namespace nibble::kernels::cuda

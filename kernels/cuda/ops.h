@@ -1,0 +1,66 @@
+// Element-wise and per-row operations of the transformer forward pass on the GPU, fp16 in and
+// out, fp32 arithmetic. CPU references: kernels/cpu/ops.h (RmsNorm, AddInPlace, SiluMulInPlace,
+// RopeRotateHalf); tests/gpu/ops_test.cc compares them.
+//
+// Ownership: the kernels own nothing and allocate nothing; every pointer is device memory
+// (unless named host_) that the caller keeps alive until the stream has run the work. Matrices
+// are row-major with the row strides given in elements (a stride lets a kernel work on a slice
+// of a fused buffer, e.g. the q and k parts of a fused qkv product).
+// Thread safety: none needed; launches go on `stream` and return at once.
+// Errors: the launch's cudaError_t (printed with file:line by NIBBLE_CUDA_RETURN_IF_ERROR);
+// cudaErrorInvalidValue for negative sizes or other bad arguments (stated per function).
+// Zero rows (tokens) do nothing.
+// 16-byte loads and stores are used where dimensions and pointers allow (multiples of 8 halves,
+// 16-byte aligned); anything else runs on a scalar path with the same results.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace nibble::kernels::cuda {
+
+// y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight, for `rows` rows of `dim`; x, y
+// contiguous [rows, dim]; y may alias x. One block per row, sum of squares in fp32.
+cudaError_t RmsNorm(const uint16_t* x, const uint16_t* weight, int64_t rows, int64_t dim,
+                    float eps, uint16_t* y, cudaStream_t stream);
+
+// The residual add fused with the next norm: x += residual (the sum rounded to fp16 and
+// stored in x, the residual stream), then y = RmsNorm(x) of the stored (rounded) x, so that y
+// is exactly RmsNorm of what the next residual add will read. y must not alias x or residual.
+cudaError_t AddRmsNorm(uint16_t* x, const uint16_t* residual, const uint16_t* weight,
+                       int64_t rows, int64_t dim, float eps, uint16_t* y, cudaStream_t stream);
+
+// out[r, c] = silu(gate[r, c]) * up[r, c] = gate / (1 + exp(-gate)) * up, c < cols.
+// out may alias gate (same stride).
+cudaError_t SiluMul(const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
+                    int64_t up_stride, int64_t rows, int64_t cols, uint16_t* out,
+                    int64_t out_stride, cudaStream_t stream);
+
+// Rotary embedding, "rotate_half" layout (kernels/cpu/ops.h RopeRotateHalf), in place on the
+// q heads and the k heads of `tokens` tokens: token t's q heads start at q + t * q_stride
+// (`heads` heads of head_dim), its k heads at k + t * k_stride (`kv_heads` heads); k may be
+// null (kv_heads ignored). Token t is at position positions[t] (>= 0) and rotates with the
+// inverse-frequency row inv_freq + freq_index[t] * head_dim / 2 (fp32, head_dim / 2 each):
+// one row per span gives each sequence its own dynamic-NTK base; freq_index null = row 0 for
+// every token. The angle position * inv_freq is formed exactly in double and reduced modulo
+// 2 pi there (positions beyond 32k keep their phase, as the CPU reference's double angle), then
+// sincosf on the reduced angle. head_dim even, <= 1024.
+cudaError_t RopeRotateHalf(uint16_t* q, int64_t q_stride, int64_t heads, uint16_t* k,
+                           int64_t k_stride, int64_t kv_heads, int64_t head_dim, int64_t tokens,
+                           const int32_t* positions, const float* inv_freq,
+                           const int32_t* freq_index, cudaStream_t stream);
+
+// cudaErrorInvalidValue (and a message) if any host_ids[i] is outside [0, vocab).
+cudaError_t CheckTokenIds(const int32_t* host_ids, int64_t n, int64_t vocab);
+
+// out[i, :] = table[ids[i], :], table fp16 [vocab, hidden], ids (device) [n], out [n, hidden].
+// The ids are checked on the host: pass the same ids in host memory as host_ids (checked with
+// CheckTokenIds before the launch; null when the caller has checked them, e.g. before copying
+// them into a CUDA graph's id buffer). The kernel still never reads outside the table: a row
+// whose id is out of range is written as NaN.
+cudaError_t Embedding(const uint16_t* table, int64_t vocab, int64_t hidden, const int32_t* ids,
+                      int64_t n, uint16_t* out, cudaStream_t stream,
+                      const int32_t* host_ids = nullptr);
+
+}  // namespace nibble::kernels::cuda

@@ -1,0 +1,155 @@
+// Decode attention benchmark at internlm2-chat-7b's attention shape (32 query heads, 8 kv heads,
+// head_dim 128, blocks of 128 positions: the engine's default cache_block_seq_len), contexts
+// 1k / 4k / 16k, batch 1 and 16, beside the floor (K and V read once + q + out) at the
+// device-to-device copy bandwidth measured in the same run.
+//
+// Timing: a CUDA graph of one call per layer (split + combine kernels) over L layer views of a
+// pool of >= 512 MB (so nothing sits in the 50 MB L2 between calls; L = 2 .. 64), 20 replays
+// after 3 warm-ups, each timed with events; the median replay / L is the time per call.
+// Prints one line per shape and a markdown table (also written to argv[1] when given).
+#include <algorithm>
+#include <cstdio>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/attention.h"
+#include "tests/gpu/compare.h"
+#include "tests/gpu/device_buffer.h"
+
+namespace cu = nibble::kernels::cuda;
+using nibble::testing::DeviceBuffer;
+using nibble::testing::RandomHalf;
+
+namespace {
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// GB/s of a 1 GiB device-to-device copy, bytes read + written.
+double CopyBandwidth(cudaStream_t stream) {
+  const size_t bytes = size_t{1} << 30;
+  DeviceBuffer<char> a(bytes), b(bytes);
+  NIBBLE_TEST_CUDA_CHECK(cudaMemset(a.get(), 1, bytes));
+  cudaEvent_t e0, e1;
+  NIBBLE_TEST_CUDA_CHECK(cudaEventCreate(&e0));
+  NIBBLE_TEST_CUDA_CHECK(cudaEventCreate(&e1));
+  std::vector<double> ms;
+  for (int i = 0; i < 13; ++i) {
+    NIBBLE_TEST_CUDA_CHECK(cudaEventRecord(e0, stream));
+    NIBBLE_TEST_CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, stream));
+    NIBBLE_TEST_CUDA_CHECK(cudaEventRecord(e1, stream));
+    NIBBLE_TEST_CUDA_CHECK(cudaEventSynchronize(e1));
+    float t = 0;
+    NIBBLE_TEST_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
+    if (i >= 3) ms.push_back(t);
+  }
+  NIBBLE_TEST_CUDA_CHECK(cudaEventDestroy(e0));
+  NIBBLE_TEST_CUDA_CHECK(cudaEventDestroy(e1));
+  return 2.0 * bytes / (Median(ms) * 1e-3) / 1e9;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int64_t heads = 32, kv_heads = 8, d = 128, bsl = 128;
+  const int64_t kv_dim = kv_heads * d;
+  cudaStream_t stream;
+  NIBBLE_TEST_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const double copy_gbs = CopyBandwidth(stream);
+  std::printf("copy bandwidth (1 GiB D2D, read + write): %.0f GB/s\n", copy_gbs);
+  std::mt19937 rng(1234);
+  std::string table =
+      "| context | batch | split × splits | µs / call | GB/s | % copy BW | floor µs |\n"
+      "|---|---|---|---|---|---|---|\n";
+  for (int64_t ctx : {1024, 4096, 16384}) {
+    for (int64_t batch : {1, 16}) {
+      const int64_t blocks_per_seq = (ctx + bsl - 1) / bsl;
+      const int64_t layer_bytes = batch * ctx * kv_dim * 2 * 2;
+      const int64_t layers = std::clamp<int64_t>((int64_t{512} << 20) / layer_bytes + 1, 2, 64);
+      const int64_t num_blocks = batch * blocks_per_seq;
+      const int64_t block_elems = 2 * layers * bsl * kv_dim;
+      DeviceBuffer<uint16_t> pool(num_blocks * block_elems);
+      {  // random fp16 in [-1, 1], written a block at a time (the pool is up to 2 GB)
+        const auto chunk = RandomHalf(rng, block_elems, -1.0f, 1.0f);
+        for (int64_t b = 0; b < num_blocks; ++b) {
+          NIBBLE_TEST_CUDA_CHECK(cudaMemcpy(pool.get() + b * block_elems, chunk.data(),
+                                            block_elems * 2, cudaMemcpyHostToDevice));
+        }
+      }
+      std::vector<int32_t> ids(num_blocks);
+      std::iota(ids.begin(), ids.end(), 0);
+      std::shuffle(ids.begin(), ids.end(), rng);
+      std::vector<int32_t> lens(batch, static_cast<int32_t>(ctx));
+      DeviceBuffer<int32_t> dtables(ids.size()), dlens(batch);
+      dtables.CopyFrom(ids.data());
+      dlens.CopyFrom(lens.data());
+      const auto q = RandomHalf(rng, batch * heads * d, -2.0f, 2.0f);
+      DeviceBuffer<uint16_t> dq(q.size()), dout(q.size());
+      dq.CopyFrom(q.data());
+      cu::DecodeAttentionPlan plan;
+      NIBBLE_TEST_CUDA_CHECK(cu::PlanPagedDecodeAttention({heads, kv_heads, d}, batch, ctx, &plan));
+      DeviceBuffer<char> ws(std::max<int64_t>(plan.workspace_bytes, 1));
+
+      cudaGraph_t graph;
+      cudaGraphExec_t exec;
+      NIBBLE_TEST_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      for (int64_t l = 0; l < layers; ++l) {
+        cu::PagedKvView view;
+        view.keys = pool.get() + 2 * l * bsl * kv_dim;
+        view.values = view.keys + bsl * kv_dim;
+        view.block_stride = block_elems;
+        view.block_seq_len = static_cast<int32_t>(bsl);
+        NIBBLE_TEST_CUDA_CHECK(cu::PagedDecodeAttention(plan, dq.get(), view, dtables.get(),
+                                                        blocks_per_seq, dlens.get(), batch,
+                                                        ws.get(), dout.get(), stream));
+      }
+      NIBBLE_TEST_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+      NIBBLE_TEST_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+      cudaEvent_t e0, e1;
+      NIBBLE_TEST_CUDA_CHECK(cudaEventCreate(&e0));
+      NIBBLE_TEST_CUDA_CHECK(cudaEventCreate(&e1));
+      std::vector<double> us;
+      for (int r = 0; r < 23; ++r) {
+        NIBBLE_TEST_CUDA_CHECK(cudaEventRecord(e0, stream));
+        NIBBLE_TEST_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+        NIBBLE_TEST_CUDA_CHECK(cudaEventRecord(e1, stream));
+        NIBBLE_TEST_CUDA_CHECK(cudaEventSynchronize(e1));
+        float ms = 0;
+        NIBBLE_TEST_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+        if (r >= 3) us.push_back(ms * 1e3 / layers);
+      }
+      NIBBLE_TEST_CUDA_CHECK(cudaGetLastError());
+      const double t = Median(us);
+      const double bytes = static_cast<double>(layer_bytes) + 2.0 * batch * heads * d * 2;
+      const double gbs = bytes / (t * 1e-6) / 1e9;
+      const double floor_us = bytes / (copy_gbs * 1e9) * 1e6;
+      std::printf("decode attention 32/8 heads d=128 block=128 ctx=%lld batch=%lld: %.2f us/call "
+                  "(split %d x %d, %lld layers in the graph), %.0f GB/s = %.0f%% of copy, floor %.2f us\n",
+                  static_cast<long long>(ctx), static_cast<long long>(batch), t, plan.split_tokens,
+                  plan.max_splits, static_cast<long long>(layers), gbs, 100.0 * gbs / copy_gbs, floor_us);
+      char line[256];
+      std::snprintf(line, sizeof line, "| %lld | %lld | %d × %d | %.2f | %.0f | %.0f%% | %.2f |\n",
+                    static_cast<long long>(ctx), static_cast<long long>(batch), plan.split_tokens,
+                    plan.max_splits, t, gbs, 100.0 * gbs / copy_gbs, floor_us);
+      table += line;
+      NIBBLE_TEST_CUDA_CHECK(cudaEventDestroy(e0));
+      NIBBLE_TEST_CUDA_CHECK(cudaEventDestroy(e1));
+      NIBBLE_TEST_CUDA_CHECK(cudaGraphExecDestroy(exec));
+      NIBBLE_TEST_CUDA_CHECK(cudaGraphDestroy(graph));
+    }
+  }
+  std::printf("\nDECODE ATTENTION (copy ceiling %.0f GB/s; bytes = K + V read once + q + out; CUDA-graph replays)\n%s",
+              copy_gbs, table.c_str());
+  if (argc > 1) {
+    if (FILE* f = std::fopen(argv[1], "w")) {
+      std::fprintf(f, "copy %.0f GB/s\n%s", copy_gbs, table.c_str());
+      std::fclose(f);
+    }
+  }
+  NIBBLE_TEST_CUDA_CHECK(cudaStreamDestroy(stream));
+  return 0;
+}

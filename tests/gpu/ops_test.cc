@@ -1,0 +1,263 @@
+// kernels/cuda/ops.h against the CPU references of kernels/cpu/ops.h (fp32, on the fp16 inputs
+// upcast). Plain executable: one PASS or FAIL line per case, exit status 1 on any failure.
+// Fresh random non-zero inputs every run (the seed is printed; ops_test SEED replays it);
+// outputs filled with NaN before every launch (in-place operands: every element must come out
+// as the reference says, and the untouched parts of a fused buffer must keep their bits).
+//
+// Tolerances (fp16 output = the fp32 result rounded once: up to 2^-11 = 4.9e-4 relative; fp32
+// arithmetic in another order than the reference: ~1e-6 relative):
+//   RMSNorm, AddRmsNorm, SiLU*mul, RoPE: per element |y - ref| <= 1e-3 |ref| + 1e-5 rms(ref),
+//   and ||y - ref|| / ||ref|| <= 1e-3. AddRmsNorm's stored x: bit-exact (x + r of two fp16
+//   values is exact in fp32 at these magnitudes, then rounded once). Embedding: bit-exact.
+#include <cstdio>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/half.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/cuda/ops.h"
+#include "tests/gpu/compare.h"
+#include "tests/gpu/device_buffer.h"
+
+namespace cu = nibble::kernels::cuda;
+namespace cpu = nibble::kernels::cpu;
+using nibble::testing::CheckClose;
+using nibble::testing::DeviceBuffer;
+using nibble::testing::kHalfNaN;
+using nibble::testing::RandomHalf;
+using nibble::testing::ToFloat;
+
+namespace {
+
+constexpr double kRel = 1e-3, kAbsRms = 1e-5;
+
+DeviceBuffer<uint16_t> Upload(const std::vector<uint16_t>& h) {
+  DeviceBuffer<uint16_t> d(h.size());
+  d.CopyFrom(h.data());
+  return d;
+}
+
+DeviceBuffer<uint16_t> Poisoned(size_t n) {
+  DeviceBuffer<uint16_t> d(n);
+  NIBBLE_TEST_CUDA_CHECK(cudaMemset(d.get(), 0xff, d.bytes()));
+  return d;
+}
+
+std::vector<uint16_t> Download(const DeviceBuffer<uint16_t>& d) {
+  std::vector<uint16_t> h(d.count());
+  d.CopyTo(h.data());
+  return h;
+}
+
+std::string Name(const char* op, int64_t rows, int64_t dim) {
+  return std::string(op) + " rows=" + std::to_string(rows) + " dim=" + std::to_string(dim);
+}
+
+int TestRmsNorm(std::mt19937& rng, int64_t rows, int64_t dim) {
+  const float eps = 1e-5f;
+  const auto x = RandomHalf(rng, rows * dim, -1.0f, 1.0f);
+  const auto w = RandomHalf(rng, dim, -1.5f, 1.5f);
+  std::vector<float> ref(rows * dim);
+  cpu::RmsNorm(ToFloat(x).data(), ToFloat(w).data(), rows, dim, eps, ref.data());
+  auto dx = Upload(x), dw = Upload(w);
+  auto dy = Poisoned(rows * dim);
+  NIBBLE_TEST_CUDA_CHECK(cu::RmsNorm(dx.get(), dw.get(), rows, dim, eps, dy.get(), nullptr));
+  NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
+  int fails = CheckClose(Name("rmsnorm", rows, dim), Download(dy), ref, kRel, kAbsRms);
+  // In place (y aliases x).
+  NIBBLE_TEST_CUDA_CHECK(cu::RmsNorm(dx.get(), dw.get(), rows, dim, eps, dx.get(), nullptr));
+  NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
+  fails += CheckClose(Name("rmsnorm.inplace", rows, dim), Download(dx), ref, kRel, kAbsRms);
+  return fails;
+}
+
+int TestAddRmsNorm(std::mt19937& rng, int64_t rows, int64_t dim) {
+  const float eps = 1e-6f;
+  const auto x = RandomHalf(rng, rows * dim, -1.0f, 1.0f);
+  const auto r = RandomHalf(rng, rows * dim, -1.0f, 1.0f);
+  const auto w = RandomHalf(rng, dim, -1.5f, 1.5f);
+  std::vector<uint16_t> sum16(rows * dim);
+  for (size_t i = 0; i < sum16.size(); ++i) {
+    sum16[i] = cpu::FloatToHalf(cpu::HalfToFloat(x[i]) + cpu::HalfToFloat(r[i]));
+  }
+  std::vector<float> ref(rows * dim);
+  cpu::RmsNorm(ToFloat(sum16).data(), ToFloat(w).data(), rows, dim, eps, ref.data());
+  auto dx = Upload(x), dr = Upload(r), dw = Upload(w);
+  auto dy = Poisoned(rows * dim);
+  NIBBLE_TEST_CUDA_CHECK(cu::AddRmsNorm(dx.get(), dr.get(), dw.get(), rows, dim, eps, dy.get(), nullptr));
+  NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto got_x = Download(dx);
+  size_t diff = 0;
+  for (size_t i = 0; i < sum16.size(); ++i) diff += got_x[i] != sum16[i];
+  int fails = 0;
+  if (diff != 0) {
+    std::printf("FAIL %s: %zu of %zu stored x differ from fp16(x + r)\n",
+                Name("addrmsnorm.x", rows, dim).c_str(), diff, sum16.size());
+    ++fails;
+  } else {
+    std::printf("PASS %s bit-exact\n", Name("addrmsnorm.x", rows, dim).c_str());
+  }
+  return fails + CheckClose(Name("addrmsnorm.y", rows, dim), Download(dy), ref, kRel, kAbsRms);
+}
+
+// gate and up side by side in one fused buffer [rows, 2 * cols] (as a fused gate+up product
+// writes them); out contiguous.
+int TestSiluMul(std::mt19937& rng, int64_t rows, int64_t cols) {
+  const auto fused = RandomHalf(rng, rows * 2 * cols, -8.0f, 8.0f);
+  std::vector<float> gate(rows * cols), up(rows * cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      gate[r * cols + c] = cpu::HalfToFloat(fused[r * 2 * cols + c]);
+      up[r * cols + c] = cpu::HalfToFloat(fused[r * 2 * cols + cols + c]);
+    }
+  }
+  cpu::SiluMulInPlace(gate.data(), up.data(), rows * cols);
+  auto df = Upload(fused);
+  auto dout = Poisoned(rows * cols);
+  NIBBLE_TEST_CUDA_CHECK(cu::SiluMul(df.get(), 2 * cols, df.get() + cols, 2 * cols, rows, cols,
+                                     dout.get(), cols, nullptr));
+  NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
+  return CheckClose(Name("silumul", rows, cols), Download(dout), gate, kRel, kAbsRms);
+}
+
+// q, k and v of `tokens` tokens in one fused qkv buffer; tokens grouped into spans, each with
+// its own dynamic-NTK inverse frequencies (base from the span's length, as
+// ModelConfig::RopeBaseForLength), positions spread up to ~40k.
+int TestRope(std::mt19937& rng, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t d) {
+  const int64_t q_dim = heads * d, kv_dim = kv_heads * d, stride = q_dim + 2 * kv_dim;
+  const int64_t half = d / 2;
+  const auto qkv = RandomHalf(rng, tokens * stride, -2.0f, 2.0f);
+  std::vector<int32_t> positions(tokens), freq_index(tokens);
+  std::vector<float> inv_freq;
+  std::uniform_int_distribution<int> span_len(1, 5), length(1, 40000);
+  for (int64_t t = 0, span = 0; t < tokens; ++span) {
+    const int64_t n = std::min<int64_t>(span_len(rng), tokens - t);
+    const int64_t len = length(rng) + n;
+    const double max_pos = 32768, factor = 2.0, d_ = static_cast<double>(d);
+    double base = 1e6;
+    if (len > max_pos) base *= std::pow(factor * len / max_pos - (factor - 1), d_ / (d_ - 2));
+    std::vector<float> f(half);
+    cpu::RopeInverseFrequencies(base, d, f.data());
+    inv_freq.insert(inv_freq.end(), f.begin(), f.end());
+    for (int64_t i = 0; i < n; ++i, ++t) {
+      positions[t] = static_cast<int32_t>(len - n + i);
+      freq_index[t] = static_cast<int32_t>(span);
+    }
+  }
+  // Reference: every token's q and k heads rotated; v untouched.
+  std::vector<float> ref = ToFloat(qkv);
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* f = inv_freq.data() + freq_index[t] * half;
+    cpu::RopeRotateHalf(ref.data() + t * stride, heads, d, positions[t], f);
+    cpu::RopeRotateHalf(ref.data() + t * stride + q_dim, kv_heads, d, positions[t], f);
+  }
+  auto dqkv = Upload(qkv);
+  DeviceBuffer<int32_t> dpos(tokens), didx(tokens);
+  DeviceBuffer<float> dfreq(inv_freq.size());
+  dpos.CopyFrom(positions.data());
+  didx.CopyFrom(freq_index.data());
+  dfreq.CopyFrom(inv_freq.data());
+  NIBBLE_TEST_CUDA_CHECK(cu::RopeRotateHalf(dqkv.get(), stride, heads, dqkv.get() + q_dim, stride,
+                                            kv_heads, d, tokens, dpos.get(), dfreq.get(),
+                                            didx.get(), nullptr));
+  NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto got = Download(dqkv);
+  std::vector<uint16_t> got_qk;
+  std::vector<float> ref_qk;
+  size_t v_changed = 0;
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t i = 0; i < stride; ++i) {
+      if (i < q_dim + kv_dim) {
+        got_qk.push_back(got[t * stride + i]);
+        ref_qk.push_back(ref[t * stride + i]);
+      } else {
+        v_changed += got[t * stride + i] != qkv[t * stride + i];
+      }
+    }
+  }
+  const std::string name = "rope tokens=" + std::to_string(tokens) + " heads=" +
+                           std::to_string(heads) + "/" + std::to_string(kv_heads) +
+                           " d=" + std::to_string(d);
+  if (v_changed != 0) {
+    std::printf("FAIL %s: %zu values of the v part changed\n", name.c_str(), v_changed);
+    return 1;
+  }
+  return CheckClose(name, got_qk, ref_qk, kRel, kAbsRms);
+}
+
+int TestEmbedding(std::mt19937& rng, int64_t vocab, int64_t hidden, int64_t n) {
+  const auto table = RandomHalf(rng, vocab * hidden, -1.0f, 1.0f);
+  std::uniform_int_distribution<int32_t> id(0, static_cast<int32_t>(vocab - 1));
+  std::vector<int32_t> ids(n);
+  for (auto& i : ids) i = id(rng);
+  ids[0] = static_cast<int32_t>(vocab - 1);  // the last row too
+  auto dt = Upload(table);
+  DeviceBuffer<int32_t> dids(n);
+  dids.CopyFrom(ids.data());
+  auto dout = Poisoned(n * hidden);
+  NIBBLE_TEST_CUDA_CHECK(cu::Embedding(dt.get(), vocab, hidden, dids.get(), n, dout.get(), nullptr, ids.data()));
+  NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto got = Download(dout);
+  size_t diff = 0;
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t i = 0; i < hidden; ++i) diff += got[r * hidden + i] != table[ids[r] * hidden + i];
+  const std::string name = "embedding vocab=" + std::to_string(vocab) + " hidden=" +
+                           std::to_string(hidden) + " n=" + std::to_string(n);
+  int fails = 0;
+  if (diff != 0) {
+    std::printf("FAIL %s: %zu elements differ\n", name.c_str(), diff);
+    ++fails;
+  } else {
+    std::printf("PASS %s bit-exact\n", name.c_str());
+  }
+  // An id out of range: refused on the host (nothing launched: the output keeps its poison);
+  // without the host ids the kernel writes that row as NaN and reads nothing outside the table.
+  std::vector<int32_t> bad = ids;
+  bad[n - 1] = static_cast<int32_t>(vocab);
+  dids.CopyFrom(bad.data());
+  NIBBLE_TEST_CUDA_CHECK(cudaMemset(dout.get(), 0xff, dout.bytes()));
+  const cudaError_t refused = cu::Embedding(dt.get(), vocab, hidden, dids.get(), n, dout.get(), nullptr, bad.data());
+  NIBBLE_TEST_CUDA_CHECK(cu::Embedding(dt.get(), vocab, hidden, dids.get(), n, dout.get(), nullptr));
+  NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto got_bad = Download(dout);
+  size_t nan_row = 0, other_diff = 0;
+  for (int64_t i = 0; i < hidden; ++i) nan_row += got_bad[(n - 1) * hidden + i] == 0x7e00;
+  for (int64_t r = 0; r + 1 < n; ++r)
+    for (int64_t i = 0; i < hidden; ++i) other_diff += got_bad[r * hidden + i] != table[ids[r] * hidden + i];
+  if (refused != cudaErrorInvalidValue || nan_row != static_cast<size_t>(hidden) || other_diff != 0) {
+    std::printf("FAIL %s.bad_id: host check %s, NaN row %zu/%lld, other rows differ %zu\n",
+                name.c_str(), cudaGetErrorName(refused), nan_row, static_cast<long long>(hidden), other_diff);
+    ++fails;
+  } else {
+    std::printf("PASS %s.bad_id refused on the host, NaN row on the device\n", name.c_str());
+  }
+  return fails;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const unsigned seed = nibble::testing::TestSeed(argc, argv, "ops_test");
+  std::mt19937 rng(seed);
+  int fails = 0;
+  // 4160 = 4096 + 64; 100 and 1030: dims that take the scalar path (not a multiple of 8).
+  for (int64_t rows : {1, 3, 17}) {
+    for (int64_t dim : {64, 2048, 4160, 100}) {
+      fails += TestRmsNorm(rng, rows, dim);
+      fails += TestAddRmsNorm(rng, rows, dim);
+    }
+    for (int64_t cols : {64, 2048, 4160, 14336, 1030}) fails += TestSiluMul(rng, rows, cols);
+    fails += TestRope(rng, rows, 32, 8, 128);  // 7B
+    fails += TestRope(rng, rows, 16, 8, 128);  // 1.8B
+    fails += TestRope(rng, rows, 12, 4, 64);
+    fails += TestRope(rng, rows, 8, 4, 8);     // stories260K
+    fails += TestRope(rng, rows, 5, 1, 6);     // head_dim % 4 != 0: the scalar path
+    for (int64_t hidden : {64, 2048, 4160, 100}) fails += TestEmbedding(rng, 1000, hidden, rows);
+  }
+  fails += TestRmsNorm(rng, 300, 4096);  // more rows than one block wave
+  fails += TestEmbedding(rng, 92544, 4096, 17);
+  std::printf("ops_test: %s, %d failure(s), seed %u\n", fails == 0 ? "PASS" : "FAIL", fails, seed);
+  return fails == 0 ? 0 : 1;
+}
