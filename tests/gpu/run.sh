@@ -8,8 +8,156 @@
 #   NIBBLE_SKIP_W4A16=1 runs only the element-wise and attention kernels' tests and benchmark.
 # Order: build; W4A16 tests; ops_test and attention_test (kernels/cuda/ops.h, attention.h);
 # W4A16 benchmark; decode attention benchmark (its table); the W4A16 summary table last.
+#
+#   tests/gpu/run.sh --full [CUDA_ARCHS]   the whole project (engine, daemon, CLI, tests) with
+#     the CUDA backend, on a host that lacks its libraries and the network: first, on the dev
+#     machine, tests/gpu/fetch-deps.sh fills .gpu-deps/ (Debian 12 .debs) and .gpu-shared/
+#     (test data); both travel with `carry`. Here the .debs are unpacked with `dpkg -x` into
+#     NIBBLE_DEPS_PREFIX (default /opt/nibble-deps; never /), a library the host already has
+#     (same soname in ldconfig's cache) is used in place of Debian's copy, CMake is pointed at
+#     the prefix, build-gpu-full (BUILD_DIR) is configured (Release, NIBBLE_CUDA=ON unless
+#     NIBBLE_CUDA says otherwise), built, and the ctest suite runs as a smoke test; its summary
+#     is printed last. Logs: build.log and ctest.log in $OUT (else BUILD_DIR/logs).
+#     Later commands on the same host: `source /opt/nibble-deps/env.sh` sets PATH,
+#     LD_LIBRARY_PATH, PKG_CONFIG_PATH, CPATH and CMAKE_PREFIX_PATH for the prefix.
+#     NIBBLE_FULL_BUILD_TIMEOUT (s, default 360) and NIBBLE_FULL_CTEST_TIMEOUT (s, default 180)
+#     bound the two steps so that the logs come back within a lent host's 10-minute call.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+
+# --full: unpacks .gpu-deps into the prefix (once per set of .debs), writes PREFIX/env.sh.
+full_unpack() {
+  local p="$1" debs="$2" stamp l t f soname sys
+  stamp=$( (cd "$debs" && ls *.deb; declare -f full_unpack) | md5sum | cut -d' ' -f1)
+  if [[ -f "$p/.stamp" && "$(cat "$p/.stamp")" == "$stamp" ]]; then
+    echo "deps: $p already holds these .debs"
+    return
+  fi
+  rm -rf "$p"
+  mkdir -p "$p"
+  for f in "$debs"/*.deb; do dpkg -x "$f" "$p"; done
+  # Absolute links (zlib1g-dev's libz.so -> /lib/x86_64-linux-gnu/libz.so.1.2.13) into the prefix.
+  while IFS= read -r l; do
+    t=$(readlink "$l")
+    if [[ "$t" == /* ]]; then ln -sfn "$p$t" "$l"; fi
+  done < <(find "$p" -type l)
+  # A library the host already has (same soname, listed by ldconfig, file present): the
+  # host's copy, newer and the one its own programs load, replaces Debian's, so that
+  # LD_LIBRARY_PATH never puts an older second copy of libz, libssl, ... under them. Never for
+  # the libraries nibble is built against by name: Ubuntu's libsentencepiece.so.0 links the
+  # shared libprotobuf-lite instead of carrying its own copy (Debian's), and beside nibble's
+  # static protobuf every tokenizer load dies with SIGSEGV (server/README.md, "Linking").
+  local replaced=() cache
+  cache=$(ldconfig -p)
+  while IFS= read -r f; do
+    soname=$(objdump -p "$f" 2>/dev/null | awk '$1 == "SONAME" {print $2}')
+    [[ -n "$soname" ]] || continue
+    case "$soname" in
+      libsentencepiece*|libprotobuf*|libprotoc*|libgrpc*|libgpr*|libupb*|libaddress_sorting*|\
+      libabsl_*|libre2*|libcares*|libyaml-cpp*|libprometheus-cpp*|libcivetweb*) continue ;;
+    esac
+    sys=$(awk -v s="$soname" '$1 == s && $2 ~ /x86-64/ {print $NF; exit}' <<< "$cache")
+    [[ -n "$sys" && -e "$sys" && "$sys" != "$p"/* ]] || continue
+    ln -sfn "$(readlink -f "$sys")" "$f"
+    replaced+=("$soname")
+  done < <(find "$p/usr/lib/x86_64-linux-gnu" "$p/lib/x86_64-linux-gnu" -maxdepth 1 -type f \
+             -name 'lib*.so*' 2>/dev/null)
+  echo "deps: the host's own copy used for: ${replaced[*]:-none}"
+  # pkg-config files name /usr: the prefix instead.
+  find "$p" -name '*.pc' -exec sed -i -e "s#^prefix=/usr\$#prefix=$p/usr#" \
+    -e "s#=/usr/#=$p/usr/#g" -e "s# -I/usr/# -I$p/usr/#g" -e "s# -L/usr/# -L$p/usr/#g" {} +
+  local lib="$p/usr/lib/x86_64-linux-gnu"
+  cat > "$p/env.sh" <<ENV
+# The Debian libraries of .gpu-deps, unpacked by tests/gpu/run.sh --full: source this file.
+export PATH="\$PATH:$p/usr/bin"
+export LD_LIBRARY_PATH="$lib:$p/lib/x86_64-linux-gnu\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+export PKG_CONFIG_PATH="$lib/pkgconfig:$p/usr/share/pkgconfig\${PKG_CONFIG_PATH:+:\$PKG_CONFIG_PATH}"
+export CPATH="$p/usr/include/x86_64-linux-gnu\${CPATH:+:\$CPATH}"
+export CMAKE_PREFIX_PATH="$p/usr\${CMAKE_PREFIX_PATH:+;\$CMAKE_PREFIX_PATH}"
+ENV
+  echo "$stamp" > "$p/.stamp"
+  echo "deps: $(ls "$debs"/*.deb | wc -l) .debs unpacked into $p ($(du -sh "$p" | cut -f1))"
+}
+
+full_build() {
+  local archs="${1:-90}" build="${BUILD_DIR:-build-gpu-full}" p="${NIBBLE_DEPS_PREFIX:-/opt/nibble-deps}"
+  local debs=.gpu-deps data="${NIBBLE_SHARED_DIR:-$PWD/.gpu-shared}"
+  local logs="${OUT:-$build/logs}" t0=$SECONDS build_status=failed ctest_status="not run"
+  local pc_flag=() python
+  mkdir -p "$logs"
+  if ! compgen -G "$debs/*.deb" > /dev/null; then
+    echo "run.sh --full: no .debs in $debs: run tests/gpu/fetch-deps.sh on the dev machine and carry .gpu-deps" >&2
+    exit 1
+  fi
+  [[ -f "$data/models/stories260K/stories260K.bin" ]] \
+    || { echo "run.sh --full: no test data at $data (carry .gpu-shared or set NIBBLE_SHARED_DIR)" >&2; exit 1; }
+  { nvidia-smi --query-gpu=name,driver_version --format=csv || true; } | tee "$logs/build.log"
+  full_unpack "$p" "$debs" 2>&1 | tee -a "$logs/build.log"
+  # shellcheck disable=SC1091
+  source "$p/env.sh"
+  # Libraries the unpacked files need that neither the prefix nor the host has.
+  local missing
+  missing=$(find "$p/usr/lib/x86_64-linux-gnu" "$p/usr/bin" -maxdepth 1 -type f \
+              \( -name 'lib*.so.*' -o -perm -u+x \) -exec ldd {} + 2>/dev/null \
+            | awk '/not found/ {print $1}' | sort -u | tr '\n' ' ' || true)
+  echo "deps: unresolved libraries: ${missing:-none}" | tee -a "$logs/build.log"
+  command -v pkg-config > /dev/null || pc_flag=("-DPKG_CONFIG_EXECUTABLE=$p/usr/bin/pkgconf")
+  # The host's g++ 13 no longer includes <cstdint> through other standard headers, and headers
+  # written for g++ 12 (Debian 12's) may rely on it: it comes first in every C++ file
+  # (NIBBLE_FULL_CXX_FLAGS replaces that; CUDA files are not affected).
+  # The tests' reference runs on python3 with numpy (and grpcio/protobuf for the daemon's
+  # tests): the one first on PATH, not /usr/bin/python3 (CMake's first choice).
+  python=$(command -v python3)
+  echo "configure: cmake $(cmake --version | head -1 | awk '{print $3}'), python $python" | tee -a "$logs/build.log"
+  if cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+       -DNIBBLE_CUDA="${NIBBLE_CUDA:-ON}" "-DCMAKE_CUDA_ARCHITECTURES=$archs" \
+       -DNIBBLE_SHARED_DIR="$data" -DNIBBLE_SYSTEM_PYTHON="$python" \
+       -DCMAKE_PREFIX_PATH="$p/usr" -DProtobuf_PROTOC_EXECUTABLE="$p/usr/bin/protoc" \
+       -DCMAKE_POLICY_VERSION_MINIMUM=3.5 "${pc_flag[@]}" \
+       "-DCMAKE_CXX_FLAGS=${NIBBLE_FULL_CXX_FLAGS--include cstdint}" >> "$logs/build.log" 2>&1; then
+    echo "configure ok ($((SECONDS - t0)) s)"
+    if timeout "${NIBBLE_FULL_BUILD_TIMEOUT:-360}" ninja -C "$build" >> "$logs/build.log" 2>&1; then
+      build_status=ok
+    else
+      grep -B2 -A12 -m3 -E 'error|FAILED' "$logs/build.log" | head -60 || tail -40 "$logs/build.log"
+    fi
+  else
+    grep -A8 -E 'CMake Error' "$logs/build.log" | head -60 || tail -40 "$logs/build.log"
+  fi
+  echo "build $build_status ($((SECONDS - t0)) s)"
+  if [[ "$build_status" == ok ]]; then
+    # The daemon must not load libprotobuf.so (server/README.md: protobuf beside SentencePiece).
+    if [[ -x "$build/bin/nibbled" ]]; then
+      echo "ldd bin/nibbled, protobuf or missing: $(ldd "$build/bin/nibbled" | grep -E 'protobuf|not found' | tr -s ' \t\n' ' ' || true)"
+      echo "ldd bin/nibbled, sentencepiece: $(ldd "$build/bin/nibbled" | grep sentencepiece | tr -s ' \t\n' ' ' || true)"
+    fi
+    local rc=0 t1=$SECONDS
+    timeout "${NIBBLE_FULL_CTEST_TIMEOUT:-180}" ctest --test-dir "$build" -j "$(nproc)" \
+      --timeout 150 --output-on-failure > "$logs/ctest.log" 2>&1 || rc=$?
+    if [[ $rc == 124 ]]; then
+      ctest_status="timed out after ${NIBBLE_FULL_CTEST_TIMEOUT:-180} s"
+    else
+      ctest_status="done (exit $rc, $((SECONDS - t1)) s)"
+    fi
+  fi
+  # The summary, last.
+  echo "== run.sh --full summary =="
+  echo "host: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) | archs $archs | $(nproc) cores | $((SECONDS - t0)) s"
+  echo "build: $build_status (log build.log)"
+  echo "ctest: $ctest_status (log ctest.log)"
+  if [[ -f "$logs/ctest.log" ]]; then
+    echo "passed: $(grep -cE 'Test +#[0-9]+: .* Passed' "$logs/ctest.log"), failed: $(grep -cE 'Test +#[0-9]+: .*(\*\*\*|Failed|Not Run|Exception)' "$logs/ctest.log")"
+    grep -E 'tests passed|Total Test time' "$logs/ctest.log" || true
+    sed -n '/The following tests FAILED/,$p' "$logs/ctest.log"
+  fi
+  [[ "$build_status" == ok && "$ctest_status" == "done (exit 0"* ]]
+}
+
+if [[ "${1:-}" == --full ]]; then
+  shift
+  full_build "$@"
+  exit
+fi
 ARCHS="${1:-90}"
 BUILD="${BUILD_DIR:-build-gpu}"
 LOGS="${OUT:-$BUILD/logs}"

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import unittest
@@ -60,7 +61,7 @@ class GenerateTest(unittest.TestCase):
             f.write(prompt)
             f.flush()
             reference = subprocess.run(
-                ["/usr/bin/python3", REFERENCE, "tokenize", "--tokenizer",
+                [sys.executable, REFERENCE, "tokenize", "--tokenizer",
                  os.path.join(STORIES, "tok512.bin"), "--text-file", f.name],
                 capture_output=True, text=True, check=True, timeout=60)
         expected = json.loads(reference.stdout)["ids"]  # llama2.c's encoder, BOS first
