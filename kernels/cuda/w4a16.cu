@@ -124,6 +124,28 @@ __device__ __forceinline__ void LoadX16(const __half* x, int tok, int kb, int m,
                   v[14] | (v[15] << 16));
 }
 
+// Writes a 16-feature tile's accumulators (+ bias) to y as fp16. The mma C fragment:
+// c0, c1 = feature g, tokens 2t, 2t + 1; c2, c3 = feature g + 8, the same tokens.
+template <int TT>
+__device__ __forceinline__ void StoreTile(const float (&acc)[TT][4], const float* bias, __half* y,
+                                          int m, int n, int tile, int tok0, int g, int t) {
+  const int row0 = tile * 16 + g, row1 = row0 + 8;
+  const float b0 = bias != nullptr && row0 < n ? bias[row0] : 0.0f;
+  const float b1 = bias != nullptr && row1 < n ? bias[row1] : 0.0f;
+#pragma unroll
+  for (int tt = 0; tt < TT; ++tt) {
+    const int tok = tok0 + tt * 8 + 2 * t;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int tk = tok + (r & 1);
+      const int row = r < 2 ? row0 : row1;
+      if (tk < m && row < n) {
+        y[static_cast<size_t>(tk) * n + row] = __float2half_rn(acc[tt][r] + (r < 2 ? b0 : b1));
+      }
+    }
+  }
+}
+
 template <int TT, int WN, int WK>
 __global__ void __launch_bounds__(32 * WN * WK)
     W4A16MmaKernel(const __half* __restrict__ x, const uint4* __restrict__ qw,
@@ -208,22 +230,7 @@ __global__ void __launch_bounds__(32 * WN * WK)
     }
   }
   if (wk != 0 || !tile_ok) return;
-  // C fragment: c0, c1 = feature g, tokens 2t, 2t + 1; c2, c3 = feature g + 8, same tokens.
-  const int row0 = tile * 16 + g, row1 = row0 + 8;
-  const float b0 = bias != nullptr && row0 < n ? bias[row0] : 0.0f;
-  const float b1 = bias != nullptr && row1 < n ? bias[row1] : 0.0f;
-#pragma unroll
-  for (int tt = 0; tt < TT; ++tt) {
-    const int tok = tok0 + tt * 8 + 2 * t;
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int tk = tok + (r & 1);
-      const int row = r < 2 ? row0 : row1;
-      if (tk < m && row < n) {
-        y[static_cast<size_t>(tk) * n + row] = __float2half_rn(acc[tt][r] + (r < 2 ? b0 : b1));
-      }
-    }
-  }
+  StoreTile<TT>(acc, bias, y, m, n, tile, tok0, g, t);
 }
 
 // The decode kernel (m <= 64): one 16-feature tile per block (grid.x), 8 * TT tokens per block
@@ -367,21 +374,7 @@ __global__ void __launch_bounds__(512)
         for (int r = 0; r < 4; ++r) acc[tt][r] += p[(tt * 4 + r) * 32];
     }
   }
-  const int row0 = tile * 16 + g, row1 = row0 + 8;
-  const float b0 = bias != nullptr && row0 < n ? bias[row0] : 0.0f;
-  const float b1 = bias != nullptr && row1 < n ? bias[row1] : 0.0f;
-#pragma unroll
-  for (int tt = 0; tt < TT; ++tt) {
-    const int tok = tok0 + tt * 8 + 2 * t;
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int tk = tok + (r & 1);
-      const int row = r < 2 ? row0 : row1;
-      if (tk < m && row < n) {
-        y[static_cast<size_t>(tk) * n + row] = __float2half_rn(acc[tt][r] + (r < 2 ? b0 : b1));
-      }
-    }
-  }
+  StoreTile<TT>(acc, bias, y, m, n, tile, tok0, g, t);
 }
 
 template <int TT, int WN, int WK>
