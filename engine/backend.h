@@ -85,4 +85,20 @@ class Backend {
                                     std::vector<float>& logits_out) = 0;
 };
 
+// The argument checks every backend makes, with the same messages: InvalidArgument naming
+// the token and its index when an id is outside [0, vocab).
+absl::Status CheckTokenIds(std::span<const int32_t> tokens, int64_t vocab);
+// ForwardBatch's checks of its spans against a pool whose blocks 0 .. usable_blocks - 1 of
+// `block_seq_len` tokens are usable (the errors ForwardBatch documents, naming the span).
+absl::Status CheckBatchSpans(std::span<const BatchSpan> spans, int64_t vocab,
+                             int64_t block_seq_len, int64_t usable_blocks);
+// NewSequence's check: InvalidArgument unless capacity > 0.
+absl::Status CheckSequenceCapacity(int64_t capacity);
+// Forward's checks (the errors it documents) of `tokens` appended to `sequence`.
+absl::Status CheckForward(const SequenceState& sequence, std::span<const int32_t> tokens,
+                          int64_t vocab);
+// ConfigureKvCache's and GrowKvCache's checks.
+absl::Status CheckKvCacheShape(int64_t num_blocks, int32_t block_seq_len);
+absl::Status CheckKvCacheGrowth(int64_t num_blocks, int64_t pool_blocks);
+
 }  // namespace nibble::engine

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/decoder_layer.h"
+#include "engine/status_macros.h"
 #include "kernels/cpu/ops.h"
 
 namespace nibble::engine {
@@ -60,10 +61,7 @@ class CpuBackend final : public Backend {
   int64_t vocab_size() const override { return config_.vocab_size; }
 
   absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int64_t capacity) override {
-    if (capacity <= 0) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence capacity ", capacity,
-                                                     " must be positive"));
-    }
+    NIBBLE_RETURN_IF_ERROR(CheckSequenceCapacity(capacity));
     return std::make_unique<CpuSequence>(config_.num_layers, config_.kv_dim(), capacity);
   }
 
@@ -73,15 +71,9 @@ class CpuBackend final : public Backend {
     if (sequence == nullptr) {
       return absl::InvalidArgumentError("sequence was not made by the CPU backend");
     }
-    if (tokens.empty()) return absl::InvalidArgumentError("no tokens to run");
-    if (auto status = CheckTokens(tokens); !status.ok()) return status;
+    NIBBLE_RETURN_IF_ERROR(CheckForward(*sequence, tokens, config_.vocab_size));
     const int64_t start = sequence->length();
     const int64_t n = static_cast<int64_t>(tokens.size());
-    if (start + n > sequence->capacity()) {
-      return absl::OutOfRangeError(absl::StrCat("sequence of ", start + n,
-                                                " tokens exceeds its capacity of ",
-                                                sequence->capacity()));
-    }
     static constexpr int32_t kOnlyBlock = 0;
     SequenceView view;
     view.tokens = tokens;
@@ -103,11 +95,7 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status ConfigureKvCache(int64_t num_blocks, int32_t block_seq_len) override {
-    if (num_blocks <= 0 || block_seq_len <= 0) {
-      return absl::InvalidArgumentError(absl::StrCat("KV cache of ", num_blocks,
-                                                     " blocks of ", block_seq_len,
-                                                     " tokens: both must be positive"));
-    }
+    NIBBLE_RETURN_IF_ERROR(CheckKvCacheShape(num_blocks, block_seq_len));
     pool_.reset();
     pool_blocks_ = usable_blocks_ = 0;
     const int64_t floats = num_blocks * BlockFloats(block_seq_len);
@@ -125,10 +113,7 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status GrowKvCache(int64_t num_blocks) override {
-    if (num_blocks > pool_blocks_) {
-      return absl::OutOfRangeError(absl::StrCat("cannot grow the KV cache to ", num_blocks,
-                                                " blocks: the pool has ", pool_blocks_));
-    }
+    NIBBLE_RETURN_IF_ERROR(CheckKvCacheGrowth(num_blocks, pool_blocks_));
     usable_blocks_ = std::max(usable_blocks_, num_blocks);
     return absl::OkStatus();
   }
@@ -138,32 +123,11 @@ class CpuBackend final : public Backend {
     if (pool_ == nullptr) {
       return absl::FailedPreconditionError("ForwardBatch before ConfigureKvCache");
     }
-    if (spans.empty()) return absl::InvalidArgumentError("ForwardBatch with no spans");
+    NIBBLE_RETURN_IF_ERROR(CheckBatchSpans(spans, config_.vocab_size, block_seq_len_,
+                                           usable_blocks_));
     std::vector<SequenceView> views(spans.size());
     for (size_t s = 0; s < spans.size(); ++s) {
       const BatchSpan& span = spans[s];
-      if (span.tokens.empty()) {
-        return absl::InvalidArgumentError(absl::StrCat("span ", s, " has no tokens"));
-      }
-      if (auto status = CheckTokens(span.tokens); !status.ok()) return status;
-      if (span.start < 0) {
-        return absl::InvalidArgumentError(absl::StrCat("span ", s, " starts at ", span.start));
-      }
-      const int64_t end = span.start + static_cast<int64_t>(span.tokens.size());
-      const int64_t blocks = (end + block_seq_len_ - 1) / block_seq_len_;
-      if (static_cast<int64_t>(span.block_table.size()) < blocks) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "span ", s, " reaches position ", end - 1, " but its block table has ",
-            span.block_table.size(), " blocks of ", block_seq_len_, " tokens"));
-      }
-      for (int64_t b = 0; b < blocks; ++b) {
-        if (span.block_table[b] < 0 || span.block_table[b] >= usable_blocks_) {
-          return absl::InvalidArgumentError(absl::StrCat("span ", s, " names block ",
-                                                         span.block_table[b],
-                                                         " outside the usable pool of ",
-                                                         usable_blocks_));
-        }
-      }
       SequenceView& view = views[s];
       view.tokens = span.tokens;
       view.start = span.start;
@@ -180,17 +144,6 @@ class CpuBackend final : public Backend {
  private:
   int64_t BlockFloats(int64_t block_seq_len) const {
     return 2 * config_.num_layers * block_seq_len * config_.kv_dim();
-  }
-
-  absl::Status CheckTokens(std::span<const int32_t> tokens) const {
-    for (int32_t token : tokens) {
-      if (token < 0 || token >= config_.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat("token id ", token,
-                                                       " is outside the vocabulary of ",
-                                                       config_.vocab_size));
-      }
-    }
-    return absl::OkStatus();
   }
 
   // The forward pass of validated sequences: all their tokens in one [N, hidden] matrix.

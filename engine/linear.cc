@@ -86,6 +86,7 @@ class Int4Linear final : public LinearWeight {
         scales_(w.scales),
         bias_(std::move(bias)) {
     const int64_t row_bytes = (w.in_features + 1) / 2;
+#pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < w.out_features; ++n) {
       for (int64_t k = 0; k < w.in_features; ++k) {
         packed_[n * row_bytes + k / 2] |=
@@ -118,6 +119,23 @@ class Int4Linear final : public LinearWeight {
            bias_.size() * sizeof(float);
   }
   std::string StorageName() const override { return absl::StrCat("int4-g", group_size_); }
+  std::optional<Int4Weight> Int4() const override {
+    Int4Weight w;
+    w.in_features = in_features();
+    w.out_features = out_features();
+    w.group_size = group_size_;
+    w.q.resize(static_cast<size_t>(in_features() * out_features()));
+    const int64_t row_bytes = (in_features() + 1) / 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < out_features(); ++n) {
+      for (int64_t k = 0; k < in_features(); ++k) {
+        w.q[n * in_features() + k] = (packed_[n * row_bytes + k / 2] >> (4 * (k & 1))) & 15;
+      }
+    }
+    w.zeros = zeros_;
+    w.scales = scales_;
+    return w;
+  }
 
  private:
   int64_t group_size_;

@@ -4,8 +4,11 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include "engine/int4_weight.h"
 
 namespace nibble::engine {
 
@@ -32,6 +35,9 @@ class LinearWeight {
   virtual size_t StorageBytes() const = 0;
   // "f32", "f16", ...: how the weight is stored.
   virtual std::string StorageName() const = 0;
+  // The 4-bit weight it computes with, unpacked (for a backend that repacks it into its own
+  // layout: the CUDA backend); nullopt for a dense weight.
+  virtual std::optional<Int4Weight> Int4() const { return std::nullopt; }
 
  private:
   int64_t in_features_;
@@ -51,8 +57,6 @@ std::unique_ptr<LinearWeight> MakeDenseLinear(int64_t in_features, int64_t out_f
 std::unique_ptr<LinearWeight> MakeMappedF16Linear(int64_t in_features, int64_t out_features,
                                                   std::shared_ptr<const void> mapping,
                                                   const uint16_t* weight);
-
-struct Int4Weight;
 
 // A W4A16 weight (int4 in groups, fp16 scales, fp32 compute), repacked for the CPU kernel.
 std::unique_ptr<LinearWeight> MakeInt4Linear(const Int4Weight& weight, std::vector<float> bias);

@@ -1,6 +1,7 @@
 #include "engine/model.h"
 
 #include <algorithm>
+#include <charconv>
 #include <filesystem>
 
 #include <nlohmann/json.hpp>
@@ -8,6 +9,9 @@
 #include "absl/strings/str_cat.h"
 #include "engine/atomic_file.h"
 #include "engine/cpu_backend.h"
+#if NIBBLE_HAVE_CUDA_BACKEND
+#include "engine/cuda_backend.h"
+#endif
 #include "engine/model_weights.h"
 #include "engine/status_macros.h"
 #include "engine/tensor_store.h"
@@ -94,15 +98,57 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   NIBBLE_ASSIGN_OR_RETURN(auto store, TensorStore::Open(dir));
   // An AWQ checkpoint's dense tensors are fp16 already: keeping them as fp16 loses nothing
   // and halves what they occupy next to the int4 weights.
-  const WeightStorage storage = config.awq ? WeightStorage::kF16 : options.weight_storage;
+  // On the GPU, dense weights are fp16 whatever the option says: that is what it computes in.
+  const bool on_gpu = options.device.kind == Device::Kind::kCuda;
+  const WeightStorage storage =
+      config.awq || on_gpu ? WeightStorage::kF16 : options.weight_storage;
+#if !NIBBLE_HAVE_CUDA_BACKEND
+  if (on_gpu) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "device ", options.device.ToString(),
+        ": this nibble was built without CUDA (no nvcc at configure time); use device cpu"));
+  }
+#endif
   NIBBLE_ASSIGN_OR_RETURN(ModelWeights weights, LoadModelWeights(*store, config, storage));
   store->ReleaseResidentPages();  // the weights are copied or repacked, or read in place
   const size_t weight_bytes = weights.StorageBytes();
-  auto backend = MakeCpuBackend(config, std::move(weights));
+  std::unique_ptr<Backend> backend;
+  if (on_gpu) {
+#if NIBBLE_HAVE_CUDA_BACKEND
+    NIBBLE_ASSIGN_OR_RETURN(backend, MakeCudaBackend(config, std::move(weights),
+                                                     options.device.index));
+#endif
+  } else {
+    backend = MakeCpuBackend(config, std::move(weights));
+  }
   std::unique_ptr<Model> model(new Model(dir, std::move(config), std::move(loaded.tokenizer),
                                          std::move(backend), weight_bytes));
   model->cpu_threads_ = options.cpu_threads;
   return model;
+}
+
+std::string Device::ToString() const {
+  return kind == Kind::kCpu ? std::string("cpu") : absl::StrCat("cuda:", index);
+}
+
+absl::StatusOr<Device> ParseDevice(std::string_view text) {
+  Device device;
+  if (text == "cpu") return device;
+  device.kind = Device::Kind::kCuda;
+  if (text == "cuda") return device;
+  constexpr std::string_view kPrefix = "cuda:";
+  if (text.substr(0, kPrefix.size()) == kPrefix) {
+    const std::string_view number = text.substr(kPrefix.size());
+    int index = -1;
+    const auto [end, error] = std::from_chars(number.data(), number.data() + number.size(), index);
+    if (!number.empty() && error == std::errc() && end == number.data() + number.size() &&
+        index >= 0) {
+      device.index = index;
+      return device;
+    }
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "device \"", std::string(text), "\": expected cpu, cuda or cuda:N (N the CUDA device number)"));
 }
 
 std::vector<int32_t> Model::StopTokenIds() const {

@@ -3,6 +3,7 @@
 
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "absl/status/statusor.h"
 #include "engine/backend.h"
@@ -13,9 +14,22 @@
 
 namespace nibble::engine {
 
+// Where a model runs: "cpu", "cuda" (device 0) or "cuda:N".
+struct Device {
+  enum class Kind { kCpu, kCuda } kind = Kind::kCpu;
+  int index = 0;  // the CUDA device
+  std::string ToString() const;
+  bool operator==(const Device&) const = default;
+};
+// InvalidArgument naming the text for anything but cpu, cuda, cuda:N (N >= 0).
+absl::StatusOr<Device> ParseDevice(std::string_view text);
+
 struct ModelLoadOptions {
-  WeightStorage weight_storage = WeightStorage::kF32;  // --dtype float32|float16
+  WeightStorage weight_storage = WeightStorage::kF32;  // --dtype float32|float16 (CPU)
   int cpu_threads = 0;                                 // <= 0: all cores
+  // cuda: the weights go to the device (dense ones as fp16, whatever weight_storage says:
+  // the GPU computes in fp16). Unavailable (FailedPrecondition) in a build without CUDA.
+  Device device;
 };
 
 // Immutable after Load except through backend(); see Backend for its threading rules.

@@ -16,6 +16,7 @@ struct ModelOptions {
   std::string dir;
   std::string dtype = "float32";
   int threads = 0;
+  std::string device = "cpu";
 
   // `required` false: the command checks itself (generate takes --model or --server).
   void Register(CLI::App& command, bool required = true) {
@@ -26,6 +27,8 @@ struct ModelOptions {
     command.add_option("--dtype", dtype, "weight storage: float32 or float16 (compute is fp32)")
         ->check(CLI::IsMember({"float32", "float16"}));
     command.add_option("--threads", threads, "CPU threads (0: all cores)");
+    command.add_option("--device", device,
+                       "where the model runs: cpu, cuda or cuda:N (fp16 compute on the GPU)");
   }
 
   // Loads the model, or prints the error naming what is wrong and returns null.
@@ -34,6 +37,12 @@ struct ModelOptions {
     options.weight_storage =
         dtype == "float16" ? engine::WeightStorage::kF16 : engine::WeightStorage::kF32;
     options.cpu_threads = threads;
+    auto parsed = engine::ParseDevice(device);
+    if (!parsed.ok()) {
+      ReportError(command, parsed.status());
+      return nullptr;
+    }
+    options.device = *parsed;
     auto model = engine::Model::Load(dir, options);
     if (!model.ok()) {
       ReportError(command, model.status());

@@ -1,8 +1,8 @@
 // Paged-KV attention on the GPU, decode (one query token per sequence), fp16 q / KV / out,
 // fp32 scores, softmax and accumulation. CPU reference: kernels/cpu/attention.h
 // PagedCausalAttention (a span of one token whose keys and values are already in the cache);
-// tests/gpu/attention_test.cc compares them. Prefill (many query tokens per sequence, causal)
-// is not here yet: the CUDA backend's next kernel.
+// tests/gpu/attention_test.cc compares them. Prefill (many query tokens per sequence, causal,
+// PagedPrefillAttention) is further down, after the decode kernel.
 //
 // KV layout (the same as engine/cpu_backend.cc's blocks, in fp16): the pool is num_blocks
 // blocks; a block holds, for block_seq_len positions, every layer's keys and values:
@@ -79,5 +79,91 @@ cudaError_t PagedDecodeAttention(const DecodeAttentionPlan& plan, const uint16_t
                                  int64_t block_table_stride, const int32_t* seq_lens,
                                  int64_t num_seqs, void* workspace, uint16_t* out,
                                  cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// Prefill: causal attention of many query tokens per sequence (flash-attention 2 style), over
+// the same paged pool (PagedKvView) and fp16 q / out, fp32 softmax and accumulation. CPU
+// reference: kernels/cpu/attention.h PagedCausalAttention with the same spans.
+//
+// A span is a run of consecutive query tokens of one sequence: span s's query rows are
+// first_row[s] .. first_row[s] + tokens[s] - 1 of q and out, at positions start[s] ..
+// start[s] + tokens[s] - 1; the keys and values of positions 0 .. start[s] + tokens[s] - 1
+// (the cache before the span and the span's own tokens) are already in the pool, and its
+// block table is at block_tables + s * block_table_stride (at least
+// ceil((start + tokens) / block_seq_len) valid ids). The query token at position p attends to
+// positions 0 .. p. A span may be a whole prompt (start 0), a prompt chunk after cached tokens
+// (start > 0), or one decode token (tokens 1: correct, but the decode kernel is faster there).
+//
+// Work split: a span's (token, query head) pairs of one kv head, token-major (row r: token
+// r / group, query head kv_head * group + r % group, group = heads / kv_heads), are cut into
+// tiles of tile_rows (64 or 128) rows; one block of tile_rows / 16 warps (16 rows each) per
+// (tile, kv head) loops over the positions the tile can see in tiles of 64 keys, loaded once
+// into shared memory (cp.async, double-buffered) and shared by the tile's tokens and by the
+// query heads of the group (GQA).
+// Scores Q K^T and P V on the tensor cores (mma.sync m16n8k16, fp16 inputs, fp32
+// accumulation); online softmax in fp32 (exp2, max-subtracted); P is rounded to fp16 for the
+// P V product (as in flash-attention). head_dim 8 runs the same code with the QK^T reduction
+// zero-padded to 16. The tiles of a span are visited last (longest) first. Precision: P's
+// fp16 rounding puts an output element within ~2^-11 sum_i w_i |v_i| of the fp32 result
+// (attention_test's bound). Speed (H100, attention_bench, one layer at 32/8/128, blocks of
+// 128): a 2048-token prompt in ~200 µs (~170 TFLOP/s of causal work), ~17x faster than
+// PagedDecodeAttention with one sequence per query row.
+//
+// Ownership: nothing is owned or allocated, no workspace; every pointer is device memory the
+// caller keeps alive until the stream has run the work. The span table is read on the device
+// (a CUDA graph can replay it with new spans, as long as the plan's bounds hold). Each call
+// also raises the kernel's dynamic shared-memory limit (cudaFuncSetAttribute, host-side: fine
+// during stream capture).
+// Errors: the launch's cudaError_t; cudaErrorInvalidValue for unsupported shapes or a call
+// beyond its plan (num_spans > plan.max_spans) or misaligned pointers (q, out, keys, values
+// need 16 bytes). Not checkable on the host, the caller's to keep: Σ tokens <= plan.max_rows
+// (rows beyond are left unwritten), a span's rows do not overlap another's; a span with
+// tokens <= 0 or start < 0 is skipped (its rows are left unwritten).
+
+// Device arrays of num_spans entries each (see above), and the block tables.
+struct PrefillSpanTable {
+  const int32_t* first_row = nullptr;     // the span's first row of q / out
+  const int32_t* start = nullptr;         // the position of its first query token
+  const int32_t* tokens = nullptr;        // its query tokens
+  const int32_t* block_tables = nullptr;  // span s's block ids at + s * block_table_stride
+  int64_t block_table_stride = 0;
+};
+
+struct PrefillAttentionPlan {
+  DecodeAttentionShape shape;
+  int64_t max_rows = 0;    // Σ tokens of a call, at most
+  int64_t max_spans = 0;   // spans of a call, at most
+  int32_t tile_rows = 0;   // (token, query head) rows per block: 64 (4 warps) or 128 (8)
+  int32_t tile_keys = 0;   // key positions per shared-memory K / V tile: 64
+  int64_t smem_bytes = 0;  // dynamic shared memory per block (69632 at head_dim 128)
+};
+
+// Plans prefill attention calls of up to `max_rows` query tokens in all, in up to `max_spans`
+// spans. The grid is (kv_heads, ceil(max_rows * group / tile_rows) + num_spans): that bound
+// must be <= 65535 (e.g. max_rows 16384 at group 4 with up to 64511 spans). tile_rows 64 or
+// 128 forces that tile (tests, benchmarks); 0 chooses on the current device: 128 when
+// ceil(max_rows * group / 128) * kv_heads >= its multiprocessors, else 64. Errors: unsupported
+// shape (as the decode plan's), non-positive or too large sizes, tile_rows not 0, 64 or 128.
+cudaError_t PlanPagedPrefillAttention(const DecodeAttentionShape& shape, int64_t max_rows,
+                                      int64_t max_spans, PrefillAttentionPlan* plan,
+                                      int32_t tile_rows = 0);
+
+// out[r, h, :] = softmax(q[r, h, :] . K_s[0 .. p, h / group, :] / sqrt(head_dim)) V_s for every
+// row r = first_row[s] + t of every span s < num_spans (<= plan.max_spans), t < tokens[s],
+// p = start[s] + t. q and out: [rows, heads, head_dim] contiguous fp16; only the spans' rows of
+// out are written, each completely. Rows of one call must not exceed plan.max_rows in all.
+cudaError_t PagedPrefillAttention(const PrefillAttentionPlan& plan, const uint16_t* q,
+                                  const PagedKvView& kv, const PrefillSpanTable& spans,
+                                  int64_t num_spans, uint16_t* out, cudaStream_t stream);
+
+// Writes the keys and values of `tokens` new tokens into the pool: token t's key row
+// (kv_dim halves at k + t * k_stride) and value row (at v + t * v_stride) go to position
+// slots[t] (device; block slots[t] / block_seq_len, row slots[t] % block_seq_len) of the
+// layer whose keys / values of block 0 start at `keys` / `values` (PagedKvView's layout). The
+// slots are the engine's (checked against the usable pool on the host before the copy).
+cudaError_t StorePagedKv(const uint16_t* k, int64_t k_stride, const uint16_t* v, int64_t v_stride,
+                         int64_t tokens, int64_t kv_dim, const int32_t* slots, uint16_t* keys,
+                         uint16_t* values, int64_t block_stride, int32_t block_seq_len,
+                         cudaStream_t stream);
 
 }  // namespace nibble::kernels::cuda

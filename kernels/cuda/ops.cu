@@ -310,4 +310,50 @@ cudaError_t Embedding(const uint16_t* table, int64_t vocab, int64_t hidden, cons
   return cudaSuccess;
 }
 
+namespace {
+
+__global__ void AddBiasKernel(__half* y, int64_t y_stride, const float* __restrict__ bias,
+                              int64_t rows, int cols) {
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+      __half* p = y + r * y_stride + c;
+      *p = __float2half_rn(__half2float(*p) + bias[c]);
+    }
+  }
+}
+
+__global__ void HalfToFloatKernel(const __half* __restrict__ in, int64_t n, float* out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = __half2float(in[i]);
+  }
+}
+
+}  // namespace
+
+cudaError_t AddBias(uint16_t* y, int64_t y_stride, const float* bias, int64_t rows, int64_t cols,
+                    cudaStream_t stream) {
+  if (rows < 0 || cols <= 0 || cols > (int64_t{1} << 30) || y_stride < cols) {
+    return cudaErrorInvalidValue;
+  }
+  if (rows == 0) return cudaSuccess;
+  const int threads = 256;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((cols + threads - 1) / threads, 1024)),
+                  static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+  AddBiasKernel<<<grid, threads, 0, stream>>>(reinterpret_cast<__half*>(y), y_stride, bias, rows,
+                                             static_cast<int>(cols));
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return cudaSuccess;
+}
+
+cudaError_t HalfToFloat(const uint16_t* in, int64_t n, float* out, cudaStream_t stream) {
+  if (n < 0) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  const int threads = 256;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((n + threads - 1) / threads, 4096));
+  HalfToFloatKernel<<<grid, threads, 0, stream>>>(reinterpret_cast<const __half*>(in), n, out);
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return cudaSuccess;
+}
+
 }  // namespace nibble::kernels::cuda

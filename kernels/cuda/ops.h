@@ -63,4 +63,12 @@ cudaError_t Embedding(const uint16_t* table, int64_t vocab, int64_t hidden, cons
                       int64_t n, uint16_t* out, cudaStream_t stream,
                       const int32_t* host_ids = nullptr);
 
+// y[r, c] += bias[c] for r < rows, c < cols (y fp16 with row stride y_stride, bias fp32; the
+// sum formed in fp32 and rounded once): the bias of a dense (cuBLAS) linear.
+cudaError_t AddBias(uint16_t* y, int64_t y_stride, const float* bias, int64_t rows, int64_t cols,
+                    cudaStream_t stream);
+
+// out[i] = in[i] as fp32, i < n (logits leave the device in fp32).
+cudaError_t HalfToFloat(const uint16_t* in, int64_t n, float* out, cudaStream_t stream);
+
 }  // namespace nibble::kernels::cuda

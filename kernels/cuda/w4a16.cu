@@ -497,4 +497,68 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
   }
 }
 
+namespace {
+
+// One thread per 16-byte piece of qw: lane (g, t) of feature tile `tile`, k chunk `chunk`,
+// holds rows r0 = 16 tile + g and r1 = r0 + 8 at k = 64 chunk + 16 t .. + 15 (w4a16_layout.h);
+// the 16 k lie in one group (groups are multiples of 16).
+__global__ void DequantizeW4A16Kernel(const uint4* __restrict__ qw, const uint32_t* __restrict__ zs,
+                                      __half* w, int64_t n, int64_t k, int64_t chunks,
+                                      int64_t group, int64_t groups_pad, int64_t pieces) {
+  for (int64_t piece = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; piece < pieces;
+       piece += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int lane = static_cast<int>(piece % 32);
+    const int64_t chunk = (piece / 32) % chunks;
+    const int64_t tile = piece / 32 / chunks;
+    const int g = lane / 4, t = lane % 4;
+    const int64_t k0 = 64 * chunk + 16 * t;
+    if (k0 >= k) continue;
+    const uint4 words = qw[piece];
+    const uint32_t word[4] = {words.x, words.y, words.z, words.w};
+    const int64_t grp = k0 / group;
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = 16 * tile + g + 8 * half;
+      if (row >= n) continue;
+      const uint32_t sz = zs[(tile * groups_pad + grp) * 16 + g + 8 * half];
+      const float scale = __half2float(__ushort_as_half(static_cast<unsigned short>(sz & 0xffff)));
+      const float zero = __half2float(__ushort_as_half(static_cast<unsigned short>(sz >> 16)));
+      // Nibbles of rows r0 / r1 for k + 0..3: 0 4 2 6 / 1 5 3 7.
+      const int shift[4] = {0 + half, 4 + half, 2 + half, 6 + half};
+      alignas(16) __half values[16];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float q = static_cast<float>((word[j] >> (4 * shift[i])) & 15u);
+          values[4 * j + i] = __float2half_rn((q - zero) * scale);
+        }
+      }
+      __half* out = w + row * k + k0;
+      const int64_t count = k - k0 < 16 ? k - k0 : 16;
+      if (count == 16 && k % 8 == 0) {
+        reinterpret_cast<uint4*>(out)[0] = reinterpret_cast<const uint4*>(values)[0];
+        reinterpret_cast<uint4*>(out)[1] = reinterpret_cast<const uint4*>(values)[1];
+      } else {
+        for (int64_t i = 0; i < count; ++i) out[i] = values[i];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t DequantizeW4A16(const W4A16Layout& layout, const uint32_t* qw, const uint32_t* zs,
+                            uint16_t* w, cudaStream_t stream) {
+  if (CheckW4A16Shape(layout.n, layout.k, layout.group) != nullptr) return cudaErrorInvalidValue;
+  const int64_t chunks = layout.k_pad / 64;
+  const int64_t pieces = layout.n_pad / 16 * chunks * 32;
+  const int threads = 256;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((pieces + threads - 1) / threads, 1 << 20));
+  DequantizeW4A16Kernel<<<grid, threads, 0, stream>>>(
+      reinterpret_cast<const uint4*>(qw), zs, reinterpret_cast<__half*>(w), layout.n, layout.k,
+      chunks, layout.group, layout.groups_pad, pieces);
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return cudaSuccess;
+}
+
 }  // namespace nibble::kernels::cuda

@@ -39,4 +39,11 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
                         const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
                         cudaStream_t stream, W4A16Kernel kernel = W4A16Kernel::kAuto);
 
+// w[r, c] = (q - zero) * scale of the weight in the device layout, rounded to fp16, for r < n,
+// c < k: w row-major [n, k] (fully written). For large m the engine multiplies this with
+// cuBLAS (a dense GEMM's tensor-core throughput beats re-reading the 4-bit weight per tile of
+// tokens once m reaches ~100); w is the caller's scratch.
+cudaError_t DequantizeW4A16(const W4A16Layout& layout, const uint32_t* qw, const uint32_t* zs,
+                            uint16_t* w, cudaStream_t stream);
+
 }  // namespace nibble::kernels::cuda

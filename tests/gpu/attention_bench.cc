@@ -7,7 +7,18 @@
 // pool of >= 512 MB (so nothing sits in the 50 MB L2 between calls; L = 2 .. 64), 20 replays
 // after 3 warm-ups, each timed with events; the median replay / L is the time per call.
 // Prints one line per shape and a markdown table (also written to argv[1] when given).
+//
+// Prefill (PagedPrefillAttention) at the same shape: one 2048-token prompt (start 0) and a
+// 1024-token chunk after 1024 cached positions, blocks of 128 at shuffled ids, against the way
+// the CUDA backend runs prefill today (PagedDecodeAttention with every query token its own
+// sequence: row-expanded block tables, length position + 1). One layer's pool (K and V stay in
+// L2, as after StorePagedKv in the engine); 3 warm-ups, the median of 20 event-timed calls, for
+// tiles of 64 and of 128 rows (the speedup column: the plan's default tile).
+// TFLOP/s counts the causal work only (4 * head_dim * heads per visible (query, key) pair).
+// The two outputs are compared (||prefill - decode|| / ||decode||) as a sanity check. `attention_bench
+// --prefill` runs this part alone.
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <numeric>
 #include <random>
@@ -52,9 +63,146 @@ double CopyBandwidth(cudaStream_t stream) {
   return 2.0 * bytes / (Median(ms) * 1e-3) / 1e9;
 }
 
+// Median µs of `reps` event-timed calls of fn after 3 warm-ups.
+template <typename Fn>
+double TimeUs(cudaStream_t stream, int reps, Fn&& fn) {
+  cudaEvent_t e0, e1;
+  NIBBLE_TEST_CUDA_CHECK(cudaEventCreate(&e0));
+  NIBBLE_TEST_CUDA_CHECK(cudaEventCreate(&e1));
+  std::vector<double> us;
+  for (int r = 0; r < reps + 3; ++r) {
+    NIBBLE_TEST_CUDA_CHECK(cudaEventRecord(e0, stream));
+    fn();
+    NIBBLE_TEST_CUDA_CHECK(cudaEventRecord(e1, stream));
+    NIBBLE_TEST_CUDA_CHECK(cudaEventSynchronize(e1));
+    float ms = 0;
+    NIBBLE_TEST_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    if (r >= 3) us.push_back(ms * 1e3);
+  }
+  NIBBLE_TEST_CUDA_CHECK(cudaEventDestroy(e0));
+  NIBBLE_TEST_CUDA_CHECK(cudaEventDestroy(e1));
+  return Median(us);
+}
+
+// The prefill section: returns its markdown table.
+std::string PrefillBench(cudaStream_t stream) {
+  const int64_t heads = 32, kv_heads = 8, d = 128, bsl = 128;
+  const int64_t kv_dim = kv_heads * d;
+  std::mt19937 rng(4321);
+  std::string table =
+      "| case | tokens | tile 64 µs | TFLOP/s | tile 128 µs | TFLOP/s | decode-per-row µs | "
+      "speedup (default tile) | rel. L2 diff |\n"
+      "|---|---|---|---|---|---|---|---|---|\n";
+  struct Case {
+    const char* name;
+    int start, tokens;
+  };
+  for (const Case& c : {Case{"prompt 2048", 0, 2048}, Case{"chunk 1024 after 1024", 1024, 1024}}) {
+    const int64_t end = c.start + c.tokens;
+    const int64_t blocks = (end + bsl - 1) / bsl;
+    const int64_t block_elems = 2 * bsl * kv_dim;  // one layer
+    DeviceBuffer<uint16_t> pool(blocks * block_elems);
+    const auto pool_h = RandomHalf(rng, pool.count(), -1.0f, 1.0f);
+    pool.CopyFrom(pool_h.data());
+    std::vector<int32_t> ids(blocks);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    const auto q = RandomHalf(rng, c.tokens * heads * d, -2.0f, 2.0f);
+    DeviceBuffer<uint16_t> dq(q.size()), out_prefill(q.size()), out_decode(q.size());
+    dq.CopyFrom(q.data());
+    cu::PagedKvView view;
+    view.keys = pool.get();
+    view.values = view.keys + bsl * kv_dim;
+    view.block_stride = block_elems;
+    view.block_seq_len = static_cast<int32_t>(bsl);
+
+    // The new kernel: one span, tiles of 64 and of 128 rows.
+    const int32_t first_row = 0, start = c.start, tokens = c.tokens;
+    DeviceBuffer<int32_t> dfirst(1), dstart(1), dtokens(1), dids(ids.size());
+    dfirst.CopyFrom(&first_row);
+    dstart.CopyFrom(&start);
+    dtokens.CopyFrom(&tokens);
+    dids.CopyFrom(ids.data());
+    cu::PrefillSpanTable spans;
+    spans.first_row = dfirst.get();
+    spans.start = dstart.get();
+    spans.tokens = dtokens.get();
+    spans.block_tables = dids.get();
+    spans.block_table_stride = blocks;
+    double t_tile[2];
+    for (int k = 0; k < 2; ++k) {
+      cu::PrefillAttentionPlan pplan;
+      NIBBLE_TEST_CUDA_CHECK(cu::PlanPagedPrefillAttention({heads, kv_heads, d}, c.tokens, 1, &pplan, 64 << k));
+      t_tile[k] = TimeUs(stream, 20, [&] {
+        NIBBLE_TEST_CUDA_CHECK(cu::PagedPrefillAttention(pplan, dq.get(), view, spans, 1,
+                                                         out_prefill.get(), stream));
+      });
+    }
+    cu::PrefillAttentionPlan dplan_default;
+    NIBBLE_TEST_CUDA_CHECK(cu::PlanPagedPrefillAttention({heads, kv_heads, d}, c.tokens, 1, &dplan_default));
+    const double t_prefill = dplan_default.tile_rows == 128 ? t_tile[1] : t_tile[0];
+
+    // Today's way: every row a decode sequence.
+    std::vector<int32_t> row_tables(c.tokens * blocks), lens(c.tokens);
+    for (int64_t t = 0; t < c.tokens; ++t) {
+      std::copy(ids.begin(), ids.end(), row_tables.begin() + t * blocks);
+      lens[t] = static_cast<int32_t>(c.start + t + 1);
+    }
+    DeviceBuffer<int32_t> drow_tables(row_tables.size()), dlens(lens.size());
+    drow_tables.CopyFrom(row_tables.data());
+    dlens.CopyFrom(lens.data());
+    cu::DecodeAttentionPlan dplan;
+    NIBBLE_TEST_CUDA_CHECK(cu::PlanPagedDecodeAttention({heads, kv_heads, d}, c.tokens, end, &dplan));
+    DeviceBuffer<char> ws(std::max<int64_t>(dplan.workspace_bytes, 16));
+    const double t_decode = TimeUs(stream, 20, [&] {
+      NIBBLE_TEST_CUDA_CHECK(cu::PagedDecodeAttention(dplan, dq.get(), view, drow_tables.get(), blocks,
+                                                      dlens.get(), c.tokens, ws.get(),
+                                                      out_decode.get(), stream));
+    });
+    NIBBLE_TEST_CUDA_CHECK(cudaStreamSynchronize(stream));
+
+    // Sanity: the two outputs agree.
+    std::vector<uint16_t> a(q.size()), b(q.size());
+    out_prefill.CopyTo(a.data());
+    out_decode.CopyTo(b.data());
+    const auto af = nibble::testing::ToFloat(a), bf = nibble::testing::ToFloat(b);
+    double ss = 0, ss_err = 0;
+    for (size_t i = 0; i < af.size(); ++i) {
+      ss += static_cast<double>(bf[i]) * bf[i];
+      const double e = static_cast<double>(af[i]) - bf[i];
+      ss_err += std::isfinite(e) ? e * e : INFINITY;
+    }
+    const double diff = std::sqrt(ss_err / ss);  // ||prefill - decode|| / ||decode||
+
+    double pairs = 0;  // visible (query, key) pairs
+    for (int64_t t = 0; t < c.tokens; ++t) pairs += static_cast<double>(c.start + t + 1);
+    const double flop = 4.0 * d * heads * pairs;
+    const double tf64 = flop / (t_tile[0] * 1e-6) / 1e12, tf128 = flop / (t_tile[1] * 1e-6) / 1e12;
+    const double tf_decode = flop / (t_decode * 1e-6) / 1e12;
+    std::printf("prefill attention 32/8 heads d=128 block=128 %s: tile 64 %.1f us (%.1f TFLOP/s), "
+                "tile 128 %.1f us (%.1f TFLOP/s); decode kernel per row %.1f us (%.1f TFLOP/s, "
+                "split %d x %d): %.1fx with the default tile (%d); relative L2 diff %.2e\n",
+                c.name, t_tile[0], tf64, t_tile[1], tf128, t_decode, tf_decode, dplan.split_tokens,
+                dplan.max_splits, t_decode / t_prefill, dplan_default.tile_rows, diff);
+    char line[256];
+    std::snprintf(line, sizeof line, "| %s | %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.1fx | %.1e |\n",
+                  c.name, c.tokens, t_tile[0], tf64, t_tile[1], tf128, t_decode, t_decode / t_prefill, diff);
+    table += line;
+  }
+  return table;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--prefill") {
+    cudaStream_t stream;
+    NIBBLE_TEST_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    const std::string prefill = PrefillBench(stream);
+    std::printf("\nPREFILL ATTENTION (one layer, 32/8 heads, d=128, blocks of 128)\n%s", prefill.c_str());
+    NIBBLE_TEST_CUDA_CHECK(cudaStreamDestroy(stream));
+    return 0;
+  }
   const int64_t heads = 32, kv_heads = 8, d = 128, bsl = 128;
   const int64_t kv_dim = kv_heads * d;
   cudaStream_t stream;
@@ -142,11 +290,13 @@ int main(int argc, char** argv) {
       NIBBLE_TEST_CUDA_CHECK(cudaGraphDestroy(graph));
     }
   }
+  const std::string prefill = PrefillBench(stream);
   std::printf("\nDECODE ATTENTION (copy ceiling %.0f GB/s; bytes = K + V read once + q + out; CUDA-graph replays)\n%s",
               copy_gbs, table.c_str());
+  std::printf("\nPREFILL ATTENTION (one layer, 32/8 heads, d=128, blocks of 128)\n%s", prefill.c_str());
   if (argc > 1) {
     if (FILE* f = std::fopen(argv[1], "w")) {
-      std::fprintf(f, "copy %.0f GB/s\n%s", copy_gbs, table.c_str());
+      std::fprintf(f, "copy %.0f GB/s\n%s\n%s", copy_gbs, table.c_str(), prefill.c_str());
       std::fclose(f);
     }
   }

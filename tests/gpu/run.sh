@@ -83,7 +83,7 @@ full_build() {
   local archs="${1:-90}" build="${BUILD_DIR:-build-gpu-full}" p="${NIBBLE_DEPS_PREFIX:-/opt/nibble-deps}"
   local debs=.gpu-deps data="${NIBBLE_SHARED_DIR:-$PWD/.gpu-shared}"
   local logs="${OUT:-$build/logs}" t0=$SECONDS build_status=failed ctest_status="not run"
-  local pc_flag=() python
+  local pc_flag=() python engine_status="not run"
   mkdir -p "$logs"
   if ! compgen -G "$debs/*.deb" > /dev/null; then
     echo "run.sh --full: no .debs in $debs: run tests/gpu/fetch-deps.sh on the dev machine and carry .gpu-deps" >&2
@@ -133,11 +133,26 @@ full_build() {
     fi
     local rc=0 t1=$SECONDS
     timeout "${NIBBLE_FULL_CTEST_TIMEOUT:-180}" ctest --test-dir "$build" -j "$(nproc)" \
+      ${NIBBLE_FULL_CTEST_REGEX:+-R "$NIBBLE_FULL_CTEST_REGEX"} \
       --timeout 150 --output-on-failure > "$logs/ctest.log" 2>&1 || rc=$?
     if [[ $rc == 124 ]]; then
       ctest_status="timed out after ${NIBBLE_FULL_CTEST_TIMEOUT:-180} s"
     else
       ctest_status="done (exit $rc, $((SECONDS - t1)) s)"
+    fi
+    # The CUDA backend against the CPU backend, over the fixtures ctest just made.
+    if [[ -x "$build/bin/gpu_engine_test" ]]; then
+      rc=0
+      NIBBLE_TEST_MODELS="$build/test-models" NIBBLE_SHARED_DIR="$data" \
+        timeout "${NIBBLE_ENGINE_TEST_TIMEOUT:-240}" "$build/bin/gpu_engine_test" \
+        > "$logs/engine_test.log" 2>&1 || rc=$?
+      engine_status="exit $rc"
+    fi
+    # NIBBLE_ENGINE_BENCH="ARGS": end-to-end decode on a synthetic model (tests/gpu/engine_bench.cc).
+    if [[ -n "${NIBBLE_ENGINE_BENCH:-}" && -x "$build/bin/gpu_engine_bench" ]]; then
+      # shellcheck disable=SC2086
+      timeout "${NIBBLE_ENGINE_BENCH_TIMEOUT:-300}" "$build/bin/gpu_engine_bench" $NIBBLE_ENGINE_BENCH \
+        > "$logs/engine_bench.log" 2>&1 || echo "engine bench: exit $?" >> "$logs/engine_bench.log"
     fi
   fi
   # The summary, last.
@@ -149,6 +164,14 @@ full_build() {
     echo "passed: $(grep -cE 'Test +#[0-9]+: .* Passed' "$logs/ctest.log"), failed: $(grep -cE 'Test +#[0-9]+: .*(\*\*\*|Failed|Not Run|Exception)' "$logs/ctest.log")"
     grep -E 'tests passed|Total Test time' "$logs/ctest.log" || true
     sed -n '/The following tests FAILED/,$p' "$logs/ctest.log"
+  fi
+  if [[ -f "$logs/engine_test.log" ]]; then
+    echo "gpu_engine_test: $engine_status (log engine_test.log)"
+    grep -E '^\[  (PASSED|FAILED) |^\[  FAILED|top-1|perplexity|relative|Failure|Expected|Which is|error' "$logs/engine_test.log" | head -60
+  fi
+  if [[ -f "$logs/engine_bench.log" ]]; then
+    echo "gpu_engine_bench (log engine_bench.log):"
+    cat "$logs/engine_bench.log"
   fi
   [[ "$build_status" == ok && "$ctest_status" == "done (exit 0"* ]]
 }

@@ -92,6 +92,29 @@ int RunCase(const Case& c, std::mt19937& rng) {
   d_bias.CopyFrom(bias.data());
 
   int failures = 0;
+  {
+    // DequantizeW4A16: every weight written, (q - z) * s rounded once to fp16 (within 2^-11
+    // relative of the exact fp32 product; exact zeros stay zero).
+    DeviceBuffer<uint16_t> d_w(c.n * c.k);
+    NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_w.get(), 0xff, d_w.bytes()));
+    NIBBLE_TEST_CUDA_CHECK(cu::DequantizeW4A16(l, d_qw.get(), d_zs.get(), d_w.get(), nullptr));
+    NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<uint16_t> w16(c.n * c.k);
+    d_w.CopyTo(w16.data());
+    int64_t bad = 0;
+    for (int64_t r = 0; r < c.n; ++r) {
+      for (int64_t kk = 0; kk < c.k; ++kk) {
+        const int64_t g = kk / c.group;
+        const float exact = (float(q[r * c.k + kk]) - float(zeros[r * l.groups + g])) *
+                            cpu::HalfToFloat(scales[r * l.groups + g]);
+        const float got = cpu::HalfToFloat(w16[r * c.k + kk]);
+        if (!(std::fabs(got - exact) <= std::ldexp(std::fabs(exact), -11) + 1e-7f)) ++bad;
+      }
+    }
+    std::printf("%s dequantize n=%lld k=%lld group=%lld wrong=%lld\n", bad ? "FAIL" : "PASS",
+                (long long)c.n, (long long)c.k, (long long)c.group, (long long)bad);
+    failures += bad != 0;
+  }
   for (cu::W4A16Kernel kernel :
        {cu::W4A16Kernel::kAuto, cu::W4A16Kernel::kDecode8, cu::W4A16Kernel::kDecode16,
         cu::W4A16Kernel::kTiled64, cu::W4A16Kernel::kDecode8V0,
