@@ -179,11 +179,14 @@ int main(int argc, char** argv) {
       {"7b.wqkv", 4096, 6144},  {"7b.wo", 4096, 4096},   {"7b.w1w3", 4096, 14336},
       {"7b.w2", 14336, 4096},   {"1.8b.wqkv", 2048, 4096}, {"1.8b.wo", 2048, 2048},
       {"1.8b.w1w3", 2048, 8192}, {"1.8b.w2", 8192, 2048}};
-  const int64_t ms[] = {1, 4, 16, 64, 256};
+  const int64_t ms[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096};
+  // The engine's route (engine/cuda_backend.cc RunLinear): the W4A16 kernels below this many
+  // tokens, DequantizeW4A16 into fp16 scratch + cuBLAS from it on.
+  const int64_t kDequantizeRows = 65;
   const int64_t group = 128;
   const char* header =
       "shape,k,n,m,ours_us,ours_launch_us,ours_bytes,ours_GBps,cublas_fp16_us,"
-      "cublas_fp16_launch_us,copy_GBps\n";
+      "cublas_fp16_launch_us,copy_GBps,route_us\n";
   std::printf("%s", header);
   if (csv) std::fprintf(csv, "%s", header);
   for (const Shape& s : shapes) {
@@ -239,6 +242,20 @@ int main(int argc, char** argv) {
       };
       const double dense = GraphUs(dense_fn, nbuf_h, stream);
       const double dense_launch = MedianUs(dense_fn, nbuf_h, stream);
+      double route = ours;
+      if (m >= kDequantizeRows) {
+        DeviceBuffer<uint16_t> scratch(s.n * s.k);
+        route = GraphUs(
+            [&](int b) {
+              NIBBLE_TEST_CUDA_CHECK(cu::DequantizeW4A16(l, qws[b].get(), zss[b].get(),
+                                                         scratch.get(), stream));
+              CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, s.n, m, s.k, &alpha,
+                                        scratch.get(), CUDA_R_16F, s.k, x.get(), CUDA_R_16F, s.k,
+                                        &beta, y.get(), CUDA_R_16F, s.n, CUBLAS_COMPUTE_32F,
+                                        CUBLAS_GEMM_DEFAULT));
+            },
+            nbuf_q, stream);
+      }
       if (m <= 16) {
         for (const Variant& v : variants) {
           const double us = GraphUs(ours_fn(v.kernel), nbuf_q, stream);
@@ -249,9 +266,9 @@ int main(int argc, char** argv) {
       }
       const double bytes = double(wbytes) + 2.0 * m * s.k + 2.0 * m * s.n;
       char line[256];
-      std::snprintf(line, sizeof line, "%s,%lld,%lld,%lld,%.2f,%.2f,%.0f,%.1f,%.2f,%.2f,%.1f\n",
+      std::snprintf(line, sizeof line, "%s,%lld,%lld,%lld,%.2f,%.2f,%.0f,%.1f,%.2f,%.2f,%.1f,%.2f\n",
                     s.name, (long long)s.k, (long long)s.n, (long long)m, ours, ours_launch,
-                    bytes, bytes / (ours * 1e3), dense, dense_launch, copy_gbs);
+                    bytes, bytes / (ours * 1e3), dense, dense_launch, copy_gbs, route);
       std::printf("%s", line);
       if (csv) std::fprintf(csv, "%s", line);
     }
