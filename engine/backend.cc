@@ -1,5 +1,7 @@
 #include "engine/backend.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace nibble::engine {
@@ -43,6 +45,24 @@ absl::Status CheckBatchSpans(std::span<const BatchSpan> spans, int64_t vocab,
     }
   }
   return absl::OkStatus();
+}
+
+void TakeArgmaxRows(std::span<const BatchSpan> spans, int64_t vocab, std::vector<float>& logits,
+                    std::vector<int32_t>& argmax_out) {
+  argmax_out.clear();
+  size_t kept = 0, row = 0;
+  for (const BatchSpan& span : spans) {
+    if (!span.logits) continue;
+    const float* begin = logits.data() + row * vocab;
+    if (span.argmax_only) {
+      argmax_out.push_back(static_cast<int32_t>(std::max_element(begin, begin + vocab) - begin));
+    } else {
+      if (kept != row) std::copy_n(begin, vocab, logits.data() + kept * vocab);
+      ++kept;
+    }
+    ++row;
+  }
+  logits.resize(kept * vocab);
 }
 
 absl::Status CheckSequenceCapacity(int64_t capacity) {

@@ -118,8 +118,8 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status ForwardBatch(std::span<const BatchSpan> spans,
-                            std::vector<float>& logits_out) override {
+  absl::Status ForwardBatch(std::span<const BatchSpan> spans, std::vector<float>& logits_out,
+                            std::vector<int32_t>& argmax_out) override {
     if (pool_ == nullptr) {
       return absl::FailedPreconditionError("ForwardBatch before ConfigureKvCache");
     }
@@ -138,6 +138,7 @@ class CpuBackend final : public Backend {
       view.logits = span.logits ? SequenceView::Logits::kLast : SequenceView::Logits::kNone;
     }
     Run(views, logits_out);
+    TakeArgmaxRows(spans, config_.vocab_size, logits_out, argmax_out);
     return absl::OkStatus();
   }
 

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <map>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -354,6 +355,7 @@ struct PassSpan {
   int64_t start = 0;
   std::span<const int32_t> block_table;
   enum class Logits { kNone, kLast, kAll } logits = Logits::kNone;
+  bool argmax_only = false;  // kLast: the argmax's id only (BatchSpan::argmax_only)
 };
 
 class CudaBackend final : public Backend {
@@ -410,7 +412,8 @@ class CudaBackend final : public Backend {
     span.block_table = std::span<const int32_t>(&kOnlyBlock, 1);
     span.logits = which == LogitsFor::kAllPositions ? PassSpan::Logits::kAll : PassSpan::Logits::kLast;
     const KvTarget target{sequence->data(), sequence->capacity(), BlockHalves(sequence->capacity())};
-    NIBBLE_RETURN_IF_ERROR(Run(std::span<const PassSpan>(&span, 1), target, logits));
+    std::vector<int32_t> no_argmax;
+    NIBBLE_RETURN_IF_ERROR(Run(std::span<const PassSpan>(&span, 1), target, logits, no_argmax));
     sequence->set_length(start + n);
     return absl::OkStatus();
   }
@@ -449,8 +452,8 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status ForwardBatch(std::span<const BatchSpan> spans,
-                            std::vector<float>& logits_out) override {
+  absl::Status ForwardBatch(std::span<const BatchSpan> spans, std::vector<float>& logits_out,
+                            std::vector<int32_t>& argmax_out) override {
     if (pool_blocks_ == 0) {
       return absl::FailedPreconditionError("ForwardBatch before ConfigureKvCache");
     }
@@ -462,9 +465,10 @@ class CudaBackend final : public Backend {
       pass[s].start = spans[s].start;
       pass[s].block_table = spans[s].block_table;
       pass[s].logits = spans[s].logits ? PassSpan::Logits::kLast : PassSpan::Logits::kNone;
+      pass[s].argmax_only = spans[s].logits && spans[s].argmax_only;
     }
     const KvTarget target{pool_.as<uint16_t>(), block_seq_len_, BlockHalves(block_seq_len_)};
-    return Run(pass, target, logits_out);
+    return Run(pass, target, logits_out, argmax_out);
   }
 
  private:
@@ -649,6 +653,7 @@ class CudaBackend final : public Backend {
     NIBBLE_RETURN_IF_ERROR(last_.Reserve(r * hidden * h, "activations", gen));
     NIBBLE_RETURN_IF_ERROR(logits16_.Reserve(r * config_.vocab_size * h, "logits", gen));
     NIBBLE_RETURN_IF_ERROR(logits32_.Reserve(r * config_.vocab_size * sizeof(float), "logits", gen));
+    NIBBLE_RETURN_IF_ERROR(argmax_.Reserve(r * sizeof(int32_t), "argmax ids", gen));
     return absl::OkStatus();
   }
 
@@ -680,7 +685,8 @@ class CudaBackend final : public Backend {
   // CPU cost would otherwise dominate a small batch's step. Block tables are padded to a
   // power-of-two width (and attention planned for that many blocks) so few graphs serve all
   // lengths.
-  absl::Status Run(std::span<const PassSpan> spans, const KvTarget& kv, std::vector<float>& logits) {
+  absl::Status Run(std::span<const PassSpan> spans, const KvTarget& kv, std::vector<float>& logits,
+                   std::vector<int32_t>& argmax_out) {
     NIBBLE_RETURN_IF_ERROR(SelectDevice());
     const int64_t d = config_.head_dim;
     int64_t n = 0, max_len = 0, max_blocks = 1;
@@ -709,7 +715,8 @@ class CudaBackend final : public Backend {
     // span's RoPE row, the cache slot, the attention length (the token sees positions
     // 0 .. its own), the block table (each token its span's: attention takes one per row),
     // then the logit rows; the spans' inverse frequencies follow as floats.
-    std::vector<int32_t> logit_rows;
+    // Rows whose logits go to the host first, then those reduced to their argmax on the device.
+    std::vector<int32_t> logit_rows, argmax_rows;
     ids_.resize(n);
     positions_.resize(n);
     freq_index_.resize(n);
@@ -742,12 +749,14 @@ class CudaBackend final : public Backend {
         if (!prefill) std::copy_n(span.block_table.data(), blocks, tables_.data() + row * table_stride);
         if (span.logits == PassSpan::Logits::kAll ||
             (span.logits == PassSpan::Logits::kLast && t == tokens - 1)) {
-          logit_rows.push_back(static_cast<int32_t>(row));
+          (span.argmax_only ? argmax_rows : logit_rows).push_back(static_cast<int32_t>(row));
         }
       }
       const std::vector<float> inv_freq = RopeInverseFrequenciesForLength(config_, span.start + tokens);
       inv_freq_.insert(inv_freq_.end(), inv_freq.begin(), inv_freq.end());
     }
+    const int64_t argmax_count = static_cast<int64_t>(argmax_rows.size());
+    logit_rows.insert(logit_rows.end(), argmax_rows.begin(), argmax_rows.end());
     const int64_t r = static_cast<int64_t>(logit_rows.size());
     NIBBLE_RETURN_IF_ERROR(ReserveScratch(n, r));
 
@@ -805,35 +814,43 @@ class CudaBackend final : public Backend {
                           "copying the step's metadata");
 
     if (decode_step && use_graphs_) {
-      const std::pair<int64_t, int64_t> key(n, table_stride);
+      const std::tuple<int64_t, int64_t, int64_t> key(n, table_stride, argmax_count);
       auto found = graphs_.find(key);
       if (found == graphs_.end()) {
         if (graphs_.size() >= kMaxGraphs) graphs_.clear();
         NIBBLE_ASSIGN_OR_RETURN(std::unique_ptr<GraphExec> exec,
-                                Capture(n, r, table_stride, plan, kv, meta));
+                                Capture(n, r, argmax_count, table_stride, plan, kv, meta));
         found = graphs_.emplace(key, std::move(exec)).first;
       }
       NIBBLE_CUDA_OR_RETURN(cudaGraphLaunch(found->second->get(), stream_), "the decode step's graph");
     } else {
-      NIBBLE_RETURN_IF_ERROR(Enqueue(n, r, table_stride, plan, kv, meta));
+      NIBBLE_RETURN_IF_ERROR(Enqueue(n, r, argmax_count, table_stride, plan, kv, meta));
     }
-    logits.resize(static_cast<size_t>(r * config_.vocab_size));
-    if (r > 0) {
+    logits.resize(static_cast<size_t>((r - argmax_count) * config_.vocab_size));
+    if (!logits.empty()) {
       NIBBLE_CUDA_OR_RETURN(cudaMemcpyAsync(logits.data(), logits32_.as<float>(),
                                             logits.size() * sizeof(float), cudaMemcpyDeviceToHost,
                                             stream_),
                             "copying the logits");
     }
+    argmax_out.resize(static_cast<size_t>(argmax_count));
+    if (argmax_count > 0) {
+      NIBBLE_CUDA_OR_RETURN(cudaMemcpyAsync(argmax_out.data(), argmax_.as<int32_t>(),
+                                            argmax_count * sizeof(int32_t),
+                                            cudaMemcpyDeviceToHost, stream_),
+                            "copying the argmax ids");
+    }
     NIBBLE_CUDA_OR_RETURN(cudaStreamSynchronize(stream_), "the forward pass");
     return absl::OkStatus();
   }
 
-  absl::StatusOr<std::unique_ptr<GraphExec>> Capture(int64_t n, int64_t r, int64_t table_stride,
+  absl::StatusOr<std::unique_ptr<GraphExec>> Capture(int64_t n, int64_t r, int64_t argmax_count,
+                                                     int64_t table_stride,
                                                      const AttentionPlans& plan,
                                                      const KvTarget& kv, const PassMeta& meta) {
     NIBBLE_CUDA_OR_RETURN(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal),
                           "capturing the decode step");
-    const absl::Status enqueued = Enqueue(n, r, table_stride, plan, kv, meta);
+    const absl::Status enqueued = Enqueue(n, r, argmax_count, table_stride, plan, kv, meta);
     cudaGraph_t graph = nullptr;
     const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
     if (!enqueued.ok()) {
@@ -850,8 +867,8 @@ class CudaBackend final : public Backend {
 
   // Every kernel of one pass, on stream_, from the token ids in `meta` to fp32 logits in
   // logits32_ (no host synchronization: capturable).
-  absl::Status Enqueue(int64_t n, int64_t r, int64_t table_stride, const AttentionPlans& plan,
-                       const KvTarget& kv, const PassMeta& meta) {
+  absl::Status Enqueue(int64_t n, int64_t r, int64_t argmax_count, int64_t table_stride,
+                       const AttentionPlans& plan, const KvTarget& kv, const PassMeta& meta) {
     const int64_t hidden = config_.hidden_size, q_dim = config_.q_dim(), kv_dim = config_.kv_dim();
     const int64_t ffn = config_.intermediate_size, d = config_.head_dim;
     const float eps = static_cast<float>(config_.rms_norm_eps);
@@ -939,6 +956,12 @@ class CudaBackend final : public Backend {
                                             logits32, stream_),
                             "widening the logits");
     }
+    if (argmax_count > 0) {  // the last argmax_count rows: only their argmax leaves the device
+      const int64_t vocab = config_.vocab_size;
+      NIBBLE_CUDA_OR_RETURN(kc::ArgMaxRows(logits32 + (r - argmax_count) * vocab, argmax_count,
+                                           vocab, vocab, argmax_.as<int32_t>(), stream_),
+                            "greedy argmax");
+    }
     return absl::OkStatus();
   }
 
@@ -968,11 +991,12 @@ class CudaBackend final : public Backend {
 
   // Per-pass scratch, grown to the largest pass seen.
   GrowingDeviceBuffer x_, normed_, qkv_, q_, attention_, projected_, gate_up_, act_, last_,
-      logits16_, logits32_, meta_, workspace_;
+      logits16_, logits32_, argmax_, meta_, workspace_;
   uint64_t scratch_generation_ = 0;  // bumped whenever a scratch buffer moves
   uint64_t graphs_generation_ = 0;   // the generation the graphs were captured in
   bool use_graphs_ = true;
-  std::map<std::pair<int64_t, int64_t>, std::unique_ptr<GraphExec>> graphs_;
+  // Decode-step graphs by (batch size, block-table width, spans reduced to their argmax).
+  std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<GraphExec>> graphs_;
   PinnedBuffer host_meta_;
   std::vector<int32_t> ids_, positions_, freq_index_, slots_, lengths_, tables_;
   std::vector<int32_t> span_first_row_, span_start_, span_tokens_;  // prefill passes

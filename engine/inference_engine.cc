@@ -219,6 +219,7 @@ class InferenceEngine::Impl {
   uint64_t lru_clock_ = 0;
   int64_t admitted_counter_ = 0;
   std::vector<float> logits_;
+  std::vector<int32_t> argmax_;  // the argmax ids of the step's argmax_only spans
   EngineStats counters_;  // the cumulative fields, copied into stats_ by PublishStats
   bool delete_when_stopped_ = false;  // set by DeleteWhenStopped, on this thread
 };
@@ -562,11 +563,15 @@ void InferenceEngine::Impl::RunStep() {
     span.block_table = sequence.blocks;
     span.logits = sequence.computed + plan[s].tokens ==
                   static_cast<int64_t>(sequence.tokens.size());
+    // Greedy without a repetition penalty needs only the argmax (the Sampler's own rule:
+    // std::max_element), which a GPU backend finds without copying the logits back.
+    const SamplingParams& sampling = sequence.request.sampling;
+    span.argmax_only = sampling.temperature == 0.0f && sampling.repetition_penalty == 1.0f;
     counters_.prompt_tokens_total +=
         std::max<int64_t>(0, std::min(sequence.prompt_length, sequence.computed + plan[s].tokens) -
                                  sequence.computed);
   }
-  const absl::Status status = model_->backend().ForwardBatch(spans, logits_);
+  const absl::Status status = model_->backend().ForwardBatch(spans, logits_, argmax_);
   ++counters_.steps_total;
   if (!status.ok()) {
     // A backend failure ends the requests of this step; the engine goes on.
@@ -585,14 +590,19 @@ void InferenceEngine::Impl::RunStep() {
   const Clock::time_point now = Clock::now();
   std::set<Sequence*> finished;
   std::vector<std::pair<Sequence*, Completion::Step>> outcomes;
-  int64_t row = 0;
+  int64_t row = 0, argmax_row = 0;
   for (size_t s = 0; s < plan.size(); ++s) {
     Sequence& sequence = *plan[s].sequence;
     sequence.computed += plan[s].tokens;
     if (!spans[s].logits) continue;
-    std::span<float> logits(logits_.data() + row * vocab, static_cast<size_t>(vocab));
-    ++row;
-    const int32_t token = sequence.sampler->Sample(logits, sequence.tokens);
+    int32_t token = 0;
+    if (spans[s].argmax_only) {
+      token = argmax_[argmax_row++];
+    } else {
+      std::span<float> logits(logits_.data() + row * vocab, static_cast<size_t>(vocab));
+      ++row;
+      token = sequence.sampler->Sample(logits, sequence.tokens);
+    }
     sequence.tokens.push_back(token);
     ++counters_.generation_tokens_total;
     if (sequence.first_token_seconds == 0) {

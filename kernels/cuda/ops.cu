@@ -322,6 +322,52 @@ __global__ void AddBiasKernel(__half* y, int64_t y_stride, const float* __restri
   }
 }
 
+// (value, index) pairs: the larger value wins, the lower index on equal values.
+__device__ __forceinline__ void ArgMaxMerge(float& value, int& index, float other_value,
+                                            int other_index) {
+  if (other_value > value || (other_value == value && other_index < index)) {
+    value = other_value;
+    index = other_index;
+  }
+}
+
+__global__ void ArgMaxRowsKernel(const float* __restrict__ x, int64_t rows, int cols,
+                                 int64_t stride, int32_t* out) {
+  __shared__ float values[32];
+  __shared__ int indices[32];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float* row = x + r * stride;
+    float best = -INFINITY;
+    int best_index = cols;  // loses to any real index
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) ArgMaxMerge(best, best_index, row[c], c);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float v = __shfl_xor_sync(0xffffffffu, best, o);
+      const int i = __shfl_xor_sync(0xffffffffu, best_index, o);
+      ArgMaxMerge(best, best_index, v, i);
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    if (lane == 0) {
+      values[warp] = best;
+      indices[warp] = best_index;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      best = lane < warps ? values[lane] : -INFINITY;
+      best_index = lane < warps ? indices[lane] : cols;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffffu, best, o);
+        const int i = __shfl_xor_sync(0xffffffffu, best_index, o);
+        ArgMaxMerge(best, best_index, v, i);
+      }
+      // A row of -inf only (or NaN) has no winner above: index 0, as max_element.
+      if (lane == 0) out[r] = best_index < cols ? best_index : 0;
+    }
+    __syncthreads();  // values/indices are reused by the next row
+  }
+}
+
 __global__ void HalfToFloatKernel(const __half* __restrict__ in, int64_t n, float* out) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -342,6 +388,18 @@ cudaError_t AddBias(uint16_t* y, int64_t y_stride, const float* bias, int64_t ro
                   static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
   AddBiasKernel<<<grid, threads, 0, stream>>>(reinterpret_cast<__half*>(y), y_stride, bias, rows,
                                              static_cast<int>(cols));
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return cudaSuccess;
+}
+
+cudaError_t ArgMaxRows(const float* x, int64_t rows, int64_t cols, int64_t stride, int32_t* out,
+                       cudaStream_t stream) {
+  if (rows < 0 || cols <= 0 || cols > (int64_t{1} << 30) || stride < cols) {
+    return cudaErrorInvalidValue;
+  }
+  if (rows == 0) return cudaSuccess;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(rows, 1 << 30));
+  ArgMaxRowsKernel<<<grid, 1024, 0, stream>>>(x, rows, static_cast<int>(cols), stride, out);
   NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return cudaSuccess;
 }

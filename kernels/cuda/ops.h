@@ -68,6 +68,12 @@ cudaError_t Embedding(const uint16_t* table, int64_t vocab, int64_t hidden, cons
 cudaError_t AddBias(uint16_t* y, int64_t y_stride, const float* bias, int64_t rows, int64_t cols,
                     cudaStream_t stream);
 
+// out[r] = the index of the largest of x[r, 0 .. cols - 1] (row stride `stride` floats), the
+// lowest such index on ties: std::max_element's answer for rows without NaN (greedy decoding
+// on the device, so that only the token ids leave it). One block per row.
+cudaError_t ArgMaxRows(const float* x, int64_t rows, int64_t cols, int64_t stride, int32_t* out,
+                       cudaStream_t stream);
+
 // out[i] = in[i] as fp32, i < n (logits leave the device in fp32).
 cudaError_t HalfToFloat(const uint16_t* in, int64_t n, float* out, cudaStream_t stream);
 

@@ -1,11 +1,12 @@
 // End-to-end decode on the CUDA backend with a model of real shapes (a real config.json) and
 // random weights made in memory (speed does not depend on the values), W4A16 (g128) and fp16:
 //   gpu_engine_bench CONFIG [--batches 1,8,32,64] [--prompt 128] [--new 256] [--ttft 2048]
-//                    [--storage w4,fp16] [--layers N]
+//                    [--storage w4,fp16] [--layers N] [--host-argmax 1]
 // For each storage and batch size: B sequences are prefilled together (prompt tokens each),
 // then decoded together for `new` steps through Backend::ForwardBatch over the paged KV
-// cache, greedy (argmax on the host, as the engine samples today), the logits copied back
-// every step. Prints tokens/s, and the roofline: the bytes one step must read (every weight
+// cache, greedy: the argmax found on the device (BatchSpan::argmax_only, what the serving
+// engine asks for greedy requests), or with --host-argmax 1 every step's logits copied back
+// and scanned on the host (what any sampling with temperature costs). Prints tokens/s, and the roofline: the bytes one step must read (every weight
 // once, plus each sequence's keys and values so far, averaged over the steps) over the
 // bandwidth of a device-to-device copy measured in the same run. Then the time to first token
 // of one `ttft`-token prompt (one prefill pass, its last logits back on the host).
@@ -126,6 +127,7 @@ int Main(int argc, char** argv) {
   }
   std::vector<int> batches = {1, 8, 32, 64};
   int prompt = 128, new_tokens = 256, ttft_tokens = 2048, layers = 0;
+  bool host_argmax = false;  // --host-argmax 1: every step's logits to the host, argmax there
   std::vector<std::string> storages = {"w4", "fp16"};
   for (int i = 2; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
@@ -134,6 +136,7 @@ int Main(int argc, char** argv) {
     else if (flag == "--new") new_tokens = std::stoi(value);
     else if (flag == "--ttft") ttft_tokens = std::stoi(value);
     else if (flag == "--layers") layers = std::stoi(value);
+    else if (flag == "--host-argmax") host_argmax = value == "1";
     else if (flag == "--storage") {
       storages.clear();
       std::stringstream ss(value);
@@ -220,14 +223,15 @@ int Main(int argc, char** argv) {
       const auto t_prefill = Clock::now();
       BENCH_CHECK(backend->ForwardBatch(spans, logits));
       const double prefill_s = Seconds(t_prefill, Clock::now());
-      std::vector<int32_t> next(batch);
-      auto greedy = [&] {
+      std::vector<int32_t> next(batch), argmax;
+      auto greedy = [&] {  // the prefill's logits (and --host-argmax steps'), on the host
         for (int s = 0; s < batch; ++s) {
           const float* row = logits.data() + s * vocab;
           next[s] = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
         }
       };
       greedy();
+      for (int s = 0; s < batch; ++s) spans[s].argmax_only = !host_argmax;
       // Two warm-up steps (cuBLAS heuristics, first-touch of the scratch buffers).
       int64_t length = prompt;
       const auto step = [&] {
@@ -235,8 +239,12 @@ int Main(int argc, char** argv) {
           spans[s].tokens = std::span<const int32_t>(&next[s], 1);
           spans[s].start = length;
         }
-        BENCH_CHECK(backend->ForwardBatch(spans, logits));
-        greedy();
+        BENCH_CHECK(backend->ForwardBatch(spans, logits, argmax));
+        if (host_argmax) {
+          greedy();
+        } else {
+          next = argmax;
+        }
         ++length;
       };
       step();

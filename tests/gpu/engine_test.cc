@@ -195,6 +195,40 @@ TEST_P(RealModel, PagedBatchMatchesCpu) {
   EXPECT_GE(static_cast<double>(agree) / a.size(), 0.98);
 }
 
+// Spans marked argmax_only get, from the device, the argmax of the logits the same pass gives
+// with the flag off (the passes rewrite the same cache positions with the same values).
+TEST_P(RealModel, ArgmaxOnDeviceMatchesLogits) {
+  auto gpu = Load(testing::TestModel(GetParam()), engine::Device::Kind::kCuda);
+  ASSERT_TRUE(gpu);
+  Backend& backend = gpu->backend();
+  const int64_t vocab = gpu->config().vocab_size;
+  const std::vector<int32_t> ids = TinyStoriesIds(*gpu, 64);
+  ASSERT_TRUE(backend.ConfigureKvCache(16, 16).ok());
+  ASSERT_TRUE(backend.GrowKvCache(16).ok());
+  const std::vector<int32_t> tables[3] = {{0, 1, 2, 3}, {4, 5, 6, 7}, {8, 9, 10, 11}};
+  for (int pass = 0; pass < 2; ++pass) {  // 0: prefill chunks, 1: one decode token each
+    std::vector<engine::BatchSpan> spans(3);
+    for (int s = 0; s < 3; ++s) {
+      spans[s].tokens = pass == 0 ? std::span<const int32_t>(ids.data(), 20 + 7 * s)
+                                  : std::span<const int32_t>(ids.data() + 20 + 7 * s, 1);
+      spans[s].start = pass == 0 ? 0 : 20 + 7 * s;
+      spans[s].block_table = tables[s];
+      spans[s].logits = s != 1;  // the middle span wants nothing back
+    }
+    std::vector<float> logits, no_logits;
+    std::vector<int32_t> none, argmax;
+    ASSERT_TRUE(backend.ForwardBatch(spans, logits, none).ok());
+    EXPECT_TRUE(none.empty());
+    ASSERT_EQ(logits.size(), static_cast<size_t>(2 * vocab));
+    spans[2].argmax_only = true;  // span 0 keeps its logits row, span 2 only its argmax
+    ASSERT_TRUE(backend.ForwardBatch(spans, no_logits, argmax).ok());
+    ASSERT_EQ(argmax.size(), 1u);
+    ASSERT_EQ(no_logits.size(), static_cast<size_t>(vocab));
+    EXPECT_EQ(argmax[0], ArgMax(logits.data() + vocab, vocab)) << "pass " << pass;
+    EXPECT_EQ(ArgMax(no_logits.data(), vocab), ArgMax(logits.data(), vocab)) << "pass " << pass;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Layouts, RealModel,
                          ::testing::Values("stories260K", "llama_f16", "internlm_bias",
                                            "internlm2", "internlm2_ntk", "rtn_g32", "rtn_g64",

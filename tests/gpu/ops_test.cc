@@ -9,6 +9,7 @@
 //   RMSNorm, AddRmsNorm, SiLU*mul, RoPE: per element |y - ref| <= 1e-3 |ref| + 1e-5 rms(ref),
 //   and ||y - ref|| / ||ref|| <= 1e-3. AddRmsNorm's stored x: bit-exact (x + r of two fp16
 //   values is exact in fp32 at these magnitudes, then rounded once). Embedding: bit-exact.
+#include <algorithm>
 #include <cstdio>
 #include <numeric>
 #include <random>
@@ -238,6 +239,39 @@ int TestEmbedding(std::mt19937& rng, int64_t vocab, int64_t hidden, int64_t n) {
 
 }  // namespace
 
+// ArgMaxRows against std::max_element, rows with planted ties (the lowest index must win) and
+// a row of equal values.
+int TestArgMax(std::mt19937& rng, int64_t rows, int64_t cols) {
+  std::uniform_real_distribution<float> unit(-10.0f, 10.0f);
+  std::vector<float> x(rows * cols);
+  for (float& v : x) v = unit(rng);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = x.data() + r * cols;
+    if (r % 3 == 1) {  // a tie between two positions of the row's maximum
+      const float top = *std::max_element(row, row + cols) + 1.0f;
+      row[(r * 7919) % cols] = top;
+      row[(r * 104729 + 13) % cols] = top;
+    }
+    if (r % 5 == 4) std::fill(row, row + cols, 2.5f);
+  }
+  DeviceBuffer<float> d_x(x.size());
+  DeviceBuffer<int32_t> d_out(rows);
+  d_x.CopyFrom(x.data());
+  NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_out.get(), 0xff, d_out.bytes()));
+  NIBBLE_TEST_CUDA_CHECK(cu::ArgMaxRows(d_x.get(), rows, cols, cols, d_out.get(), nullptr));
+  NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<int32_t> got(rows);
+  d_out.CopyTo(got.data());
+  int64_t wrong = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x.data() + r * cols;
+    wrong += got[r] != std::max_element(row, row + cols) - row;
+  }
+  std::printf("%s argmax rows=%lld cols=%lld wrong=%lld\n", wrong ? "FAIL" : "PASS",
+              (long long)rows, (long long)cols, (long long)wrong);
+  return wrong != 0;
+}
+
 int main(int argc, char** argv) {
   const unsigned seed = nibble::testing::TestSeed(argc, argv, "ops_test");
   std::mt19937 rng(seed);
@@ -258,6 +292,7 @@ int main(int argc, char** argv) {
   }
   fails += TestRmsNorm(rng, 300, 4096);  // more rows than one block wave
   fails += TestEmbedding(rng, 92544, 4096, 17);
+  for (int64_t cols : {1, 31, 512, 1030, 92544}) fails += TestArgMax(rng, 13, cols);
   std::printf("ops_test: %s, %d failure(s), seed %u\n", fails == 0 ? "PASS" : "FAIL", fails, seed);
   return fails == 0 ? 0 : 1;
 }
