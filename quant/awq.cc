@@ -283,7 +283,7 @@ absl::StatusOr<int64_t> LoadCheckpoint(const std::string& dir, int64_t layers, A
 absl::StatusOr<AwqResult> SearchAwq(
     const engine::TensorStore& store, const engine::ModelConfig& config,
     const std::vector<std::vector<int32_t>>& samples, const AwqOptions& options,
-    const std::function<void(int64_t, int64_t, const std::string&)>& progress) {
+    const std::function<void(const AwqProgress&)>& progress) {
   if (samples.empty()) return absl::InvalidArgumentError("AWQ needs calibration samples");
   NIBBLE_ASSIGN_OR_RETURN(engine::ModelWeights weights,
                           engine::LoadModelWeights(store, config, engine::WeightStorage::kF32));
@@ -322,14 +322,25 @@ absl::StatusOr<AwqResult> SearchAwq(
   if (!options.checkpoint_dir.empty()) {
     NIBBLE_ASSIGN_OR_RETURN(first_layer, LoadCheckpoint(options.checkpoint_dir, config.num_layers,
                                                         result, states));
-    if (first_layer > 0 && progress) {
-      progress(first_layer, config.num_layers, "resumed from the checkpoint");
-    }
   }
+  int64_t layers_done = first_layer;
+  auto report = [&](int64_t layer, const char* step) {
+    if (progress) progress({layer, config.num_layers, layers_done, step});
+  };
+  // Between steps: a stop leaves the layers checkpointed so far for a later run.
+  auto stopped = [&](int64_t layer) -> absl::Status {
+    if (options.stop_requested && options.stop_requested()) {
+      return absl::CancelledError(absl::StrCat("stopped with ", layer, " of ", config.num_layers,
+                                               " layers searched"));
+    }
+    return absl::OkStatus();
+  };
+  if (first_layer > 0) report(first_layer, "resumed from the checkpoint");
 
   for (int64_t l = first_layer; l < config.num_layers; ++l) {
     const size_t first_scale = result.scales.size();
-    if (progress) progress(l, config.num_layers, "calibrate");
+    NIBBLE_RETURN_IF_ERROR(stopped(l));
+    report(l, "calibrate");
     // 1. Run the original layer over every sample, keeping its linears' inputs.
     Tensor qkv_in, o_in, ffn_in, down_in;
     engine::LayerInputCapture capture{&qkv_in, &o_in, &ffn_in, &down_in};
@@ -342,7 +353,8 @@ absl::StatusOr<AwqResult> SearchAwq(
     }
 
     // 2. Scales for each group sharing an input, folded into what precedes it.
-    if (progress) progress(l, config.num_layers, "search scales");
+    NIBBLE_RETURN_IF_ERROR(stopped(l));
+    report(l, "search scales");
     const LayerNames names = NamesOf(config, l);
     const int64_t qkv_rows = q_dim + 2 * config.kv_dim();
     struct Group {
@@ -407,7 +419,8 @@ absl::StatusOr<AwqResult> SearchAwq(
     }
 
     // 3. Clipping, on the inputs as the scaled weights see them (x / s); not q, k, wqkv.
-    if (progress) progress(l, config.num_layers, "search clipping");
+    NIBBLE_RETURN_IF_ERROR(stopped(l));
+    report(l, "search clipping");
     std::vector<std::tuple<std::string, int64_t, const Tensor*, int64_t>> clip = {
         {names.o, hidden, &o_in, q_dim},
         {names.gate, ffn, &ffn_in, hidden},
@@ -416,6 +429,7 @@ absl::StatusOr<AwqResult> SearchAwq(
     if (names.clip_qkv_last) clip.push_back({names.qkv[2], config.kv_dim(), &qkv_in, hidden});
     for (const auto& [name, out, input, in] : clip) {
       if (out % 8 != 0) continue;  // stays fp16: clipping would only lose precision
+      NIBBLE_RETURN_IF_ERROR(stopped(l));
       NIBBLE_ASSIGN_OR_RETURN(Tensor* w, tensor(name, {out, in}));
       auto it = input_scales.find(name);
       const std::vector<float> s = it != input_scales.end() ? it->second : std::vector<float>(in, 1.0f);
@@ -426,6 +440,8 @@ absl::StatusOr<AwqResult> SearchAwq(
     if (!options.checkpoint_dir.empty()) {
       NIBBLE_RETURN_IF_ERROR(SaveCheckpoint(options.checkpoint_dir, l, result, first_scale, states));
     }
+    layers_done = l + 1;
+    report(l, "layer done");
   }
   return result;
 }

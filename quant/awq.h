@@ -32,6 +32,22 @@ struct AwqOptions {
   // of the same job resumes after its last finished layer, with the same result bytes as an
   // uninterrupted run; the caller makes sure it belongs to this job.
   std::string checkpoint_dir;
+  // Polled before each layer and between a layer's steps (and its linears' clipping
+  // searches); returning true ends the search with Cancelled. Layers already checkpointed
+  // stay: a later run with the same checkpoint_dir resumes after them. Called on the
+  // searching thread; must be cheap and thread-safe against whoever sets it.
+  std::function<bool()> stop_requested;
+};
+
+// Where the search is, reported at each step: `step` is "calibrate" (the original layer runs
+// over the calibration samples), "search scales", "search clipping", "layer done" (the layer
+// is finished and checkpointed: layers_done = layer + 1) or "resumed from the checkpoint"
+// (before the first layer of a run that resumed).
+struct AwqProgress {
+  int64_t layer = 0;        // 0-based
+  int64_t layers = 0;
+  int64_t layers_done = 0;  // layers finished (checkpointed), resumed ones included
+  std::string step;
 };
 
 struct AwqLayerScales {
@@ -46,10 +62,11 @@ struct AwqResult {
   std::vector<AwqLayerScales> scales;
 };
 
-// `samples` are token windows (see calibration.h). `progress(layer, layers, phase)`.
+// `samples` are token windows (see calibration.h). `progress` on the searching thread.
+// Cancelled when options.stop_requested said so.
 absl::StatusOr<AwqResult> SearchAwq(
     const engine::TensorStore& store, const engine::ModelConfig& config,
     const std::vector<std::vector<int32_t>>& samples, const AwqOptions& options,
-    const std::function<void(int64_t, int64_t, const std::string&)>& progress = nullptr);
+    const std::function<void(const AwqProgress&)>& progress = nullptr);
 
 }  // namespace nibble::quant

@@ -18,6 +18,7 @@
 #include "engine/sha256.h"
 #include "engine/status_macros.h"
 #include "engine/tensor_store.h"
+#include "engine/tokenizer.h"
 #include "kernels/cpu/half.h"
 #include "quant/manifest.h"
 #include "quant/rtn.h"
@@ -108,11 +109,39 @@ absl::StatusOr<std::string> PrepareWorkDirectory(const std::string& model_dir,
   return job_dir;
 }
 
+absl::StatusOr<std::vector<int32_t>> TokenizeFile(const std::string& model_dir,
+                                                  const std::string& file) {
+  NIBBLE_ASSIGN_OR_RETURN(std::string text, engine::ReadFileToString(file));
+  engine::TokenizerLoadResult tokenizer =
+      engine::LoadSentencePieceTokenizer((fs::path(model_dir) / "tokenizer.model").string());
+  if (!tokenizer.tokenizer) return absl::InvalidArgumentError(tokenizer.error);
+  std::vector<int32_t> ids = {tokenizer.tokenizer->BosId()};
+  for (int32_t id : tokenizer.tokenizer->Encode(text)) ids.push_back(id);
+  return ids;
+}
+
+// The text the report's perplexity before/after is measured on (QuantizeSettings::
+// eval_dataset); empty when there is none.
+absl::StatusOr<std::string> EvaluationFile(const QuantizeSettings& settings,
+                                           const std::string& datasets_dir) {
+  if (!settings.eval_dataset.empty()) {
+    if (settings.eval_dataset == "none") return std::string();
+    return ResolveCalibrationFile(settings.eval_dataset, datasets_dir);
+  }
+  // The default is a convenience: where its file is absent, there is no evaluation.
+  std::string held_out;
+  if (settings.calib_dataset == "ptb") held_out = datasets_dir + "/ptb/ptb.test.txt";
+  if (settings.calib_dataset == "tinystories") held_out = datasets_dir + "/tinystories/sample.txt";
+  std::error_code ec;
+  return fs::is_regular_file(held_out, ec) ? held_out : std::string();
+}
+
 }  // namespace
 
-absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
-    const std::string& model_dir, const std::string& out_dir, const QuantizeOptions& options,
-    const std::function<void(int64_t, int64_t, const std::string&)>& progress) {
+absl::StatusOr<QuantizeReport> QuantizeModelDirectory(const std::string& model_dir,
+                                                      const std::string& out_dir,
+                                                      const QuantizeOptions& options,
+                                                      const QuantizeControl& control) {
   const auto start = std::chrono::steady_clock::now();
   if (options.w_bits != 4) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -134,6 +163,18 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
   NIBBLE_ASSIGN_OR_RETURN(const std::string job_dir,
                           PrepareWorkDirectory(model_dir, out_dir, options));
 
+  QuantizeProgress where;
+  where.layers = config.num_layers;
+  auto report_progress = [&] {
+    if (control.progress) control.progress(where);
+  };
+  auto stopped = [&](const char* before) -> absl::Status {
+    if (control.stop_requested && control.stop_requested()) {
+      return absl::CancelledError(absl::StrCat("stopped before ", before));
+    }
+    return absl::OkStatus();
+  };
+
   QuantizeReport report;
   auto phase_start = std::chrono::steady_clock::now();
   auto end_phase = [&](const char* phase) {
@@ -147,8 +188,14 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
     AwqOptions awq_options;
     awq_options.group_size = options.group_size;
     awq_options.checkpoint_dir = job_dir;
-    auto layer_progress = [&](int64_t layer, int64_t layers, const std::string& phase) {
-      if (progress) progress(layer, layers, absl::StrCat("layer ", layer, ": ", phase));
+    awq_options.stop_requested = control.stop_requested;
+    auto layer_progress = [&](const AwqProgress& awq) {
+      where.phase = awq.step == "calibrate" ? "calibrate" : "search";
+      where.layer = awq.layer;
+      where.layers_done = awq.layers_done;
+      where.step = awq.step;
+      if (awq.step == "resumed from the checkpoint") where.resumed = true;
+      report_progress();
     };
     NIBBLE_ASSIGN_OR_RETURN(AwqResult awq, SearchAwq(*store, config, options.calibration_samples,
                                                      awq_options, layer_progress));
@@ -160,7 +207,16 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
   writer.SetMetadata("format", "pt");
   const std::vector<std::string> names = store->Names();
   int64_t done = 0;
+  where.phase = "quantize";
+  where.step.clear();
+  where.tensors_total = static_cast<int64_t>(names.size());
+  auto tensor_written = [&](const std::string& name) {
+    where.tensors_done = ++done;
+    where.step = name;
+    report_progress();
+  };
   for (const std::string& name : names) {
+    NIBBLE_RETURN_IF_ERROR(stopped(absl::StrCat("tensor ", name).c_str()));
     NIBBLE_ASSIGN_OR_RETURN(engine::TensorRef ref, store->Get(name));
     const std::vector<int64_t>& shape = ref.info->shape;
     std::vector<float> values;
@@ -183,7 +239,7 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
                                           {groups, out / 8}, AsBytes(t.qzeros)));
         NIBBLE_RETURN_IF_ERROR(writer.Add(module + ".scales", engine::DType::kF16,
                                           {groups, out}, AsBytes(t.scales)));
-        if (progress) progress(++done, static_cast<int64_t>(names.size()), name);
+        tensor_written(name);
         continue;
       }
       // The format packs 8 outputs per int32: such a layer stays fp16 and is listed.
@@ -193,8 +249,12 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
     std::vector<uint16_t> half(values.size());
     kernels::cpu::FloatToHalf(values.data(), values.size(), half.data());
     NIBBLE_RETURN_IF_ERROR(writer.Add(name, engine::DType::kF16, shape, AsBytes(half)));
-    if (progress) progress(++done, static_cast<int64_t>(names.size()), name);
+    tensor_written(name);
   }
+  NIBBLE_RETURN_IF_ERROR(stopped("writing the files"));
+  where.phase = "write";
+  where.step = "model.safetensors";
+  report_progress();
   NIBBLE_RETURN_IF_ERROR(writer.Write(OutFile(out_dir, "model.safetensors")));
 
   // The source config with its keys kept (auto_map and the like), plus the quantization.
@@ -224,6 +284,10 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
   end_phase("quantize");
 
   if (!options.evaluation_ids.empty()) {
+    NIBBLE_RETURN_IF_ERROR(stopped("the evaluation"));
+    where.phase = "evaluate";
+    where.step = "perplexity";
+    report_progress();
     auto perplexity = [&](const std::string& dir) -> absl::StatusOr<double> {
       NIBBLE_ASSIGN_OR_RETURN(auto model, engine::Model::Load(dir, {}));
       NIBBLE_ASSIGN_OR_RETURN(engine::PerplexityResult result,
@@ -239,6 +303,10 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
   // The job's checkpoint goes, then the manifest comes last (quant/manifest.h): a work
   // directory with a manifest is a complete artifact.
   {
+    NIBBLE_RETURN_IF_ERROR(stopped("the manifest"));
+    where.phase = "write";
+    where.step = kManifestFileName;
+    report_progress();
     std::error_code ec;
     fs::remove_all(job_dir, ec);
     if (ec) return absl::InternalError(absl::StrCat(job_dir, ": cannot remove: ", ec.message()));
@@ -249,6 +317,68 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
   report.seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return report;
+}
+
+absl::StatusOr<QuantizeReport> QuantizeModelDirectory(
+    const std::string& model_dir, const std::string& out_dir, const QuantizeOptions& options,
+    const std::function<void(int64_t, int64_t, const std::string&)>& progress) {
+  QuantizeControl control;
+  if (progress) {
+    control.progress = [&progress](const QuantizeProgress& p) {
+      if (p.phase == "calibrate" || p.phase == "search") {
+        if (p.step == "layer done") return;
+        progress(p.layer, p.layers, absl::StrCat("layer ", p.layer, ": ", p.step));
+      } else if (p.phase == "quantize") {
+        progress(p.tensors_done, p.tensors_total, p.step);
+      }
+    };
+  }
+  return QuantizeModelDirectory(model_dir, out_dir, options, control);
+}
+
+absl::StatusOr<PreparedQuantization> PrepareQuantization(const std::string& model_dir,
+                                                         const QuantizeSettings& settings) {
+  const std::string datasets_dir =
+      settings.datasets_dir.empty() ? DefaultDatasetsDir() : settings.datasets_dir;
+  PreparedQuantization prepared;
+  QuantizeOptions& q = prepared.options;
+  q.method = settings.method;
+  q.w_bits = settings.w_bits;
+  q.group_size = settings.group_size;
+  if (q.method == QuantMethod::kAwq) {
+    NIBBLE_ASSIGN_OR_RETURN(std::string file,
+                            ResolveCalibrationFile(settings.calib_dataset, datasets_dir));
+    const std::string model_config = (fs::path(model_dir) / "config.json").string();
+    NIBBLE_ASSIGN_OR_RETURN(std::string config_text, engine::ReadFileToString(model_config));
+    NIBBLE_ASSIGN_OR_RETURN(engine::ModelConfig config,
+                            engine::ParseModelConfig(config_text, model_config));
+    NIBBLE_ASSIGN_OR_RETURN(std::vector<int32_t> ids, TokenizeFile(model_dir, file));
+    NIBBLE_ASSIGN_OR_RETURN(CalibrationSet set,
+                            DrawCalibrationSamples(ids, settings.calibration,
+                                                   config.max_position_embeddings));
+    prepared.notes.push_back(absl::StrCat("calibration: ", file, " (", ids.size(), " tokens), ",
+                                          set.samples.size(), " samples of ",
+                                          settings.calibration.seqlen, " tokens"));
+    for (const std::string& note : set.adjustments) {
+      prepared.notes.push_back(absl::StrCat("calibration: ", note));
+    }
+    q.calibration_samples = std::move(set.samples);
+  }
+  NIBBLE_ASSIGN_OR_RETURN(std::string evaluation, EvaluationFile(settings, datasets_dir));
+  if (evaluation.empty()) {
+    prepared.notes.push_back(
+        "evaluation: none (pass --eval-dataset for perplexity before/after)");
+    return prepared;
+  }
+  NIBBLE_ASSIGN_OR_RETURN(std::vector<int32_t> ids, TokenizeFile(model_dir, evaluation));
+  // Windows as long as the calibration's, at most eval_windows of them.
+  q.evaluation_window = settings.calibration.seqlen;
+  const size_t keep = static_cast<size_t>(settings.eval_windows * q.evaluation_window);
+  if (ids.size() > keep) ids.resize(keep);
+  q.evaluation_ids = std::move(ids);
+  prepared.notes.push_back(absl::StrCat("evaluation: ", evaluation, ", ", q.evaluation_ids.size(),
+                                        " tokens in windows of ", q.evaluation_window));
+  return prepared;
 }
 
 }  // namespace nibble::quant

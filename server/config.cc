@@ -99,12 +99,10 @@ absl::Status ParseModel(const YAML::Node& node, const std::string& path, const s
   spec.path = model_path.lexically_normal().string();
   if (node["device"]) {
     NIBBLE_ASSIGN_OR_RETURN(spec.device, GetString(node["device"], path + ".device", error));
-    if (spec.device != "cpu") {
-      return error(path + ".device",
-                   absl::StrCat("\"", spec.device,
-                                "\" is not available: this build serves on \"cpu\" only (the "
-                                "CUDA backend comes with a later issue)"));
-    }
+    // Whether this build has CUDA is the model load's to say (it names the device).
+    auto device = engine::ParseDevice(spec.device);
+    if (!device.ok()) return error(path + ".device", std::string(device.status().message()));
+    spec.load.device = *device;
   }
   if (node["dtype"]) {
     NIBBLE_ASSIGN_OR_RETURN(std::string dtype, GetString(node["dtype"], path + ".dtype", error));
@@ -189,6 +187,205 @@ absl::Status ParseEngine(const YAML::Node& node, const KeyError& error,
   return absl::OkStatus();
 }
 
+std::string ResolvePath(const std::string& path, const std::string& base_dir) {
+  std::filesystem::path resolved(path);
+  if (resolved.is_relative() && !base_dir.empty()) resolved = std::filesystem::path(base_dir) / resolved;
+  return resolved.lexically_normal().string();
+}
+
+absl::Status ParseRoles(const YAML::Node& node, const KeyError& error, Roles& roles) {
+  if (!node.IsSequence() || node.size() == 0) {
+    return error("roles", absl::StrCat("expected a non-empty list of inference, quantizer; got ",
+                                       Describe(node)));
+  }
+  roles = Roles{false, false};
+  for (size_t i = 0; i < node.size(); ++i) {
+    const std::string key = absl::StrCat("roles[", i, "]");
+    NIBBLE_ASSIGN_OR_RETURN(std::string role, GetString(node[i], key, error));
+    if (role == "inference") {
+      roles.inference = true;
+    } else if (role == "quantizer") {
+      roles.quantizer = true;
+    } else {
+      return error(key, absl::StrCat("\"", role, "\" is not a role (inference, quantizer)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseQuantizer(const YAML::Node& node, const std::string& base_dir,
+                            const KeyError& error, QuantizerConfig& quantizer) {
+  if (!node.IsMap()) {
+    return error("quantizer", absl::StrCat("expected a mapping, got ", Describe(node)));
+  }
+  NIBBLE_RETURN_IF_ERROR(CheckKeys(node, "quantizer",
+                                   {"model_roots", "max_concurrent_jobs", "max_queued_jobs",
+                                    "device", "datasets_dir"},
+                                   error));
+  if (node["model_roots"]) {
+    const YAML::Node& roots = node["model_roots"];
+    if (!roots.IsSequence()) {
+      return error("quantizer.model_roots",
+                   absl::StrCat("expected a list of directories, got ", Describe(roots)));
+    }
+    for (size_t i = 0; i < roots.size(); ++i) {
+      const std::string key = absl::StrCat("quantizer.model_roots[", i, "]");
+      NIBBLE_ASSIGN_OR_RETURN(std::string root, GetString(roots[i], key, error));
+      if (root.empty()) return error(key, "is empty");
+      quantizer.model_roots.push_back(ResolvePath(root, base_dir));
+    }
+  }
+  if (node["max_concurrent_jobs"]) {
+    NIBBLE_ASSIGN_OR_RETURN(int64_t jobs, GetInt(node["max_concurrent_jobs"],
+                                                 "quantizer.max_concurrent_jobs", 1, 64, error));
+    quantizer.max_concurrent_jobs = static_cast<int>(jobs);
+  }
+  if (node["max_queued_jobs"]) {
+    NIBBLE_ASSIGN_OR_RETURN(int64_t jobs, GetInt(node["max_queued_jobs"],
+                                                 "quantizer.max_queued_jobs", 1, 100000, error));
+    quantizer.max_queued_jobs = static_cast<int>(jobs);
+  }
+  if (node["device"]) {
+    NIBBLE_ASSIGN_OR_RETURN(quantizer.device,
+                            GetString(node["device"], "quantizer.device", error));
+    if (quantizer.device != "cpu") {
+      return error("quantizer.device",
+                   absl::StrCat("\"", quantizer.device,
+                                "\" is not available: this build quantizes on \"cpu\" only "
+                                "(the CUDA backend is not built into jobs yet)"));
+    }
+  }
+  if (node["datasets_dir"]) {
+    NIBBLE_ASSIGN_OR_RETURN(std::string dir,
+                            GetString(node["datasets_dir"], "quantizer.datasets_dir", error));
+    if (dir.empty()) return error("quantizer.datasets_dir", "is empty");
+    quantizer.datasets_dir = ResolvePath(dir, base_dir);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseArtifacts(const YAML::Node& node, const std::string& base_dir,
+                            const KeyError& error, ArtifactsConfig& artifacts) {
+  if (!node.IsMap()) {
+    return error("artifacts", absl::StrCat("expected a mapping, got ", Describe(node)));
+  }
+  NIBBLE_RETURN_IF_ERROR(CheckKeys(
+      node, "artifacts", {"max_upload_bytes", "model_roots", "peers", "pull_max_bytes_per_second"},
+      error));
+  if (node["max_upload_bytes"]) {
+    const YAML::Node& size = node["max_upload_bytes"];
+    auto bytes = size.IsScalar() ? ParseByteSize(size.Scalar())
+                                 : absl::InvalidArgumentError(absl::StrCat(
+                                       "expected a size such as \"4GiB\", got ", Describe(size)));
+    if (!bytes.ok()) return error("artifacts.max_upload_bytes", std::string(bytes.status().message()));
+    if (*bytes <= 0) return error("artifacts.max_upload_bytes", "must be more than 0 bytes");
+    artifacts.max_upload_bytes = *bytes;
+  }
+  if (node["model_roots"]) {
+    const YAML::Node& roots = node["model_roots"];
+    if (!roots.IsSequence()) {
+      return error("artifacts.model_roots",
+                   absl::StrCat("expected a list of directories, got ", Describe(roots)));
+    }
+    for (size_t i = 0; i < roots.size(); ++i) {
+      const std::string key = absl::StrCat("artifacts.model_roots[", i, "]");
+      NIBBLE_ASSIGN_OR_RETURN(std::string root, GetString(roots[i], key, error));
+      if (root.empty()) return error(key, "is empty");
+      artifacts.model_roots.push_back(ResolvePath(root, base_dir));
+    }
+  }
+  if (node["peers"]) {
+    const YAML::Node& peers = node["peers"];
+    if (!peers.IsSequence()) {
+      return error("artifacts.peers", absl::StrCat("expected a list of peers, got ", Describe(peers)));
+    }
+    for (size_t i = 0; i < peers.size(); ++i) {
+      const std::string path = absl::StrCat("artifacts.peers[", i, "]");
+      const YAML::Node& peer = peers[i];
+      if (!peer.IsMap()) return error(path, absl::StrCat("expected a mapping, got ", Describe(peer)));
+      NIBBLE_RETURN_IF_ERROR(CheckKeys(
+          peer, path, {"address", "tls", "tls_ca", "tls_cert", "tls_key", "token_file"}, error));
+      ArtifactPeer out;
+      if (!peer["address"]) return error(path + ".address", "missing (host:port)");
+      NIBBLE_ASSIGN_OR_RETURN(out.address, GetString(peer["address"], path + ".address", error));
+      if (out.address.empty()) return error(path + ".address", "is empty (host:port)");
+      if (peer["tls"]) {
+        NIBBLE_ASSIGN_OR_RETURN(std::string tls, GetString(peer["tls"], path + ".tls", error));
+        if (tls != "true" && tls != "false") {
+          return error(path + ".tls", absl::StrCat("expected true or false, got \"", tls, "\""));
+        }
+        out.tls = tls == "true";
+      }
+      for (auto [key, field] : {std::pair{"tls_ca", &out.tls_ca}, std::pair{"tls_cert", &out.tls_cert},
+                                std::pair{"tls_key", &out.tls_key},
+                                std::pair{"token_file", &out.token_file}}) {
+        if (!peer[key]) continue;
+        NIBBLE_ASSIGN_OR_RETURN(std::string file, GetString(peer[key], path + "." + key, error));
+        if (file.empty()) return error(path + "." + key, "is empty");
+        *field = ResolvePath(file, base_dir);
+      }
+      if (!out.tls_ca.empty() || !out.tls_cert.empty() || !out.tls_key.empty()) out.tls = true;
+      if (out.tls_cert.empty() != out.tls_key.empty()) {
+        return error(path, "tls_cert and tls_key come together (the client certificate)");
+      }
+      artifacts.peers.push_back(std::move(out));
+    }
+  }
+  if (node["pull_max_bytes_per_second"]) {
+    const YAML::Node& rate = node["pull_max_bytes_per_second"];
+    auto bytes = rate.IsScalar() ? ParseByteSize(rate.Scalar())
+                                 : absl::InvalidArgumentError(absl::StrCat(
+                                       "expected a size such as \"10MiB\", got ", Describe(rate)));
+    if (!bytes.ok()) {
+      return error("artifacts.pull_max_bytes_per_second", std::string(bytes.status().message()));
+    }
+    artifacts.pull_max_bytes_per_second = static_cast<double>(*bytes);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseSecurity(const YAML::Node& node, const std::string& base_dir,
+                           const KeyError& error, SecurityConfig& security) {
+  if (!node.IsMap()) {
+    return error("security", absl::StrCat("expected a mapping, got ", Describe(node)));
+  }
+  NIBBLE_RETURN_IF_ERROR(CheckKeys(node, "security",
+                                   {"tls_cert_file", "tls_key_file", "tls_client_ca_file",
+                                    "tokens_file", "insecure"},
+                                   error));
+  const auto file = [&](const char* key, std::string& out) -> absl::Status {
+    if (!node[key]) return absl::OkStatus();
+    const std::string full = absl::StrCat("security.", key);
+    NIBBLE_ASSIGN_OR_RETURN(std::string path, GetString(node[key], full, error));
+    if (path.empty()) return error(full, "is empty (a file path)");
+    out = ResolvePath(path, base_dir);
+    return absl::OkStatus();
+  };
+  NIBBLE_RETURN_IF_ERROR(file("tls_cert_file", security.tls_cert_file));
+  NIBBLE_RETURN_IF_ERROR(file("tls_key_file", security.tls_key_file));
+  NIBBLE_RETURN_IF_ERROR(file("tls_client_ca_file", security.tls_client_ca_file));
+  NIBBLE_RETURN_IF_ERROR(file("tokens_file", security.tokens_file));
+  if (node["insecure"]) {
+    const YAML::Node& insecure = node["insecure"];
+    const std::string value = insecure.IsScalar() ? insecure.Scalar() : "";
+    if (value != "true" && value != "false") {
+      return error("security.insecure",
+                   absl::StrCat("expected true or false, got ", Describe(insecure)));
+    }
+    security.insecure = value == "true";
+  }
+  if (security.tls_cert_file.empty() != security.tls_key_file.empty()) {
+    return error(security.tls_cert_file.empty() ? "security.tls_cert_file"
+                                                : "security.tls_key_file",
+                 "missing: TLS needs both tls_cert_file and tls_key_file");
+  }
+  if (!security.tls_client_ca_file.empty() && security.tls_cert_file.empty()) {
+    return error("security.tls_client_ca_file",
+                 "mutual TLS needs TLS: set tls_cert_file and tls_key_file too");
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<ServerConfig> ParseRoot(const YAML::Node& root, const std::string& source,
                                        const std::string& base_dir) {
   const KeyError error(source);
@@ -198,7 +395,8 @@ absl::StatusOr<ServerConfig> ParseRoot(const YAML::Node& root, const std::string
   }
   NIBBLE_RETURN_IF_ERROR(CheckKeys(
       root, "",
-      {"listen", "metrics_listen", "drain_grace_seconds", "max_request_bytes", "models", "engine"},
+      {"listen", "metrics_listen", "drain_grace_seconds", "max_request_bytes", "models", "engine",
+       "roles", "state_dir", "quantizer", "artifacts", "memory_budget", "security"},
       error));
   ServerConfig config;
   if (root["listen"]) {
@@ -235,10 +433,10 @@ absl::StatusOr<ServerConfig> ParseRoot(const YAML::Node& root, const std::string
     }
     config.max_request_bytes = *bytes;
   }
-  if (!root["models"]) return error("models", "missing (a list of the models to serve)");
-  const YAML::Node& models = root["models"];
-  if (!models.IsSequence() || models.size() == 0) {
-    return error("models", absl::StrCat("expected a non-empty list, got ", Describe(models)));
+  // `models:` may be absent or empty: a daemon that loads its models later (Models.Load).
+  const YAML::Node models = root["models"] ? root["models"] : YAML::Node(YAML::NodeType::Sequence);
+  if (!models.IsSequence() && !models.IsNull()) {
+    return error("models", absl::StrCat("expected a list, got ", Describe(models)));
   }
   std::set<std::string> names;
   for (size_t i = 0; i < models.size(); ++i) {
@@ -251,6 +449,36 @@ absl::StatusOr<ServerConfig> ParseRoot(const YAML::Node& root, const std::string
     config.models.push_back(std::move(spec));
   }
   if (root["engine"]) NIBBLE_RETURN_IF_ERROR(ParseEngine(root["engine"], error, config.engine));
+  if (root["state_dir"]) {
+    NIBBLE_ASSIGN_OR_RETURN(std::string dir, GetString(root["state_dir"], "state_dir", error));
+    if (dir.empty()) return error("state_dir", "is empty");
+    config.state_dir = ResolvePath(dir, base_dir);
+  }
+  if (root["roles"]) {
+    NIBBLE_RETURN_IF_ERROR(ParseRoles(root["roles"], error, config.roles));
+    if (config.roles.quantizer && config.state_dir.empty()) {
+      return error("state_dir", "missing: the quantizer role keeps its jobs and artifacts there");
+    }
+  } else if (config.state_dir.empty()) {
+    config.roles.quantizer = false;  // the default roles: the quantizer needs a state_dir
+  }
+  if (root["quantizer"]) {
+    NIBBLE_RETURN_IF_ERROR(ParseQuantizer(root["quantizer"], base_dir, error, config.quantizer));
+  }
+  if (root["security"]) {
+    NIBBLE_RETURN_IF_ERROR(ParseSecurity(root["security"], base_dir, error, config.security));
+  }
+  if (root["artifacts"]) {
+    NIBBLE_RETURN_IF_ERROR(ParseArtifacts(root["artifacts"], base_dir, error, config.artifacts));
+  }
+  if (root["memory_budget"]) {
+    const YAML::Node& budget = root["memory_budget"];
+    auto bytes = budget.IsScalar() ? ParseByteSize(budget.Scalar())
+                                   : absl::InvalidArgumentError(absl::StrCat(
+                                         "expected a size such as \"6GiB\", got ", Describe(budget)));
+    if (!bytes.ok()) return error("memory_budget", std::string(bytes.status().message()));
+    config.memory_budget_bytes = *bytes;
+  }
   return config;
 }
 

@@ -12,9 +12,15 @@
 #include <grpcpp/health_check_service_interface.h>
 
 #include "absl/strings/str_cat.h"
+#include "server/artifact_store.h"
+#include "server/auth.h"
+#include "server/artifacts_service.h"
 #include "server/inference_service.h"
+#include "server/job_metrics.h"
+#include "server/job_runner.h"
 #include "server/metrics.h"
 #include "server/models_service.h"
+#include "server/quantization_service.h"
 #include "server/served_model.h"
 
 namespace nibble::server {
@@ -42,21 +48,26 @@ void BlockShutdownSignals() {
 
 int RunDaemon(const ServerConfig& config) {
   ServedModels models;
+  // The metrics endpoint starts before any model loads (it lists models as they come): a
+  // model on the GPU loads cuBLAS, whose static TLS leaves too little of civetweb's small
+  // worker-thread stacks for glibc to start them (engine/cuda_backend.cc, LoadCublas).
+  ServerMetrics metrics(models);
+  if (!config.metrics_address.empty()) {
+    if (absl::Status s = metrics.Serve(config.metrics_address); !s.ok()) {
+      return Fail(std::string(s.message()));
+    }
+  }
   for (const ModelSpec& spec : config.models) {
     const auto load_start = std::chrono::steady_clock::now();
-    auto model = engine::Model::Load(spec.path, spec.load);
-    if (!model.ok()) {
-      return Fail(absl::StrCat("model \"", spec.name, "\": ", model.status().message()));
+    // Charged against memory_budget like a Models.Load (ServedModels::Charge).
+    if (absl::Status s = models.Reserve(spec.name, spec.path); !s.ok()) {
+      return Fail(std::string(s.message()));
     }
-    auto engine = engine::InferenceEngine::Start(std::move(model).value(), config.engine);
-    if (!engine.ok()) {
-      return Fail(absl::StrCat("model \"", spec.name, "\": the engine did not start: ",
-                               engine.status().message()));
+    auto loaded = LoadServedModel(spec, config.engine, models, config.memory_budget_bytes);
+    if (!loaded.ok()) {
+      return Fail(absl::StrCat("model \"", spec.name, "\": ", loaded.status().message()));
     }
-    auto served = std::make_unique<ServedModel>();
-    served->spec = spec;
-    served->engine = std::move(engine).value();
-    served->max_piece_bytes = PromptByteBound(served->engine->model().tokenizer());
+    std::shared_ptr<ServedModel> served = *std::move(loaded);
     const engine::EngineStats stats = served->engine->Stats();
     std::fprintf(stderr,
                  "nibbled: model \"%s\" loaded from %s in %.2f s (KV cache: %lld blocks of %d "
@@ -72,28 +83,61 @@ int RunDaemon(const ServerConfig& config) {
                                     " bytes refused untokenized")
                            .c_str()
                      : "no prompt byte bound: the tokenizer normalizes text");
-    models.Add(std::move(served));
+    models.Publish(std::move(served));
+    metrics.For(spec.name);  // its request series exist (at zero) before the first request
+  }
+  if (config.models.empty()) {
+    std::fprintf(stderr, "nibbled: no models in the config; Models.Load loads them\n");
   }
 
-  ServerMetrics metrics(models);
-  if (!config.metrics_address.empty()) {
-    if (absl::Status s = metrics.Serve(config.metrics_address); !s.ok()) {
-      return Fail(std::string(s.message()));
-    }
+  // After the models (whose errors come first, as in any config) and before anything that
+  // acts (jobs resuming, ports opening): a daemon that would serve the network unprotected
+  // does not start.
+  absl::StatusOr<ServerSecurity> security =
+      MakeServerSecurity(config.listen_address, config.security);
+  if (!security.ok()) return Fail(std::string(security.status().message()));
+  std::fprintf(stderr, "nibbled: security: %s\n", security->description.c_str());
+
+  // Artifacts (complete ones only) and transfers live in the state directory.
+  std::unique_ptr<ArtifactStore> artifact_store;
+  if (!config.state_dir.empty()) {
+    artifact_store = std::make_unique<ArtifactStore>(config.state_dir);
+    if (absl::Status s = artifact_store->Open(); !s.ok()) return Fail(std::string(s.message()));
+  }
+
+  // The quantizer role: jobs resume (after a crash too) as soon as the runner starts.
+  std::unique_ptr<JobMetrics> job_metrics;
+  std::unique_ptr<JobRunner> jobs;
+  std::unique_ptr<QuantizationService> quantization;
+  if (config.roles.quantizer) {
+    job_metrics = std::make_unique<JobMetrics>(metrics.registry());
+    auto runner = JobRunner::Start(config.state_dir, config.quantizer, job_metrics.get());
+    if (!runner.ok()) return Fail(std::string(runner.status().message()));
+    jobs = std::move(runner).value();
+    quantization = std::make_unique<QuantizationService>(*jobs);
+  } else if (config.state_dir.empty()) {
+    std::fprintf(stderr, "nibbled: quantizer role off (no state_dir in the config)\n");
   }
 
   ServingState state;
   InferenceService inference(models, &metrics, state);
-  ModelsService models_service(models, state);
+  ModelsService models_service(models, state, config, artifact_store.get(), &metrics);
+  std::unique_ptr<ArtifactsService> artifacts;
+  if (artifact_store) {
+    artifacts = std::make_unique<ArtifactsService>(*artifact_store, &metrics, state,
+                                                   config.artifacts.max_upload_bytes);
+  }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(config.listen_address, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(config.listen_address, security->credentials, &port);
   // Larger requests get RESOURCE_EXHAUSTED from gRPC before any handler runs.
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_request_bytes));
   builder.RegisterService(&inference);
   builder.RegisterService(&models_service);
+  if (artifacts) builder.RegisterService(artifacts.get());
+  if (quantization) builder.RegisterService(quantization.get());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     return Fail(absl::StrCat("listen ", config.listen_address,
@@ -130,6 +174,9 @@ int RunDaemon(const ServerConfig& config) {
     std::fprintf(stderr, "nibbled: grace period over; remaining streams end with UNAVAILABLE\n");
     state.WaitIdleUntil(std::chrono::steady_clock::now() + std::chrono::seconds(5));
   }
+  // Running jobs stop at their next check and stay queued on disk; watchers get UNAVAILABLE.
+  if (jobs) jobs->Shutdown();
+  models_service.Shutdown();  // Load/Unload workers finish their calls
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   server->Wait();
   std::fprintf(stderr, "nibbled: stopped\n");

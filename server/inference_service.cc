@@ -43,11 +43,13 @@ class GenerationStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>
  public:
   // Takes over a call counted by ServingState::TryStartCall (CallDone when deleted).
   // `arrival`: when the handler started, the origin of every timing this stream reports.
-  GenerationStream(grpc::CallbackServerContext* context, ServedModel& model,
+  // `model`: the stream's counted reference, held until the stream is deleted, so an Unload
+  // that drains waits for it and one that cancels cannot free the engine under it.
+  GenerationStream(grpc::CallbackServerContext* context, ModelRef model,
                    const RequestMetrics* metrics, ServingState& state, bool return_token_ids,
                    Clock::time_point arrival)
       : context_(context),
-        model_(model),
+        model_(std::move(model)),
         metrics_(metrics),
         state_(state),
         return_token_ids_(return_token_ids),
@@ -64,7 +66,7 @@ class GenerationStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>
     // The engine's timings count from Submit; ours from arrival.
     submit_offset_ = std::chrono::duration<double>(Clock::now() - arrival_).count();
     refs_.store(2);
-    auto id = model_.engine->Submit(std::move(request),
+    auto id = model_->engine->Submit(std::move(request),
                                     [this](const engine::StreamEvent& event) { OnEvent(event); });
     if (!id.ok()) {
       refs_.store(1);  // the engine holds no reference: it will never call back
@@ -81,7 +83,7 @@ class GenerationStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>
       request_id_ = *id;
       cancel = client_gone_;
     }
-    if (cancel) model_.engine->Cancel(*id);
+    if (cancel) model_->engine->Cancel(*id);
   }
 
  private:
@@ -232,7 +234,7 @@ class GenerationStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>
       client_gone_ = true;
       id = request_id_;
     }
-    if (id != 0) model_.engine->Cancel(id);
+    if (id != 0) model_->engine->Cancel(id);
     Pump();
   }
 
@@ -243,7 +245,7 @@ class GenerationStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>
   }
 
   grpc::CallbackServerContext* const context_;
-  ServedModel& model_;
+  ModelRef model_;
   const RequestMetrics* const metrics_;
   ServingState& state_;
   const bool return_token_ids_;
@@ -278,7 +280,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* InferenceService::Stream(
   if (!call.counted()) return new RefusedStream(DrainingStatus());
   WireRequest wire;
   if (grpc::Status s = ParseRequest(*request, &wire); !s.ok()) return new RefusedStream(s);
-  ServedModel* model = nullptr;
+  ModelRef model;
   if (grpc::Status s = models_.Find(wire.model(), &model); !s.ok()) return new RefusedStream(s);
   // A full queue refuses before the prompt is tokenized (Submit checks again).
   const int32_t max_queued = model->engine->options().max_queued_requests;
@@ -294,9 +296,9 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* InferenceService::Stream(
       !s.ok()) {
     return new RefusedStream(s);
   }
-  auto* stream = new GenerationStream(
-      context, *model, metrics_ ? metrics_->For(model->spec.name) : nullptr, state_,
-      wire.return_token_ids(), arrival);
+  const RequestMetrics* metrics = metrics_ ? metrics_->For(model->spec.name) : nullptr;
+  auto* stream = new GenerationStream(context, std::move(model), metrics, state_,
+                                      wire.return_token_ids(), arrival);
   call.Release();  // the stream ends the call when it is deleted
   stream->Start(std::move(engine_request));
   return stream;
@@ -324,7 +326,7 @@ grpc::ServerUnaryReactor* InferenceService::TokenizeCall(grpc::CallbackServerCon
     return reactor;
   }
   nibble::v1::TokenizeRequest wire;
-  ServedModel* model = nullptr;
+  ModelRef model;
   PromptInput input;
   std::vector<int32_t> ids;
   grpc::Status status = ParseRequest(*request, &wire);
@@ -380,7 +382,7 @@ grpc::ServerUnaryReactor* InferenceService::EndSession(grpc::CallbackServerConte
     return reactor;
   }
   nibble::v1::EndSessionRequest wire;
-  ServedModel* model = nullptr;
+  ModelRef model;
   grpc::Status status = ParseRequest(*request, &wire);
   if (status.ok()) status = CheckSessionId(wire.session_id(), /*required=*/true);
   if (status.ok()) status = models_.Find(wire.model(), &model);

@@ -147,38 +147,52 @@ ServerMetrics::ServerMetrics(const ServedModels& models)
       .Register(*registry_)
       .Add({{"version", NIBBLE_VERSION}, {"git_commit", NIBBLE_GIT_COMMIT}})
       .Set(1);
-  auto& first_token = prometheus::BuildHistogram()
+  first_token_ = &prometheus::BuildHistogram()
                           .Name("nibble_time_to_first_token_seconds")
                           .Help("Seconds from a request's arrival at the daemon to its first "
                                 "generated token.")
                           .Register(*registry_);
-  auto& inter_token = prometheus::BuildHistogram()
+  inter_token_ = &prometheus::BuildHistogram()
                           .Name("nibble_inter_token_latency_seconds")
                           .Help("Seconds between consecutive generated tokens of a request.")
                           .Register(*registry_);
-  auto& e2e = prometheus::BuildHistogram()
+  e2e_ = &prometheus::BuildHistogram()
                   .Name("nibble_e2e_request_latency_seconds")
                   .Help("Seconds from a request's arrival at the daemon to its end.")
                   .Register(*registry_);
-  auto& queue = prometheus::BuildHistogram()
+  queue_ = &prometheus::BuildHistogram()
                     .Name("nibble_request_queue_time_seconds")
                     .Help("Seconds from a request's arrival at the daemon to the first "
                           "scheduler step that ran it (tokenizing and waiting in the queue).")
                     .Register(*registry_);
-  auto& cached = prometheus::BuildCounter()
+  cached_ = &prometheus::BuildCounter()
                     .Name("nibble_prompt_tokens_cached_total")
                     .Help("Prompt tokens reused from a session's KV cache (not computed).")
                     .Register(*registry_);
-  for (const auto& served : models.all()) {
-    const prometheus::Labels labels = {{"model_name", served->spec.name}};
-    RequestMetrics h;
-    h.time_to_first_token = &first_token.Add(labels, kFirstTokenBuckets);
-    h.inter_token_latency = &inter_token.Add(labels, kInterTokenBuckets);
-    h.e2e_request_latency = &e2e.Add(labels, kRequestBuckets);
-    h.request_queue_time = &queue.Add(labels, kRequestBuckets);
-    h.prompt_tokens_cached = &cached.Add(labels);
-    histograms_.emplace_back(served->spec.name, h);
+  transfer_bytes_ = &prometheus::BuildCounter()
+                        .Name("nibble_artifact_transfer_bytes_total")
+                        .Help("Bytes of artifact files transferred, by direction (sent: "
+                              "Artifacts.Download served; received: uploads and pulls from "
+                              "another daemon).")
+                        .Register(*registry_);
+  transfer_failures_ = &prometheus::BuildCounter()
+                           .Name("nibble_artifact_transfer_failures_total")
+                           .Help("Artifact transfers that failed or were refused midway, by "
+                                 "direction.")
+                           .Register(*registry_);
+  for (const char* direction : {"sent", "received"}) {
+    transfer_bytes_->Add({{"direction", direction}});
+    transfer_failures_->Add({{"direction", direction}});
   }
+  for (const auto& served : models.all()) For(served->spec.name);
+}
+
+void ServerMetrics::AddTransferBytes(const std::string& direction, uint64_t bytes) const {
+  transfer_bytes_->Add({{"direction", direction}}).Increment(static_cast<double>(bytes));
+}
+
+void ServerMetrics::CountTransferFailure(const std::string& direction) const {
+  transfer_failures_->Add({{"direction", direction}}).Increment();
 }
 
 ServerMetrics::~ServerMetrics() = default;
@@ -196,10 +210,18 @@ absl::Status ServerMetrics::Serve(const std::string& address) {
 }
 
 const RequestMetrics* ServerMetrics::For(const std::string& model_name) const {
-  for (const auto& [name, h] : histograms_) {
-    if (name == model_name) return &h;
-  }
-  return nullptr;
+  std::lock_guard<std::mutex> lock(histograms_mu_);
+  auto it = histograms_.find(model_name);
+  if (it != histograms_.end()) return &it->second;
+  // Family::Add returns the existing series for labels seen before.
+  const prometheus::Labels labels = {{"model_name", model_name}};
+  RequestMetrics h;
+  h.time_to_first_token = &first_token_->Add(labels, kFirstTokenBuckets);
+  h.inter_token_latency = &inter_token_->Add(labels, kInterTokenBuckets);
+  h.e2e_request_latency = &e2e_->Add(labels, kRequestBuckets);
+  h.request_queue_time = &queue_->Add(labels, kRequestBuckets);
+  h.prompt_tokens_cached = &cached_->Add(labels);
+  return &histograms_.emplace(model_name, h).first->second;
 }
 
 }  // namespace nibble::server

@@ -1,8 +1,11 @@
-// The models a daemon serves (today loaded once at start) and the daemon's serving state.
+// The models a daemon serves (those of the config, loaded at start, and those loaded and
+// unloaded by Models.Load/Unload while it runs) and the daemon's serving state.
 // Shared by the services; every member is safe to use from any gRPC thread.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -11,23 +14,87 @@
 
 #include <grpcpp/support/status.h>
 
+#include "absl/status/status.h"
 #include "engine/inference_engine.h"
 #include "server/config.h"
 
 namespace nibble::server {
 
+enum class ModelState { kLoading, kReady, kDraining };
+
+// One model. Lifetime: shared (ServedModels and every call using it hold a reference), so an
+// unloaded model stays alive until the last stream that used it has ended.
 struct ServedModel {
   ModelSpec spec;
-  std::unique_ptr<engine::InferenceEngine> engine;  // started; owns the model
+  std::unique_ptr<engine::InferenceEngine> engine;  // started; owns the model (null: loading)
   // The longest piece of the vocabulary in bytes (PromptByteBound, computed once at load),
   // or 0 when the tokenizer allows no byte bound.
   int64_t max_piece_bytes = 0;
+  std::string artifact;      // the local artifact it was loaded from (empty: a directory)
+  int64_t memory_bytes = 0;  // weights + KV cache: what it takes of the daemon's memory_budget
+  std::atomic<ModelState> state{ModelState::kReady};
 
   // The prompt weight (PromptWeight) past which a prompt certainly has more than session_len
   // tokens, so it is refused without tokenizing; 0: no such limit. See PromptByteBound.
   int64_t max_prompt_weight() const {
     return max_piece_bytes > 0 ? engine->session_len() * (max_piece_bytes + 2) + 2 : 0;
   }
+
+  // Calls using the model now (ModelRef counts them; Unload's drain waits for none).
+  int active_calls() const {
+    std::lock_guard<std::mutex> lock(calls_mu_);
+    return active_calls_;
+  }
+  // True when no call uses the model by `deadline`.
+  template <class TimePoint>
+  bool WaitIdleUntil(TimePoint deadline) const {
+    std::unique_lock<std::mutex> lock(calls_mu_);
+    return calls_idle_.wait_until(lock, deadline, [this] { return active_calls_ == 0; });
+  }
+
+ private:
+  friend class ModelRef;
+  friend class ServedModels;
+  mutable std::mutex calls_mu_;
+  mutable std::condition_variable calls_idle_;
+  int active_calls_ = 0;  // guarded by calls_mu_
+};
+
+// A counted use of a served model by one call: keeps it alive, and makes an Unload with
+// drain wait for the call. Movable; the count drops when it is destroyed.
+class ModelRef {
+ public:
+  ModelRef() = default;
+  ModelRef(ModelRef&& other) noexcept : model_(std::move(other.model_)) {}
+  ModelRef& operator=(ModelRef&& other) noexcept {
+    Reset();
+    model_ = std::move(other.model_);
+    return *this;
+  }
+  ModelRef(const ModelRef&) = delete;
+  ModelRef& operator=(const ModelRef&) = delete;
+  ~ModelRef() { Reset(); }
+
+  ServedModel* get() const { return model_.get(); }
+  ServedModel* operator->() const { return model_.get(); }
+  ServedModel& operator*() const { return *model_; }
+  explicit operator bool() const { return model_ != nullptr; }
+
+ private:
+  friend class ServedModels;
+  explicit ModelRef(std::shared_ptr<ServedModel> model) : model_(std::move(model)) {
+    std::lock_guard<std::mutex> lock(model_->calls_mu_);
+    ++model_->active_calls_;
+  }
+  void Reset() {
+    if (!model_) return;
+    {
+      std::lock_guard<std::mutex> lock(model_->calls_mu_);
+      if (--model_->active_calls_ == 0) model_->calls_idle_.notify_all();
+    }
+    model_.reset();
+  }
+  std::shared_ptr<ServedModel> model_;
 };
 
 // The bytes of `text`, a run of spaces counted as one byte: what SentencePiece's
@@ -50,17 +117,56 @@ int64_t PromptByteBound(const engine::Tokenizer& tokenizer);
 
 class ServedModels {
  public:
-  void Add(std::unique_ptr<ServedModel> model) { models_.push_back(std::move(model)); }
+  // A model loaded at start (READY).
+  void Add(std::shared_ptr<ServedModel> model);
 
-  // The model of that name; an empty name means the only model when there is one.
-  // NOT_FOUND naming the models there are, INVALID_ARGUMENT for an empty name among several.
-  grpc::Status Find(std::string_view name, ServedModel** model) const;
+  // A counted reference to the READY model of that name; an empty name means the only model
+  // when there is one. NOT_FOUND naming the models there are, INVALID_ARGUMENT for an empty
+  // name among several, UNAVAILABLE for a model being loaded or unloaded.
+  grpc::Status Find(std::string_view name, ModelRef* model) const;
 
-  const std::vector<std::unique_ptr<ServedModel>>& all() const { return models_; }
+  // The models with a started engine (READY or DRAINING): metrics, shutdown.
+  std::vector<std::shared_ptr<ServedModel>> all() const;
+  // Every model, those LOADING included, sorted by name (Models.List).
+  std::vector<std::shared_ptr<ServedModel>> listing() const;
+  // One model in any state (Models.Get); NOT_FOUND like Find.
+  grpc::Status Get(std::string_view name, std::shared_ptr<ServedModel>* model) const;
+
+  // Hot loading: takes the name for a model about to load (listed as LOADING).
+  // AlreadyExists when a model of that name exists or is loading.
+  absl::Status Reserve(const std::string& name, const std::string& path);
+  // Gives a reserved name its loaded model (engine not started yet: `memory_bytes` known)
+  // and charges its memory: ResourceExhausted, naming what is in use, when the models
+  // together would take more than `budget_bytes` (0: no budget). On success the model is
+  // READY once `engine` is set by Publish.
+  absl::Status Charge(const std::string& name, int64_t memory_bytes, int64_t budget_bytes);
+  // The reserved name's model serves from now on.
+  void Publish(std::shared_ptr<ServedModel> model);
+  // Drops a name (a failed load, the end of an unload).
+  void Remove(const std::string& name);
+
+  // Unload's first step: marks the READY model DRAINING (Find refuses it from now on) and
+  // returns it. NOT_FOUND; FAILED_PRECONDITION for one loading or already unloading.
+  grpc::Status StartUnload(std::string_view name, std::shared_ptr<ServedModel>* model);
 
  private:
-  std::vector<std::unique_ptr<ServedModel>> models_;  // fixed once serving starts
+  grpc::Status NotFound(std::string_view name) const;  // mu_ held
+
+  mutable std::mutex mu_;
+  std::map<std::string, std::shared_ptr<ServedModel>, std::less<>> models_;  // guarded by mu_
+  std::map<std::string, int64_t, std::less<>> charged_;  // guarded by mu_: memory per name
 };
+
+// Loads `spec`'s model and starts its engine with `options`: what start-up and Models.Load
+// both do. The name must be reserved in `models` (ServedModels::Reserve); the model's memory
+// (weights, then weights plus the KV cache pool) is charged there against `budget_bytes`
+// (0: no budget) before the engine starts: ResourceExhausted when it does not fit, with the
+// running models untouched. A model whose safetensors files alone exceed what is free is
+// refused before its weights are read. The caller Publishes the result.
+absl::StatusOr<std::shared_ptr<ServedModel>> LoadServedModel(const ModelSpec& spec,
+                                                             const engine::EngineOptions& options,
+                                                             ServedModels& models,
+                                                             int64_t budget_bytes);
 
 // Draining (SIGTERM): refuse new calls, count the calls still running.
 //

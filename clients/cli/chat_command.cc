@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "clients/cli/commands.h"
+#include "clients/cli/connection_flags.h"
 #include "clients/cli/remote_client.h"
 
 namespace nibble::cli {
@@ -30,6 +31,7 @@ struct ChatOptions {
   bool json = false;
   SamplingFlags sampling;
   std::optional<double> timeout;
+  rpc::ClientSecurityFlags security;
 };
 
 nlohmann::json ChunkJson(const nibble::v1::ChatChunk& chunk) {
@@ -75,7 +77,10 @@ absl::Status StreamReply(RemoteClient& client, const ChatOptions& options,
 }
 
 int RunChat(const ChatOptions& options) {
-  RemoteClient client(options.server, options.timeout);
+  absl::StatusOr<rpc::ClientSecurity> security =
+      rpc::ClientSecurityFromFlagsAndEnv(options.security);
+  if (!security.ok()) return ReportError("chat", security.status());
+  RemoteClient client(options.server, *security, options.timeout);
   const bool interactive = options.prompt.empty();
   nibble::v1::ChatRequest request;
   request.set_model(options.model);
@@ -140,8 +145,12 @@ int RunChat(const ChatOptions& options) {
   return exit_code;
 }
 
-int RunModelsList(const std::string& server, bool json, std::optional<double> timeout) {
-  RemoteClient client(server, timeout);
+int RunModelsList(const std::string& server, bool json, std::optional<double> timeout,
+                  const rpc::ClientSecurityFlags& security_flags) {
+  absl::StatusOr<rpc::ClientSecurity> security =
+      rpc::ClientSecurityFromFlagsAndEnv(security_flags);
+  if (!security.ok()) return ReportError("models list", security.status());
+  RemoteClient client(server, *security, timeout);
   nibble::v1::ListModelsResponse response;
   if (absl::Status status = client.ListModels(&response); !status.ok()) {
     return ReportError("models list", status);
@@ -230,6 +239,7 @@ CommandRunner RegisterChat(CLI::App& app) {
   cmd->add_flag("--json", options->json, "print one JSON object per streamed chunk");
   options->sampling.Register(*cmd);
   RegisterTimeout(*cmd, &options->timeout);
+  RegisterSecurityFlags(*cmd, &options->security);
   return [options]() { return RunChat(*options); };
 }
 
@@ -243,7 +253,13 @@ CommandRunner RegisterModels(CLI::App& app) {
   list->add_option("--server", *server, "nibbled address host:port")->required();
   list->add_flag("--json", *json, "print JSON");
   RegisterTimeout(*list, timeout.get());
-  return [server, json, timeout]() { return RunModelsList(*server, *json, *timeout); };
+  auto security = std::make_shared<rpc::ClientSecurityFlags>();
+  RegisterSecurityFlags(*list, security.get());
+  CommandRunner hot_loading = RegisterModelsHotLoading(*cmd);  // load, unload
+  return [server, json, timeout, security, list, hot_loading]() {
+    if (!list->parsed()) return hot_loading();
+    return RunModelsList(*server, *json, *timeout, *security);
+  };
 }
 
 }  // namespace nibble::cli

@@ -38,6 +38,12 @@ CommandRunner RegisterUnpack(CLI::App& app);
 // Clients of a nibbled daemon (chat_command.cc).
 CommandRunner RegisterChat(CLI::App& app);
 CommandRunner RegisterModels(CLI::App& app);
+// `models load|unload` under the `models` command (models_command.cc).
+CommandRunner RegisterModelsHotLoading(CLI::App& models);
+// Artifacts on a daemon: list, stat, pull (artifacts_command.cc).
+CommandRunner RegisterArtifacts(CLI::App& app);
+// Quantization jobs on a daemon (jobs_command.cc).
+CommandRunner RegisterJobs(CLI::App& app);
 
 // The sampling flags of `nibble generate` and `nibble chat` (--max-tokens, --temperature,
 // --top-k, --top-p, --repetition-penalty, --seed, --stop, --ignore-eos), registered and

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "clients/cli/commands.h"
+#include "clients/cli/connection_flags.h"
 #include "clients/cli/model_options.h"
 #include "clients/cli/remote_client.h"
 #include "engine/generator.h"
@@ -23,6 +24,7 @@ struct GenerateOptions {
   bool json = false;
   std::string server;  // non-empty: ask this nibbled instead of loading --model
   std::optional<double> timeout;  // with --server
+  rpc::ClientSecurityFlags security;  // with --server
 };
 
 // `nibble generate --server ADDR`: the same flags, answered by a daemon (--model names the
@@ -33,7 +35,10 @@ int RunRemoteGenerate(const GenerateOptions& options) {
                                        "--chat-template applies to local models only (a daemon "
                                        "renders with its model's template)"));
   }
-  RemoteClient client(options.server, options.timeout);
+  absl::StatusOr<rpc::ClientSecurity> security =
+      rpc::ClientSecurityFromFlagsAndEnv(options.security);
+  if (!security.ok()) return ReportError("generate", security.status());
+  RemoteClient client(options.server, *security, options.timeout);
   const SamplingFlags& flags = options.sampling;
   std::string text;
   std::vector<int32_t> ids;
@@ -203,6 +208,7 @@ CommandRunner RegisterGenerate(CLI::App& app) {
                   "plain, internlm, internlm2 or llama2 (default: from the architecture)");
   options->sampling.Register(*cmd);
   RegisterTimeout(*cmd, &options->timeout);
+  RegisterSecurityFlags(*cmd, &options->security);
   cmd->add_flag("--json", options->json,
                 "print one JSON object (prompt ids, generated ids, text) instead of streaming");
   return [options]() {

@@ -17,6 +17,8 @@ int main(int argc, char** argv) {
       {"unpack", nibble::cli::RegisterUnpack(app)},
       {"chat", nibble::cli::RegisterChat(app)},
       {"models", nibble::cli::RegisterModels(app)},
+      {"artifacts", nibble::cli::RegisterArtifacts(app)},
+      {"jobs", nibble::cli::RegisterJobs(app)},
       {"synth", nibble::cli::RegisterSynth(app)},
   };
   CLI11_PARSE(app, argc, argv);

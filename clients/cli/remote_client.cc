@@ -31,12 +31,18 @@ std::string FinishReasonName(nibble::v1::FinishReason reason) {
   }
 }
 
-RemoteClient::RemoteClient(const std::string& address, std::optional<double> timeout_seconds)
-    : timeout_seconds_(timeout_seconds),
-      address_(address),
-      channel_(grpc::CreateChannel(address, grpc::InsecureChannelCredentials())),
-      inference_(nibble::v1::Inference::NewStub(channel_)),
-      models_(nibble::v1::Models::NewStub(channel_)) {}
+RemoteClient::RemoteClient(const std::string& address, const rpc::ClientSecurity& security,
+                           std::optional<double> timeout_seconds)
+    : timeout_seconds_(timeout_seconds), address_(address), security_(security) {
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = rpc::OpenChannel(address, security);
+  if (!channel.ok()) {
+    channel_status_ = channel.status();
+    return;
+  }
+  channel_ = *std::move(channel);
+  inference_ = nibble::v1::Inference::NewStub(channel_);
+  models_ = nibble::v1::Models::NewStub(channel_);
+}
 
 absl::Status RemoteClient::ToStatus(const grpc::Status& status) const {
   if (status.ok()) return absl::OkStatus();
@@ -45,19 +51,23 @@ absl::Status RemoteClient::ToStatus(const grpc::Status& status) const {
                                    status.error_message()));
 }
 
-void RemoteClient::SetDeadline(grpc::ClientContext* context, double default_seconds) const {
+absl::Status RemoteClient::PrepareCall(grpc::ClientContext* context,
+                                       double default_seconds) const {
+  if (!channel_status_.ok()) return channel_status_;
+  rpc::AddCallCredentials(context, security_);
   const double seconds = timeout_seconds_.value_or(default_seconds);
-  if (seconds <= 0) return;
+  if (seconds <= 0) return absl::OkStatus();
   context->set_deadline(std::chrono::system_clock::now() +
                         std::chrono::duration_cast<std::chrono::system_clock::duration>(
                             std::chrono::duration<double>(seconds)));
+  return absl::OkStatus();
 }
 
 template <class Request, class Call>
 absl::Status RemoteClient::ReadStream(const Request& request, Call start,
                                       const ChunkCallback& on_chunk) {
   grpc::ClientContext context;
-  SetDeadline(&context, 0);
+  if (absl::Status ready = PrepareCall(&context, 0); !ready.ok()) return ready;
   auto reader = start(&context, request);
   nibble::v1::ChatChunk chunk;
   while (reader->Read(&chunk)) on_chunk(chunk);
@@ -81,19 +91,25 @@ absl::Status RemoteClient::Generate(const nibble::v1::GenerateRequest& request,
 absl::Status RemoteClient::Tokenize(const nibble::v1::TokenizeRequest& request,
                                     nibble::v1::TokenizeResponse* response) {
   grpc::ClientContext context;
-  SetDeadline(&context, kUnaryDefaultSeconds);
+  if (absl::Status ready = PrepareCall(&context, kUnaryDefaultSeconds); !ready.ok()) {
+    return ready;
+  }
   return ToStatus(inference_->Tokenize(&context, request, response));
 }
 
 absl::Status RemoteClient::ListModels(nibble::v1::ListModelsResponse* response) {
   grpc::ClientContext context;
-  SetDeadline(&context, kUnaryDefaultSeconds);
+  if (absl::Status ready = PrepareCall(&context, kUnaryDefaultSeconds); !ready.ok()) {
+    return ready;
+  }
   return ToStatus(models_->List(&context, nibble::v1::ListModelsRequest(), response));
 }
 
 absl::Status RemoteClient::EndSession(const std::string& model, const std::string& session_id) {
   grpc::ClientContext context;
-  SetDeadline(&context, kUnaryDefaultSeconds);
+  if (absl::Status ready = PrepareCall(&context, kUnaryDefaultSeconds); !ready.ok()) {
+    return ready;
+  }
   nibble::v1::EndSessionRequest request;
   request.set_model(model);
   request.set_session_id(session_id);

@@ -12,15 +12,19 @@
 #include "absl/status/status.h"
 #include "nibble/v1/inference.grpc.pb.h"
 #include "nibble/v1/models.grpc.pb.h"
+#include "rpc/channel.h"
 
 namespace nibble::cli {
 
 class RemoteClient {
  public:
   // `timeout_seconds`: the deadline of every call (a stream's whole reply included); unset:
-  // streams have none and unary calls 30 s.
-  explicit RemoteClient(const std::string& address,
-                        std::optional<double> timeout_seconds = std::nullopt);
+  // streams have none and unary calls 30 s. `security`: TLS settings and the bearer token sent
+  // with every call (ConnectionFlags::Resolve in connection_flags.h builds it from the flags
+  // and environment). Settings that cannot work (a certificate file that cannot be read) make
+  // every call fail with that error.
+  RemoteClient(const std::string& address, const rpc::ClientSecurity& security,
+               std::optional<double> timeout_seconds = std::nullopt);
 
   using ChunkCallback = std::function<void(const nibble::v1::ChatChunk&)>;
   // Streams the reply, calling `on_chunk` for each chunk as it arrives. The status names the
@@ -35,14 +39,19 @@ class RemoteClient {
 
  private:
   absl::Status ToStatus(const grpc::Status& status) const;
-  // Sets the deadline: the timeout, or `default_seconds` (0: none) without one.
-  void SetDeadline(grpc::ClientContext* context, double default_seconds) const;
+  // Every call starts here: fails when the channel could not be opened (then the stubs are
+  // null), else sets the deadline (the timeout, or `default_seconds` (0: none) without one) and
+  // adds the bearer token.
+  [[nodiscard]] absl::Status PrepareCall(grpc::ClientContext* context,
+                                         double default_seconds) const;
   template <class Request, class Call>
   absl::Status ReadStream(const Request& request, Call start, const ChunkCallback& on_chunk);
 
   std::optional<double> timeout_seconds_;
 
   std::string address_;
+  rpc::ClientSecurity security_;
+  absl::Status channel_status_;  // why there is no channel, when there is none
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<nibble::v1::Inference::Stub> inference_;
   std::unique_ptr<nibble::v1::Models::Stub> models_;

@@ -6,7 +6,7 @@
 #
 # OUT_DIR defaults to clients/python/nibble_client/_generated (git-ignored), where the package
 # finds them; elsewhere, point NIBBLE_CLIENT_STUBS at OUT_DIR. The result:
-#   OUT_DIR/nibble/v1/{inference,models}_pb2{,_grpc}.py   nibble.v1
+#   OUT_DIR/nibble/v1/{inference,models,artifacts,quantization}_pb2{,_grpc}.py   nibble.v1
 #   OUT_DIR/grpc/health/v1/health_pb2{,_grpc}.py           grpc.health.v1 (health checks)
 # Generated code is never committed: it must match the protoc and protobuf runtime installed.
 set -eu
@@ -24,5 +24,7 @@ mkdir -p "$out"
 "$protoc" -I "$proto_root/third_party" -I "$proto_root" \
   --python_out="$out" --grpc_out="$out" --plugin=protoc-gen-grpc="$plugin" \
   "$proto_root/nibble/v1/inference.proto" "$proto_root/nibble/v1/models.proto" \
+  "$proto_root/nibble/v1/quantization.proto" \
+  "$proto_root/nibble/v1/artifacts.proto" \
   "$proto_root/third_party/grpc/health/v1/health.proto"
 echo "stubs written to $out"

@@ -1,0 +1,145 @@
+// QuantizeModelDirectory's progress and stop check (quant::QuantizeControl), on the real
+// stories260K model: the phases in order, a stop between layers that leaves a checkpoint a
+// later run resumes to the same bytes, and a stop while packing that leaves no artifact.
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include "quant/manifest.h"
+#include "quant/quantize_model.h"
+
+namespace nibble::quant {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string ReadAll(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), {}};
+}
+
+class QuantizeControlTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model_ = std::string(NIBBLE_TEST_MODELS) + "/stories260K";
+    ASSERT_TRUE(fs::exists(model_ + "/config.json")) << model_;
+    tmp_ = fs::temp_directory_path() / ("nibble-quantize-control-" + std::to_string(::getpid()));
+    fs::remove_all(tmp_);
+    fs::create_directories(tmp_);
+    // Calibration windows are token ids: any in the vocabulary will do for the search.
+    std::mt19937 rng(7);
+    options_.method = QuantMethod::kAwq;
+    options_.group_size = 32;
+    for (int s = 0; s < 4; ++s) {
+      std::vector<int32_t> window(64);
+      for (int32_t& id : window) id = static_cast<int32_t>(rng() % 512);
+      options_.calibration_samples.push_back(window);
+    }
+  }
+  void TearDown() override { fs::remove_all(tmp_); }
+
+  std::string model_;
+  fs::path tmp_;
+  QuantizeOptions options_;
+};
+
+TEST_F(QuantizeControlTest, ReportsEveryPhaseInOrder) {
+  options_.evaluation_ids.assign(options_.calibration_samples[0].begin(),
+                                 options_.calibration_samples[0].end());
+  options_.evaluation_window = 32;
+  std::vector<QuantizeProgress> events;
+  QuantizeControl control;
+  control.progress = [&](const QuantizeProgress& p) { events.push_back(p); };
+  auto report = QuantizeModelDirectory(model_, (tmp_ / "out").string(), options_, control);
+  ASSERT_TRUE(report.ok()) << report.status();
+  std::vector<std::string> phases;
+  for (const QuantizeProgress& p : events) {
+    if (phases.empty() || phases.back() != p.phase) phases.push_back(p.phase);
+    EXPECT_EQ(p.layers, 5);
+    EXPECT_FALSE(p.resumed);
+  }
+  // calibrate and search alternate per layer; then packing, the safetensors, the evaluation
+  // and the manifest.
+  std::vector<std::string> expected;
+  for (int l = 0; l < 5; ++l) {
+    expected.push_back("calibrate");
+    expected.push_back("search");
+  }
+  for (const char* phase : {"quantize", "write", "evaluate", "write"}) expected.push_back(phase);
+  EXPECT_EQ(phases, expected);
+  int64_t layer_done_events = 0;
+  for (const QuantizeProgress& p : events) {
+    if (p.step != "layer done") continue;
+    EXPECT_EQ(p.layers_done, p.layer + 1);
+    ++layer_done_events;
+  }
+  EXPECT_EQ(layer_done_events, 5);
+  EXPECT_EQ(events.back().layers_done, 5);
+  const QuantizeProgress* last_tensor = nullptr;
+  for (const QuantizeProgress& p : events) {
+    if (p.phase == "quantize") last_tensor = &p;
+  }
+  ASSERT_NE(last_tensor, nullptr);
+  EXPECT_EQ(last_tensor->tensors_done, last_tensor->tensors_total);
+}
+
+TEST_F(QuantizeControlTest, StopBetweenLayersResumesToTheSameBytes) {
+  const std::string whole = (tmp_ / "whole").string();
+  ASSERT_TRUE(QuantizeModelDirectory(model_, whole, options_, QuantizeControl{}).ok());
+
+  const std::string work = (tmp_ / "stopped").string();
+  bool stop = false;
+  QuantizeControl control;
+  control.progress = [&](const QuantizeProgress& p) {
+    if (p.step == "layer done" && p.layers_done == 2) stop = true;
+  };
+  control.stop_requested = [&] { return stop; };
+  auto stopped = QuantizeModelDirectory(model_, work, options_, control);
+  ASSERT_EQ(stopped.status().code(), absl::StatusCode::kCancelled) << stopped.status();
+  EXPECT_FALSE(fs::exists(work + "/" + kManifestFileName));
+  EXPECT_FALSE(fs::exists(work + "/model.safetensors"));
+  EXPECT_NE(ReadAll(work + "/.nibble-job/progress.json").find("\"completed_layers\":2"),
+            std::string::npos);
+
+  std::vector<QuantizeProgress> events;
+  QuantizeControl resume;
+  resume.progress = [&](const QuantizeProgress& p) { events.push_back(p); };
+  ASSERT_TRUE(QuantizeModelDirectory(model_, work, options_, resume).ok());
+  ASSERT_FALSE(events.empty());
+  EXPECT_TRUE(events.front().resumed);
+  EXPECT_EQ(events.front().layers_done, 2);  // it did not start over
+  for (const QuantizeProgress& p : events) {
+    if (p.phase == "calibrate") EXPECT_GE(p.layer, 2);
+  }
+  for (const char* file : {"model.safetensors", "config.json", "tokenizer.model"}) {
+    EXPECT_EQ(ReadAll(whole + "/" + file), ReadAll(work + "/" + file)) << file;
+  }
+  EXPECT_TRUE(VerifyArtifact(work).ok());
+}
+
+TEST_F(QuantizeControlTest, StopWhilePackingLeavesNoArtifact) {
+  options_.method = QuantMethod::kRtn;
+  options_.calibration_samples.clear();
+  const std::string work = (tmp_ / "rtn").string();
+  int64_t tensors = 0;
+  QuantizeControl control;
+  control.progress = [&](const QuantizeProgress& p) {
+    if (p.phase == "quantize") tensors = p.tensors_done;
+  };
+  control.stop_requested = [&] { return tensors >= 3; };
+  auto stopped = QuantizeModelDirectory(model_, work, options_, control);
+  ASSERT_EQ(stopped.status().code(), absl::StatusCode::kCancelled) << stopped.status();
+  EXPECT_EQ(tensors, 3);
+  EXPECT_FALSE(fs::exists(work + "/model.safetensors"));
+  EXPECT_FALSE(fs::exists(work + "/" + kManifestFileName));
+}
+
+}  // namespace
+}  // namespace nibble::quant
