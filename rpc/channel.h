@@ -45,6 +45,18 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> OpenChannel(
 // ClientContext before starting the call.
 void AddCallCredentials(grpc::ClientContext* context, const ClientSecurity& security);
 
+// "INVALID_ARGUMENT" for grpc::StatusCode::INVALID_ARGUMENT (the canonical names); "UNKNOWN"
+// for a number outside them.
+const char* StatusCodeName(grpc::StatusCode code);
+
+// A call's status as every client of a daemon reports it: OK stays OK, else the same code with
+// the daemon's address and the code's name before the message
+// ("localhost:50051: NOT_FOUND: no artifact named ...").
+absl::Status FromGrpcStatus(const std::string& address, const grpc::Status& status);
+
+// Sets the call's deadline `seconds` from now.
+void SetDeadlineAfter(grpc::ClientContext* context, double seconds);
+
 // What the user gave on the command line; empty fields fall back to the environment.
 struct ClientSecurityFlags {
   std::string token_file;  // --token-file

@@ -163,5 +163,16 @@ TEST_F(ChannelTest, TokenIsNeverSentInPlainTextOffLoopback) {
   EXPECT_TRUE(OpenChannel("edge.example.com:50051", security).ok());
 }
 
+TEST(CallStatus, NamesTheDaemonAndTheCode) {
+  EXPECT_STREQ(StatusCodeName(grpc::StatusCode::INVALID_ARGUMENT), "INVALID_ARGUMENT");
+  EXPECT_STREQ(StatusCodeName(grpc::StatusCode::UNAUTHENTICATED), "UNAUTHENTICATED");
+  EXPECT_STREQ(StatusCodeName(static_cast<grpc::StatusCode>(17)), "UNKNOWN");
+  EXPECT_TRUE(FromGrpcStatus("h:1", grpc::Status::OK).ok());
+  const absl::Status status =
+      FromGrpcStatus("h:1", grpc::Status(grpc::StatusCode::NOT_FOUND, "no artifact"));
+  EXPECT_EQ(status.code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(status.message(), "h:1: NOT_FOUND: no artifact");
+}
+
 }  // namespace
 }  // namespace nibble::rpc

@@ -25,22 +25,6 @@ namespace nibble::server {
 namespace fs = std::filesystem;
 namespace {
 
-const char* CodeName(grpc::StatusCode code) {
-  static const char* const kNames[] = {
-      "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-      "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-      "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
-      "UNAUTHENTICATED"};
-  const int i = static_cast<int>(code);
-  return i >= 0 && i <= 16 ? kNames[i] : "UNKNOWN";
-}
-
-absl::Status FromGrpc(const std::string& address, const grpc::Status& status) {
-  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
-                      absl::StrCat(address, ": ", CodeName(status.error_code()), ": ",
-                                   status.error_message()));
-}
-
 absl::Status Errno(const std::string& what, const fs::path& path) {
   return absl::InternalError(absl::StrCat(what, " ", path.string(), ": ", std::strerror(errno)));
 }
@@ -126,14 +110,12 @@ class Puller {
   absl::StatusOr<nibble::v1::ArtifactInfo> Stat() {
     grpc::ClientContext context;
     rpc::AddCallCredentials(&context, security_);
-    context.set_deadline(std::chrono::system_clock::now() +
-                         std::chrono::duration_cast<std::chrono::system_clock::duration>(
-                             std::chrono::duration<double>(options_.stat_timeout_seconds)));
+    rpc::SetDeadlineAfter(&context, options_.stat_timeout_seconds);
     nibble::v1::StatArtifactRequest request;
     request.set_name(artifact_);
     nibble::v1::ArtifactInfo info;
     grpc::Status status = stub_->Stat(&context, request, &info);
-    if (!status.ok()) return FromGrpc(address_, status);
+    if (!status.ok()) return rpc::FromGrpcStatus(address_, status);
     if (info.manifest_json().empty()) {
       return absl::DataLossError(
           absl::StrCat(address_, ": artifact \"", artifact_, "\": Stat sent no manifest"));
@@ -215,7 +197,7 @@ class Puller {
       return problem;
     }
     grpc::Status status = reader->Finish();
-    if (!status.ok()) return FromGrpc(address_, status);
+    if (!status.ok()) return rpc::FromGrpcStatus(address_, status);
     if (offset != size) {
       return absl::DataLossError(absl::StrCat(address_, ": artifact \"", artifact_, "\" file \"",
                                               relative, "\": the stream ended at ", offset,

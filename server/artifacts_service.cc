@@ -17,6 +17,7 @@
 #include "engine/atomic_file.h"
 #include "server/grpc_status.h"
 #include "server/raw_messages.h"
+#include "server/unary_call.h"
 
 namespace nibble::server {
 namespace fs = std::filesystem;
@@ -335,48 +336,32 @@ class UploadStream final : public grpc::ServerReadReactor<grpc::ByteBuffer> {
 grpc::ServerUnaryReactor* ArtifactsService::List(grpc::CallbackServerContext* context,
                                                  const grpc::ByteBuffer* request,
                                                  grpc::ByteBuffer* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  CallGuard call(state_);
-  if (!call.counted()) {
-    reactor->Finish(DrainingStatus());
-    return reactor;
-  }
-  nibble::v1::ListArtifactsRequest wire;
-  grpc::Status status = ParseRequest(*request, &wire);
-  if (status.ok()) {
+  UnaryCall<nibble::v1::ListArtifactsRequest> call(context, state_, request);
+  if (call.ok()) {
     nibble::v1::ListArtifactsResponse out;
     for (const StoredArtifact& artifact : store_.List()) {
       Describe(artifact, /*with_manifest=*/false, out.add_artifacts());
     }
     SerializeResponse(out, response);
   }
-  reactor->Finish(status);
-  return reactor;
+  return call.Finish();
 }
 
 grpc::ServerUnaryReactor* ArtifactsService::Stat(grpc::CallbackServerContext* context,
                                                  const grpc::ByteBuffer* request,
                                                  grpc::ByteBuffer* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  CallGuard call(state_);
-  if (!call.counted()) {
-    reactor->Finish(DrainingStatus());
-    return reactor;
-  }
-  nibble::v1::StatArtifactRequest wire;
-  grpc::Status status = ParseRequest(*request, &wire);
-  if (status.ok()) {
-    auto artifact = store_.FindVerified(wire.name());
+  UnaryCall<nibble::v1::StatArtifactRequest> call(context, state_, request);
+  if (call.ok()) {
+    auto artifact = store_.FindVerified(call.wire().name());
     if (artifact.ok()) {
       nibble::v1::ArtifactInfo info;
       Describe(*artifact, /*with_manifest=*/true, &info);
       SerializeResponse(info, response);
     } else {
-      status = Grpc(artifact.status());
+      call.set_status(Grpc(artifact.status()));
     }
   }
-  reactor->Finish(status);
-  return reactor;
+  return call.Finish();
 }
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* ArtifactsService::Download(

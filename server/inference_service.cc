@@ -12,6 +12,7 @@
 #include "server/grpc_status.h"
 #include "server/inference_requests.h"
 #include "server/raw_messages.h"
+#include "server/unary_call.h"
 
 namespace nibble::server {
 namespace {
@@ -319,27 +320,19 @@ grpc::ServerUnaryReactor* InferenceService::TokenizeCall(grpc::CallbackServerCon
                                                          const grpc::ByteBuffer* request,
                                                          grpc::ByteBuffer* response,
                                                          Respond respond) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  CallGuard call(state_);
-  if (!call.counted()) {
-    reactor->Finish(DrainingStatus());
-    return reactor;
-  }
-  nibble::v1::TokenizeRequest wire;
+  UnaryCall<nibble::v1::TokenizeRequest> call(context, state_, request);
   ModelRef model;
   PromptInput input;
   std::vector<int32_t> ids;
-  grpc::Status status = ParseRequest(*request, &wire);
-  if (status.ok()) status = models_.Find(wire.model(), &model);
-  if (status.ok()) status = InputOf(wire, &input);
-  if (status.ok()) status = TokenizePrompt(input, *model, &ids);
-  if (status.ok()) {
+  if (call.ok()) call.set_status(models_.Find(call.wire().model(), &model));
+  if (call.ok()) call.set_status(InputOf(call.wire(), &input));
+  if (call.ok()) call.set_status(TokenizePrompt(input, *model, &ids));
+  if (call.ok()) {
     Response out;
     respond(*model, ids, &out);
     SerializeResponse(out, response);
   }
-  reactor->Finish(status);
-  return reactor;
+  return call.Finish();
 }
 
 namespace {
@@ -375,23 +368,15 @@ grpc::ServerUnaryReactor* InferenceService::CountTokens(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* InferenceService::EndSession(grpc::CallbackServerContext* context,
                                                        const grpc::ByteBuffer* request,
                                                        grpc::ByteBuffer* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  CallGuard call(state_);
-  if (!call.counted()) {
-    reactor->Finish(DrainingStatus());
-    return reactor;
-  }
-  nibble::v1::EndSessionRequest wire;
+  UnaryCall<nibble::v1::EndSessionRequest> call(context, state_, request);
   ModelRef model;
-  grpc::Status status = ParseRequest(*request, &wire);
-  if (status.ok()) status = CheckSessionId(wire.session_id(), /*required=*/true);
-  if (status.ok()) status = models_.Find(wire.model(), &model);
-  if (status.ok()) {
-    model->engine->EndSession(wire.session_id());
+  if (call.ok()) call.set_status(CheckSessionId(call.wire().session_id(), /*required=*/true));
+  if (call.ok()) call.set_status(models_.Find(call.wire().model(), &model));
+  if (call.ok()) {
+    model->engine->EndSession(call.wire().session_id());
     SerializeResponse(nibble::v1::EndSessionResponse(), response);
   }
-  reactor->Finish(status);
-  return reactor;
+  return call.Finish();
 }
 
 }  // namespace nibble::server

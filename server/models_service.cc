@@ -12,6 +12,7 @@
 #include "server/grpc_status.h"
 #include "server/path_policy.h"
 #include "server/raw_messages.h"
+#include "server/unary_call.h"
 
 namespace nibble::server {
 namespace {
@@ -302,23 +303,13 @@ absl::Status ModelsService::RunLoad(const ModelSpec& spec, const std::string& ar
 grpc::ServerUnaryReactor* ModelsService::Load(grpc::CallbackServerContext* context,
                                               const grpc::ByteBuffer* request,
                                               grpc::ByteBuffer* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  CallGuard call(state_);
-  if (!call.counted()) {
-    reactor->Finish(DrainingStatus());
-    return reactor;
-  }
-  nibble::v1::LoadModelRequest wire;
+  UnaryCall<nibble::v1::LoadModelRequest> call(context, state_, request);
   ModelSpec spec;
   std::string artifact;
   const ArtifactPeer* peer = nullptr;
-  grpc::Status status = ParseRequest(*request, &wire);
-  if (status.ok()) status = PrepareLoad(wire, &spec, &artifact, &peer);
-  if (!status.ok()) {
-    reactor->Finish(status);
-    return reactor;
-  }
-  call.Release();  // the worker ends the call
+  if (call.ok()) call.set_status(PrepareLoad(call.wire(), &spec, &artifact, &peer));
+  if (!call.ok()) return call.Finish();
+  grpc::ServerUnaryReactor* reactor = call.Release();  // the worker ends the call
   Spawn([this, reactor, response, spec, artifact, peer] {
     absl::Status loaded = RunLoad(spec, artifact, peer);
     grpc::Status result = ToGrpcStatus(loaded);
@@ -344,28 +335,19 @@ grpc::ServerUnaryReactor* ModelsService::Load(grpc::CallbackServerContext* conte
 grpc::ServerUnaryReactor* ModelsService::Unload(grpc::CallbackServerContext* context,
                                                 const grpc::ByteBuffer* request,
                                                 grpc::ByteBuffer* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  CallGuard call(state_);
-  if (!call.counted()) {
-    reactor->Finish(DrainingStatus());
-    return reactor;
+  UnaryCall<nibble::v1::UnloadModelRequest> call(context, state_, request);
+  const nibble::v1::UnloadModelRequest& wire = call.wire();
+  if (call.ok() && wire.name().empty()) {
+    call.set_status(Invalid("field name is empty (Models.List shows the names)"));
   }
-  nibble::v1::UnloadModelRequest wire;
-  grpc::Status status = ParseRequest(*request, &wire);
-  if (status.ok() && wire.name().empty()) {
-    status = Invalid("field name is empty (Models.List shows the names)");
-  }
-  if (status.ok() && !(wire.timeout_seconds() >= 0 && wire.timeout_seconds() <= 86400)) {
-    status = Invalid(absl::StrCat("field timeout_seconds: must be in [0, 86400], got ",
-                                  wire.timeout_seconds()));
+  if (call.ok() && !(wire.timeout_seconds() >= 0 && wire.timeout_seconds() <= 86400)) {
+    call.set_status(Invalid(absl::StrCat("field timeout_seconds: must be in [0, 86400], got ",
+                                         wire.timeout_seconds())));
   }
   std::shared_ptr<ServedModel> model;
-  if (status.ok()) status = models_.StartUnload(wire.name(), &model);
-  if (!status.ok()) {
-    reactor->Finish(status);
-    return reactor;
-  }
-  call.Release();
+  if (call.ok()) call.set_status(models_.StartUnload(wire.name(), &model));
+  if (!call.ok()) return call.Finish();
+  grpc::ServerUnaryReactor* reactor = call.Release();  // the worker ends the call
   const bool cancel = wire.mode() == nibble::v1::UNLOAD_MODE_CANCEL;
   const double grace =
       wire.timeout_seconds() > 0 ? wire.timeout_seconds() : config_.drain_grace_seconds;

@@ -57,6 +57,13 @@ grpc::Status CheckId(const std::string& id) {
   return grpc::Status::OK;
 }
 
+// The reply of SubmitJob, GetJob and CancelJob: the job the runner returned, or its error.
+grpc::Status ReplyJob(const absl::StatusOr<JobSnapshot>& job, nibble::v1::Job& out) {
+  if (!job.ok()) return ToGrpcStatus(job.status());
+  DescribeJob(*job, &out);
+  return grpc::Status::OK;
+}
+
 // A unary call: parse, run `handle` (which fills `out` on success), reply.
 template <class Request, class Response, class Handle>
 grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* context,
@@ -210,10 +217,7 @@ grpc::ServerUnaryReactor* QuantizationService::SubmitJob(grpc::CallbackServerCon
                                                          grpc::ByteBuffer* response) {
   return Unary<nibble::v1::SubmitJobRequest, nibble::v1::Job>(
       context, request, response, [&](const auto& wire, nibble::v1::Job& out) {
-        absl::StatusOr<JobSnapshot> job = runner_.Submit(SpecFromWire(wire));
-        if (!job.ok()) return ToGrpcStatus(job.status());
-        DescribeJob(*job, &out);
-        return grpc::Status::OK;
+        return ReplyJob(runner_.Submit(SpecFromWire(wire)), out);
       });
 }
 
@@ -223,10 +227,7 @@ grpc::ServerUnaryReactor* QuantizationService::GetJob(grpc::CallbackServerContex
   return Unary<nibble::v1::GetJobRequest, nibble::v1::Job>(
       context, request, response, [&](const auto& wire, nibble::v1::Job& out) {
         if (grpc::Status s = CheckId(wire.id()); !s.ok()) return s;
-        absl::StatusOr<JobSnapshot> job = runner_.Get(wire.id());
-        if (!job.ok()) return ToGrpcStatus(job.status());
-        DescribeJob(*job, &out);
-        return grpc::Status::OK;
+        return ReplyJob(runner_.Get(wire.id()), out);
       });
 }
 
@@ -236,10 +237,7 @@ grpc::ServerUnaryReactor* QuantizationService::CancelJob(grpc::CallbackServerCon
   return Unary<nibble::v1::CancelJobRequest, nibble::v1::Job>(
       context, request, response, [&](const auto& wire, nibble::v1::Job& out) {
         if (grpc::Status s = CheckId(wire.id()); !s.ok()) return s;
-        absl::StatusOr<JobSnapshot> job = runner_.Cancel(wire.id());
-        if (!job.ok()) return ToGrpcStatus(job.status());
-        DescribeJob(*job, &out);
-        return grpc::Status::OK;
+        return ReplyJob(runner_.Cancel(wire.id()), out);
       });
 }
 

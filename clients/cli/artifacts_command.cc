@@ -10,10 +10,8 @@
 #include <memory>
 #include <string>
 
-#include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 
-#include "absl/strings/str_cat.h"
 #include "clients/cli/commands.h"
 #include "clients/cli/connection_flags.h"
 #include "nibble/v1/artifacts.grpc.pb.h"
@@ -22,8 +20,6 @@
 
 namespace nibble::cli {
 namespace {
-
-constexpr double kUnarySeconds = 30;
 
 struct ArtifactsOptions {
   ConnectionFlags connection;
@@ -34,25 +30,6 @@ struct ArtifactsOptions {
   uint32_t chunk_bytes = 0;
   double max_bytes_per_second = 0;
 };
-
-const char* CodeName(grpc::StatusCode code) {
-  static const char* const kNames[] = {
-      "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-      "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-      "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
-      "UNAUTHENTICATED"};
-  const int i = static_cast<int>(code);
-  return i >= 0 && i <= 16 ? kNames[i] : "UNKNOWN";
-}
-
-std::string Json(const google::protobuf::Message& message) {
-  google::protobuf::util::JsonPrintOptions options;
-  options.preserve_proto_field_names = true;
-  options.always_print_primitive_fields = true;
-  std::string out;
-  if (!google::protobuf::util::MessageToJsonString(message, &out, options).ok()) return "{}";
-  return out;
-}
 
 std::string Size(uint64_t bytes) {
   char text[32];
@@ -68,50 +45,13 @@ std::string Size(uint64_t bytes) {
   return text;
 }
 
-// A stub on a channel with the connection flags' security; calls get the token and deadline.
-struct Connection {
-  rpc::ClientSecurity security;
-  std::shared_ptr<grpc::Channel> channel;
-  std::unique_ptr<nibble::v1::Artifacts::Stub> stub;
-  std::string address;
-  std::optional<double> timeout;
-
-  static absl::StatusOr<Connection> Open(const ConnectionFlags& flags) {
-    Connection c;
-    auto security = flags.Security();
-    if (!security.ok()) return security.status();
-    c.security = *security;
-    auto channel = rpc::OpenChannel(flags.server, c.security);
-    if (!channel.ok()) return channel.status();
-    c.channel = *channel;
-    c.stub = nibble::v1::Artifacts::NewStub(c.channel);
-    c.address = flags.server;
-    c.timeout = flags.timeout;
-    return c;
-  }
-  void Prepare(grpc::ClientContext* context) const {
-    const double seconds = timeout.value_or(kUnarySeconds);
-    context->set_deadline(std::chrono::system_clock::now() +
-                          std::chrono::duration_cast<std::chrono::system_clock::duration>(
-                              std::chrono::duration<double>(seconds)));
-    rpc::AddCallCredentials(context, security);
-  }
-  absl::Status ToStatus(const grpc::Status& status) const {
-    if (status.ok()) return absl::OkStatus();
-    return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
-                        absl::StrCat(address, ": ", CodeName(status.error_code()), ": ",
-                                     status.error_message()));
-  }
-};
-
 int RunList(const ArtifactsOptions& options) {
-  auto connection = Connection::Open(options.connection);
+  auto connection = options.connection.Open();
   if (!connection.ok()) return ReportError("artifacts list", connection.status());
-  grpc::ClientContext context;
-  connection->Prepare(&context);
+  auto stub = nibble::v1::Artifacts::NewStub(connection->channel);
   nibble::v1::ListArtifactsResponse response;
-  absl::Status status = connection->ToStatus(
-      connection->stub->List(&context, nibble::v1::ListArtifactsRequest(), &response));
+  absl::Status status = connection->Call(*stub, &nibble::v1::Artifacts::Stub::List,
+                                         nibble::v1::ListArtifactsRequest(), &response);
   if (!status.ok()) return ReportError("artifacts list", status);
   if (options.json) {
     std::printf("%s\n", Json(response).c_str());
@@ -132,14 +72,14 @@ int RunList(const ArtifactsOptions& options) {
 }
 
 int RunStat(const ArtifactsOptions& options) {
-  auto connection = Connection::Open(options.connection);
+  auto connection = options.connection.Open();
   if (!connection.ok()) return ReportError("artifacts stat", connection.status());
-  grpc::ClientContext context;
-  connection->Prepare(&context);
+  auto stub = nibble::v1::Artifacts::NewStub(connection->channel);
   nibble::v1::StatArtifactRequest request;
   request.set_name(options.name);
   nibble::v1::ArtifactInfo info;
-  absl::Status status = connection->ToStatus(connection->stub->Stat(&context, request, &info));
+  absl::Status status =
+      connection->Call(*stub, &nibble::v1::Artifacts::Stub::Stat, request, &info);
   if (!status.ok()) return ReportError("artifacts stat", status);
   if (options.json) {
     info.clear_manifest_json();  // its content is the rest of this object
@@ -182,7 +122,7 @@ int RunStat(const ArtifactsOptions& options) {
 }
 
 int RunPull(const ArtifactsOptions& options) {
-  auto connection = Connection::Open(options.connection);
+  auto connection = options.connection.Open();
   if (!connection.ok()) return ReportError("artifacts pull", connection.status());
   const std::string out = options.out.empty() ? options.name : options.out;
   const bool terminal = !options.json && isatty(fileno(stderr));

@@ -1,8 +1,19 @@
 #include "clients/cli/connection_flags.h"
 
+#include <google/protobuf/util/json_util.h>
+
 #include "clients/cli/commands.h"
 
 namespace nibble::cli {
+
+std::string Json(const google::protobuf::Message& message) {
+  google::protobuf::util::JsonPrintOptions options;
+  options.preserve_proto_field_names = true;
+  options.always_print_primitive_fields = true;
+  std::string out;
+  if (!google::protobuf::util::MessageToJsonString(message, &out, options).ok()) return "{}";
+  return out;
+}
 
 void RegisterSecurityFlags(CLI::App& command, rpc::ClientSecurityFlags* flags) {
   command.add_flag("--tls", flags->tls,
@@ -29,6 +40,29 @@ void ConnectionFlags::Register(CLI::App& command, bool server_required) {
 
 absl::StatusOr<rpc::ClientSecurity> ConnectionFlags::Security() const {
   return rpc::ClientSecurityFromFlagsAndEnv(security);
+}
+
+absl::StatusOr<Connection> ConnectionFlags::Open() const {
+  Connection c;
+  auto security = Security();
+  if (!security.ok()) return security.status();
+  c.security = *security;
+  auto channel = rpc::OpenChannel(server, c.security);
+  if (!channel.ok()) return channel.status();
+  c.channel = *channel;
+  c.address = server;
+  c.timeout = timeout;
+  return c;
+}
+
+void Connection::Prepare(grpc::ClientContext* context, double default_seconds) const {
+  const double seconds = timeout.value_or(default_seconds);
+  if (seconds > 0) rpc::SetDeadlineAfter(context, seconds);
+  rpc::AddCallCredentials(context, security);
+}
+
+absl::Status Connection::ToStatus(const grpc::Status& status) const {
+  return rpc::FromGrpcStatus(address, status);
 }
 
 }  // namespace nibble::cli

@@ -11,7 +11,6 @@
 #include <optional>
 #include <string>
 
-#include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
@@ -22,8 +21,6 @@
 
 namespace nibble::cli {
 namespace {
-
-constexpr double kUnarySeconds = 30;
 
 struct JobsOptions {
   ConnectionFlags connection;
@@ -43,69 +40,42 @@ struct JobsOptions {
   bool delete_artifact = false;
 };
 
-const char* CodeName(grpc::StatusCode code) {
-  static const char* const kNames[] = {
-      "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-      "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-      "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
-      "UNAUTHENTICATED"};
-  const int i = static_cast<int>(code);
-  return i >= 0 && i <= 16 ? kNames[i] : "UNKNOWN";
-}
-
 // One connection to the daemon's Quantization service.
 class JobsClient {
  public:
   static absl::StatusOr<std::unique_ptr<JobsClient>> Open(const JobsOptions& options) {
-    absl::StatusOr<rpc::ClientSecurity> security = options.connection.Security();
-    if (!security.ok()) return security.status();
-    absl::StatusOr<std::shared_ptr<grpc::Channel>> channel =
-        rpc::OpenChannel(options.connection.server, *security);
-    if (!channel.ok()) return channel.status();
+    absl::StatusOr<Connection> connection = options.connection.Open();
+    if (!connection.ok()) return connection.status();
     auto client = std::unique_ptr<JobsClient>(new JobsClient());
-    client->address_ = options.connection.server;
-    client->security_ = *security;
-    client->timeout_ = options.connection.timeout;
-    client->stub_ = nibble::v1::Quantization::NewStub(*channel);
+    client->connection_ = *std::move(connection);
+    client->stub_ = nibble::v1::Quantization::NewStub(client->connection_.channel);
     return client;
   }
 
   // Sets the deadline (--timeout, else `default_seconds`; 0: none) and the token.
   void Prepare(grpc::ClientContext* context, double default_seconds) const {
-    const double seconds = timeout_.value_or(default_seconds);
-    if (seconds > 0) {
-      context->set_deadline(std::chrono::system_clock::now() +
-                            std::chrono::duration_cast<std::chrono::system_clock::duration>(
-                                std::chrono::duration<double>(seconds)));
-    }
-    rpc::AddCallCredentials(context, security_);
+    connection_.Prepare(context, default_seconds);
   }
 
   absl::Status ToStatus(const grpc::Status& status) const {
-    if (status.ok()) return absl::OkStatus();
-    return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
-                        absl::StrCat(address_, ": ", CodeName(status.error_code()), ": ",
-                                     status.error_message()));
+    return connection_.ToStatus(status);
+  }
+
+  // One unary call with the unary deadline (Connection::Call).
+  template <class Request, class Response>
+  absl::Status Call(grpc::Status (nibble::v1::Quantization::Stub::*method)(
+                        grpc::ClientContext*, const Request&, Response*),
+                    const Request& request, Response* response) const {
+    return connection_.Call(*stub_, method, request, response);
   }
 
   nibble::v1::Quantization::Stub& stub() { return *stub_; }
 
  private:
   JobsClient() = default;
-  std::string address_;
-  rpc::ClientSecurity security_;
-  std::optional<double> timeout_;
+  Connection connection_;
   std::unique_ptr<nibble::v1::Quantization::Stub> stub_;
 };
-
-std::string Json(const google::protobuf::Message& message) {
-  google::protobuf::util::JsonPrintOptions options;
-  options.preserve_proto_field_names = true;
-  options.always_print_primitive_fields = true;
-  std::string out;
-  if (!google::protobuf::util::MessageToJsonString(message, &out, options).ok()) return "{}";
-  return out;
-}
 
 const char* StateName(nibble::v1::JobState state) {
   switch (state) {
@@ -256,11 +226,10 @@ int RunSubmit(const JobsOptions& o) {
   q->set_calib_seed(o.seed);
   q->set_eval_dataset(o.eval_dataset);
   q->set_eval_windows(o.eval_windows);
-  grpc::ClientContext context;
-  (*client)->Prepare(&context, kUnarySeconds);
   nibble::v1::Job job;
-  const grpc::Status status = (*client)->stub().SubmitJob(&context, request, &job);
-  if (!status.ok()) return ReportError("jobs submit", (*client)->ToStatus(status));
+  const absl::Status status =
+      (*client)->Call(&nibble::v1::Quantization::Stub::SubmitJob, request, &job);
+  if (!status.ok()) return ReportError("jobs submit", status);
   if (o.json) {
     std::printf("%s\n", Json(job).c_str());
   } else {
@@ -280,13 +249,12 @@ int RunWatch(const JobsOptions& o) {
 int RunGet(const JobsOptions& o) {
   auto client = JobsClient::Open(o);
   if (!client.ok()) return ReportError("jobs get", client.status());
-  grpc::ClientContext context;
-  (*client)->Prepare(&context, kUnarySeconds);
   nibble::v1::GetJobRequest request;
   request.set_id(o.id);
   nibble::v1::Job job;
-  const grpc::Status status = (*client)->stub().GetJob(&context, request, &job);
-  if (!status.ok()) return ReportError("jobs get", (*client)->ToStatus(status));
+  const absl::Status status =
+      (*client)->Call(&nibble::v1::Quantization::Stub::GetJob, request, &job);
+  if (!status.ok()) return ReportError("jobs get", status);
   std::printf("%s\n", o.json ? Json(job).c_str() : Line(job).c_str());
   return 0;
 }
@@ -294,12 +262,10 @@ int RunGet(const JobsOptions& o) {
 int RunList(const JobsOptions& o) {
   auto client = JobsClient::Open(o);
   if (!client.ok()) return ReportError("jobs list", client.status());
-  grpc::ClientContext context;
-  (*client)->Prepare(&context, kUnarySeconds);
   nibble::v1::ListJobsResponse response;
-  const grpc::Status status =
-      (*client)->stub().ListJobs(&context, nibble::v1::ListJobsRequest(), &response);
-  if (!status.ok()) return ReportError("jobs list", (*client)->ToStatus(status));
+  const absl::Status status = (*client)->Call(&nibble::v1::Quantization::Stub::ListJobs,
+                                              nibble::v1::ListJobsRequest(), &response);
+  if (!status.ok()) return ReportError("jobs list", status);
   if (o.json) {
     std::printf("%s\n", Json(response).c_str());
     return 0;
@@ -319,13 +285,12 @@ int RunList(const JobsOptions& o) {
 int RunCancel(const JobsOptions& o) {
   auto client = JobsClient::Open(o);
   if (!client.ok()) return ReportError("jobs cancel", client.status());
-  grpc::ClientContext context;
-  (*client)->Prepare(&context, kUnarySeconds);
   nibble::v1::CancelJobRequest request;
   request.set_id(o.id);
   nibble::v1::Job job;
-  const grpc::Status status = (*client)->stub().CancelJob(&context, request, &job);
-  if (!status.ok()) return ReportError("jobs cancel", (*client)->ToStatus(status));
+  const absl::Status status =
+      (*client)->Call(&nibble::v1::Quantization::Stub::CancelJob, request, &job);
+  if (!status.ok()) return ReportError("jobs cancel", status);
   std::printf("%s\n", o.json ? Json(job).c_str() : Line(job).c_str());
   return 0;
 }
@@ -333,14 +298,13 @@ int RunCancel(const JobsOptions& o) {
 int RunDelete(const JobsOptions& o) {
   auto client = JobsClient::Open(o);
   if (!client.ok()) return ReportError("jobs delete", client.status());
-  grpc::ClientContext context;
-  (*client)->Prepare(&context, kUnarySeconds);
   nibble::v1::DeleteJobRequest request;
   request.set_id(o.id);
   request.set_delete_artifact(o.delete_artifact);
   nibble::v1::DeleteJobResponse response;
-  const grpc::Status status = (*client)->stub().DeleteJob(&context, request, &response);
-  if (!status.ok()) return ReportError("jobs delete", (*client)->ToStatus(status));
+  const absl::Status status =
+      (*client)->Call(&nibble::v1::Quantization::Stub::DeleteJob, request, &response);
+  if (!status.ok()) return ReportError("jobs delete", status);
   std::fprintf(stderr, "deleted job %s%s\n", o.id.c_str(),
                o.delete_artifact ? " and its artifact" : "");
   return 0;

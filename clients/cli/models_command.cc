@@ -2,15 +2,12 @@
 // the `models` command that chat_command.cc registers (`models list`). Both take the
 // connection flags (connection_flags.h) and need a token with the admin scope on a daemon
 // that checks tokens.
-#include <chrono>
 #include <cstdio>
 #include <memory>
 #include <string>
 
-#include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 
-#include "absl/strings/str_cat.h"
 #include "clients/cli/commands.h"
 #include "clients/cli/connection_flags.h"
 #include "nibble/v1/models.grpc.pb.h"
@@ -34,47 +31,17 @@ struct HotLoadOptions {
   double drain_seconds = 0;
 };
 
-const char* CodeName(grpc::StatusCode code) {
-  static const char* const kNames[] = {
-      "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-      "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-      "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
-      "UNAUTHENTICATED"};
-  const int i = static_cast<int>(code);
-  return i >= 0 && i <= 16 ? kNames[i] : "UNKNOWN";
-}
-
-std::string Json(const google::protobuf::Message& message) {
-  google::protobuf::util::JsonPrintOptions options;
-  options.preserve_proto_field_names = true;
-  options.always_print_primitive_fields = true;
-  std::string out;
-  if (!google::protobuf::util::MessageToJsonString(message, &out, options).ok()) return "{}";
-  return out;
-}
-
 // Runs one unary Models call with the connection flags' security; a load or an unload may
 // take long (a pull, a drain), so without --timeout there is no deadline.
-template <class Request, class Response, class Call>
-absl::Status Call1(const ConnectionFlags& flags, const Request& request, Response* response,
-                   Call call) {
-  auto security = flags.Security();
-  if (!security.ok()) return security.status();
-  auto channel = rpc::OpenChannel(flags.server, *security);
-  if (!channel.ok()) return channel.status();
-  auto stub = nibble::v1::Models::NewStub(*channel);
-  grpc::ClientContext context;
-  if (flags.timeout) {
-    context.set_deadline(std::chrono::system_clock::now() +
-                         std::chrono::duration_cast<std::chrono::system_clock::duration>(
-                             std::chrono::duration<double>(*flags.timeout)));
-  }
-  rpc::AddCallCredentials(&context, *security);
-  grpc::Status status = call(*stub, &context, request, response);
-  if (status.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
-                      absl::StrCat(flags.server, ": ", CodeName(status.error_code()), ": ",
-                                   status.error_message()));
+template <class Request, class Response>
+absl::Status Call1(const ConnectionFlags& flags,
+                   grpc::Status (nibble::v1::Models::Stub::*method)(grpc::ClientContext*,
+                                                                    const Request&, Response*),
+                   const Request& request, Response* response) {
+  auto connection = flags.Open();
+  if (!connection.ok()) return connection.status();
+  auto stub = nibble::v1::Models::NewStub(connection->channel);
+  return connection->Call(*stub, method, request, response, /*default_seconds=*/0);
 }
 
 int RunLoad(const HotLoadOptions& options) {
@@ -104,10 +71,8 @@ int RunLoad(const HotLoadOptions& options) {
     request.set_artifact(options.artifact);
   }
   nibble::v1::ModelInfo info;
-  absl::Status status = Call1(options.connection, request, &info,
-                              [](auto& stub, auto* context, const auto& r, auto* out) {
-                                return stub.Load(context, r, out);
-                              });
+  absl::Status status =
+      Call1(options.connection, &nibble::v1::Models::Stub::Load, request, &info);
   if (!status.ok()) return ReportError("models load", status);
   if (options.json) {
     std::printf("%s\n", Json(info).c_str());
@@ -126,10 +91,8 @@ int RunUnload(const HotLoadOptions& options) {
   request.set_mode(options.cancel ? nibble::v1::UNLOAD_MODE_CANCEL : nibble::v1::UNLOAD_MODE_DRAIN);
   request.set_timeout_seconds(options.drain_seconds);
   nibble::v1::UnloadModelResponse response;
-  absl::Status status = Call1(options.connection, request, &response,
-                              [](auto& stub, auto* context, const auto& r, auto* out) {
-                                return stub.Unload(context, r, out);
-                              });
+  absl::Status status =
+      Call1(options.connection, &nibble::v1::Models::Stub::Unload, request, &response);
   if (!status.ok()) return ReportError("models unload", status);
   if (options.json) {
     std::printf("%s\n", Json(response).c_str());

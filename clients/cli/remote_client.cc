@@ -1,25 +1,8 @@
 #include "clients/cli/remote_client.h"
 
-#include <chrono>
-
-#include "absl/strings/str_cat.h"
+#include "clients/cli/connection_flags.h"  // kUnarySeconds
 
 namespace nibble::cli {
-namespace {
-
-const char* CodeName(grpc::StatusCode code) {
-  static const char* const kNames[] = {
-      "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-      "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-      "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
-      "UNAUTHENTICATED"};
-  const int i = static_cast<int>(code);
-  return i >= 0 && i <= 16 ? kNames[i] : "UNKNOWN";
-}
-
-constexpr double kUnaryDefaultSeconds = 30;
-
-}  // namespace
 
 std::string FinishReasonName(nibble::v1::FinishReason reason) {
   switch (reason) {
@@ -45,10 +28,7 @@ RemoteClient::RemoteClient(const std::string& address, const rpc::ClientSecurity
 }
 
 absl::Status RemoteClient::ToStatus(const grpc::Status& status) const {
-  if (status.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
-                      absl::StrCat(address_, ": ", CodeName(status.error_code()), ": ",
-                                   status.error_message()));
+  return rpc::FromGrpcStatus(address_, status);
 }
 
 absl::Status RemoteClient::PrepareCall(grpc::ClientContext* context,
@@ -56,10 +36,7 @@ absl::Status RemoteClient::PrepareCall(grpc::ClientContext* context,
   if (!channel_status_.ok()) return channel_status_;
   rpc::AddCallCredentials(context, security_);
   const double seconds = timeout_seconds_.value_or(default_seconds);
-  if (seconds <= 0) return absl::OkStatus();
-  context->set_deadline(std::chrono::system_clock::now() +
-                        std::chrono::duration_cast<std::chrono::system_clock::duration>(
-                            std::chrono::duration<double>(seconds)));
+  if (seconds > 0) rpc::SetDeadlineAfter(context, seconds);
   return absl::OkStatus();
 }
 
@@ -91,7 +68,7 @@ absl::Status RemoteClient::Generate(const nibble::v1::GenerateRequest& request,
 absl::Status RemoteClient::Tokenize(const nibble::v1::TokenizeRequest& request,
                                     nibble::v1::TokenizeResponse* response) {
   grpc::ClientContext context;
-  if (absl::Status ready = PrepareCall(&context, kUnaryDefaultSeconds); !ready.ok()) {
+  if (absl::Status ready = PrepareCall(&context, kUnarySeconds); !ready.ok()) {
     return ready;
   }
   return ToStatus(inference_->Tokenize(&context, request, response));
@@ -99,7 +76,7 @@ absl::Status RemoteClient::Tokenize(const nibble::v1::TokenizeRequest& request,
 
 absl::Status RemoteClient::ListModels(nibble::v1::ListModelsResponse* response) {
   grpc::ClientContext context;
-  if (absl::Status ready = PrepareCall(&context, kUnaryDefaultSeconds); !ready.ok()) {
+  if (absl::Status ready = PrepareCall(&context, kUnarySeconds); !ready.ok()) {
     return ready;
   }
   return ToStatus(models_->List(&context, nibble::v1::ListModelsRequest(), response));
@@ -107,7 +84,7 @@ absl::Status RemoteClient::ListModels(nibble::v1::ListModelsResponse* response) 
 
 absl::Status RemoteClient::EndSession(const std::string& model, const std::string& session_id) {
   grpc::ClientContext context;
-  if (absl::Status ready = PrepareCall(&context, kUnaryDefaultSeconds); !ready.ok()) {
+  if (absl::Status ready = PrepareCall(&context, kUnarySeconds); !ready.ok()) {
     return ready;
   }
   nibble::v1::EndSessionRequest request;

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grpc  # noqa: E402
 from nibble.v1 import (artifacts_pb2, artifacts_pb2_grpc, inference_pb2,  # noqa: E402
                        inference_pb2_grpc, models_pb2, models_pb2_grpc)
-from nibbled_process import free_port, scalar_metric, track  # noqa: E402
+from nibbled_process import free_port, scalar_metric, terminate, track  # noqa: E402
 
 NIBBLED = os.environ["NIBBLED_BIN"]
 NIBBLE = os.environ["NIBBLE_BIN"]
@@ -117,13 +117,7 @@ class Daemon:
             return scalar_metric(r.read().decode(), name, labels)
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         self.log.close()
 
     def place(self, name=ARTIFACT, source=None):

@@ -33,6 +33,17 @@ def _kill_leftovers():
             process.kill()
 
 
+def terminate(process, timeout=20):
+    """Stops a daemon that still runs: SIGTERM (its drain), then SIGKILL after `timeout` s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -126,12 +137,6 @@ class Nibbled:
         return scalar_metric(self.metrics(), name, labels)
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         self.log.close()
         shutil.rmtree(self.dir, True)
