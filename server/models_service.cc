@@ -357,15 +357,17 @@ grpc::ServerUnaryReactor* ModelsService::Unload(grpc::CallbackServerContext* con
                            std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                                std::chrono::duration<double>(grace)));
     }
-    const engine::EngineStats stats = model->engine->Stats();
+    // The calls that still hold the model (ModelRef): what the shutdown below ends. (The
+    // engine's published stats lag its scheduler by up to a step: a stream whose first token
+    // the client has seen could still count as not running there.)
+    const int ended = model->active_calls();
     models_.Remove(model->spec.name);
     // Ends what still runs (UNAVAILABLE); the streams keep the model alive until they end.
     model->engine->Shutdown();
     std::fprintf(stderr, "nibbled: model \"%s\" unloaded (%s; %d requests ended)\n",
-                 model->spec.name.c_str(), cancel ? "cancel" : "drain",
-                 stats.requests_running + stats.requests_waiting);
+                 model->spec.name.c_str(), cancel ? "cancel" : "drain", ended);
     nibble::v1::UnloadModelResponse out;
-    out.set_requests_ended(stats.requests_running + stats.requests_waiting);
+    out.set_requests_ended(ended);
     SerializeResponse(out, response);
     reactor->Finish(grpc::Status::OK);
     state_.CallDone();
