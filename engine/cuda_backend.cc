@@ -11,10 +11,10 @@
 #include <vector>
 
 #include <cublas_v2.h>
-#include <dlfcn.h>
 #include <cuda_runtime_api.h>
 
 #include "absl/strings/str_cat.h"
+#include "engine/cuda_device.h"
 #include "engine/decoder_layer.h"
 #include "engine/status_macros.h"
 #include "kernels/cpu/half.h"
@@ -26,153 +26,6 @@ namespace nibble::engine {
 namespace {
 
 namespace kc = kernels::cuda;
-
-absl::Status CudaError(cudaError_t error, const std::string& what) {
-  const std::string message =
-      absl::StrCat(what, ": CUDA error ", cudaGetErrorName(error), " (", cudaGetErrorString(error), ")");
-  if (error == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(message);
-  if (error == cudaErrorInvalidValue) return absl::InvalidArgumentError(message);
-  return absl::InternalError(message);
-}
-
-#define NIBBLE_CUDA_OR_RETURN(expr, what)                            \
-  do {                                                               \
-    const cudaError_t nibble_cuda_error_ = (expr);                   \
-    if (nibble_cuda_error_ != cudaSuccess) {                         \
-      return CudaError(nibble_cuda_error_, what);                    \
-    }                                                                \
-  } while (0)
-
-// cuBLAS, loaded with dlopen when the first CUDA backend is made rather than linked: its
-// libcublasLt carries 92 KiB of static TLS, and with it in the process from the start glibc
-// refuses civetweb's small-stack worker threads (pthread_create: EINVAL), so nibbled's
-// Prometheus endpoint would not start. Loaded later, it costs only the processes that use
-// the GPU, and threads started before it keep working.
-struct CublasApi {
-  decltype(&cublasCreate) create = nullptr;
-  decltype(&cublasDestroy) destroy = nullptr;
-  decltype(&cublasSetStream) set_stream = nullptr;
-  decltype(&cublasSetWorkspace) set_workspace = nullptr;
-  // cublasGemmEx (overloaded in C++, so spelled out).
-  cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,
-                            const void*, const void*, cudaDataType, int, const void*,
-                            cudaDataType, int, const void*, void*, cudaDataType, int,
-                            cublasComputeType_t, cublasGemmAlgo_t) = nullptr;
-  decltype(&cublasGetStatusName) status_name = nullptr;
-  decltype(&cublasGetStatusString) status_string = nullptr;
-};
-
-absl::StatusOr<const CublasApi*> LoadCublas() {
-  static const absl::StatusOr<CublasApi> api = []() -> absl::StatusOr<CublasApi> {
-    const std::string library = absl::StrCat("libcublas.so.", CUBLAS_VER_MAJOR);
-    void* handle = dlopen(library.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (handle == nullptr) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("cannot load cuBLAS (", library, "): ", dlerror()));
-    }
-    CublasApi loaded;
-    absl::Status missing = absl::OkStatus();
-    auto bind = [&](auto& function, const char* name) {
-      function = reinterpret_cast<std::remove_reference_t<decltype(function)>>(dlsym(handle, name));
-      if (function == nullptr && missing.ok()) {
-        missing = absl::FailedPreconditionError(absl::StrCat(library, " has no ", name));
-      }
-    };
-    bind(loaded.create, "cublasCreate_v2");
-    bind(loaded.destroy, "cublasDestroy_v2");
-    bind(loaded.set_stream, "cublasSetStream_v2");
-    bind(loaded.set_workspace, "cublasSetWorkspace_v2");
-    bind(loaded.gemm_ex, "cublasGemmEx");
-    bind(loaded.status_name, "cublasGetStatusName");
-    bind(loaded.status_string, "cublasGetStatusString");
-    if (!missing.ok()) return missing;
-    return loaded;  // the library stays loaded for the life of the process
-  }();
-  if (!api.ok()) return api.status();
-  return &*api;
-}
-
-absl::Status CublasError(const CublasApi& api, cublasStatus_t status, const std::string& what) {
-  return absl::InternalError(absl::StrCat(what, ": cuBLAS error ", api.status_name(status),
-                                          " (", api.status_string(status), ")"));
-}
-
-// Device memory owned by one object; freed with it.
-class DeviceMemory {
- public:
-  DeviceMemory() = default;
-  DeviceMemory(DeviceMemory&& other) noexcept
-      : ptr_(std::exchange(other.ptr_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
-  DeviceMemory& operator=(DeviceMemory&& other) noexcept {
-    std::swap(ptr_, other.ptr_);
-    std::swap(bytes_, other.bytes_);
-    return *this;
-  }
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-  ~DeviceMemory() {
-    if (ptr_ != nullptr) cudaFree(ptr_);  // a failure here has no one left to tell
-  }
-
-  static absl::StatusOr<DeviceMemory> Allocate(size_t bytes, const std::string& what) {
-    DeviceMemory memory;
-    if (bytes == 0) return memory;
-    const cudaError_t error = cudaMalloc(&memory.ptr_, bytes);
-    if (error != cudaSuccess) {
-      cudaGetLastError();  // an allocation failure is not sticky: clear it for later calls
-      return CudaError(error, absl::StrCat("allocating ", bytes, " bytes of device memory for ",
-                                           what));
-    }
-    memory.bytes_ = bytes;
-    return memory;
-  }
-
-  static absl::StatusOr<DeviceMemory> Upload(const void* host, size_t bytes,
-                                             const std::string& what) {
-    NIBBLE_ASSIGN_OR_RETURN(DeviceMemory memory, Allocate(bytes, what));
-    if (bytes > 0) {
-      NIBBLE_CUDA_OR_RETURN(cudaMemcpy(memory.ptr_, host, bytes, cudaMemcpyHostToDevice),
-                            absl::StrCat("copying ", what, " to the device"));
-    }
-    return memory;
-  }
-
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(ptr_);
-  }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
-
-// Pinned host memory (for asynchronous copies), grown on demand.
-class PinnedBuffer {
- public:
-  PinnedBuffer() = default;
-  PinnedBuffer(const PinnedBuffer&) = delete;
-  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-  ~PinnedBuffer() {
-    if (ptr_ != nullptr) cudaFreeHost(ptr_);
-  }
-  absl::Status Reserve(size_t bytes) {
-    if (bytes <= bytes_) return absl::OkStatus();
-    if (ptr_ != nullptr) cudaFreeHost(ptr_);
-    ptr_ = nullptr;
-    bytes_ = 0;
-    const size_t size = std::max(bytes, bytes_ * 2);
-    NIBBLE_CUDA_OR_RETURN(cudaMallocHost(&ptr_, size), "allocating pinned host memory");
-    bytes_ = size;
-    return absl::OkStatus();
-  }
-  char* data() const { return static_cast<char*>(ptr_); }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
 
 // A device buffer that only grows (scratch activations, metadata, workspaces). Each
 // reallocation bumps *generation, so that CUDA graphs captured over the old address are
@@ -208,12 +61,6 @@ class GraphExec {
  private:
   cudaGraphExec_t exec_;
 };
-
-std::vector<uint16_t> ToHalf(const std::vector<float>& values) {
-  std::vector<uint16_t> half(values.size());
-  kernels::cpu::FloatToHalf(values.data(), values.size(), half.data());
-  return half;
-}
 
 // One linear on the device: a W4A16 weight in the kernels' layout or a dense fp16 one.
 struct DeviceLinear {

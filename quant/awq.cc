@@ -18,6 +18,7 @@
 #include "engine/model_weights.h"
 #include "engine/status_macros.h"
 #include "kernels/cpu/matmul.h"
+#include "quant/awq_searcher.h"
 #include "quant/rtn.h"
 
 namespace nibble::quant {
@@ -77,59 +78,10 @@ Tensor FakeQuantize(const Tensor& w, int64_t in, int64_t out, int64_t group) {
   return QuantizeRtn(w, in, out, group).Dequantize();
 }
 
-// The best per-channel scales for linears `ws` (each [out_i, in]) that read x[tokens, in].
-std::vector<float> SearchScales(const Tensor& x, int64_t tokens, int64_t in,
-                                const std::vector<const Tensor*>& ws, const AwqOptions& options,
-                                AwqLayerScales& report) {
-  std::vector<double> magnitude(in, 0.0);
-  for (int64_t t = 0; t < tokens; ++t) {
-    for (int64_t k = 0; k < in; ++k) magnitude[k] += std::abs(x[t * in + k]);
-  }
-  std::vector<Tensor> reference;
-  for (const Tensor* w : ws) {
-    reference.push_back(Product(x, tokens, *w, in, static_cast<int64_t>(w->size()) / in));
-  }
-  std::vector<float> best(in, 1.0f);
-  double best_loss = std::numeric_limits<double>::infinity();
-  for (int step = 0; step < options.n_grid; ++step) {
-    const double ratio = static_cast<double>(step) / options.n_grid;
-    std::vector<float> s(in);
-    double lo = std::numeric_limits<double>::infinity(), hi = 0;
-    for (int64_t k = 0; k < in; ++k) {
-      s[k] = static_cast<float>(std::max(std::pow(magnitude[k] / tokens, ratio), 1e-4));
-      lo = std::min<double>(lo, s[k]);
-      hi = std::max<double>(hi, s[k]);
-    }
-    const double norm = std::sqrt(lo * hi);
-    for (float& v : s) v = static_cast<float>(v / norm);
-    double loss = 0;
-    for (size_t i = 0; i < ws.size(); ++i) {
-      const int64_t out = static_cast<int64_t>(ws[i]->size()) / in;
-      Tensor scaled = *ws[i];
-      for (int64_t n = 0; n < out; ++n) {
-        for (int64_t k = 0; k < in; ++k) scaled[n * in + k] *= s[k];
-      }
-      Tensor q = FakeQuantize(scaled, in, out, options.group_size);
-      for (int64_t n = 0; n < out; ++n) {
-        for (int64_t k = 0; k < in; ++k) q[n * in + k] /= s[k];
-      }
-      loss += MeanSquaredDifference(Product(x, tokens, q, in, out), reference[i]);
-    }
-    if (step == 0) report.loss_rtn = loss;
-    if (loss < best_loss) {
-      best_loss = loss;
-      best = s;
-      report.ratio = ratio;
-    }
-  }
-  report.loss_awq = best_loss;
-  return best;
-}
-
 // Clamps each group of each row of w [out, in] to the symmetric range that minimizes the
 // group's contribution error on `x` (sampled tokens, already divided by the scales).
-void SearchClipping(Tensor& w, int64_t in, int64_t out, const Tensor& x, int64_t tokens,
-                    const AwqOptions& options) {
+void ClipGroups(Tensor& w, int64_t in, int64_t out, const Tensor& x, int64_t tokens,
+                const AwqOptions& options) {
   const int64_t g = options.group_size;
   const int steps = static_cast<int>(options.max_shrink * options.n_grid);
   std::vector<float> group_w, clipped;
@@ -169,7 +121,7 @@ void SearchClipping(Tensor& w, int64_t in, int64_t out, const Tensor& x, int64_t
 // Every `stride`-th token of x [tokens, in], at most `limit` of them, divided by s.
 Tensor SampleAndUnscale(const Tensor& x, int64_t tokens, int64_t in, const std::vector<float>& s,
                         int64_t limit, int64_t& sampled) {
-  const int64_t stride = std::max<int64_t>(1, tokens / std::max<int64_t>(limit, 1));
+  const int64_t stride = ClipSampleStride(tokens, limit);
   Tensor out;
   sampled = 0;
   for (int64_t t = 0; t < tokens && sampled < limit; t += stride, ++sampled) {
@@ -177,6 +129,87 @@ Tensor SampleAndUnscale(const Tensor& x, int64_t tokens, int64_t in, const std::
   }
   return out;
 }
+
+// The CPU searcher: the layer in fp32 (engine/decoder_layer.h), its linears' inputs kept
+// whole, and every candidate evaluated on every calibration token.
+class CpuAwqSearcher final : public AwqSearcher {
+ public:
+  CpuAwqSearcher(const engine::ModelConfig& config, const engine::ModelWeights& weights,
+                 const AwqOptions& options, int64_t tokens)
+      : config_(config), weights_(weights), options_(options), tokens_(tokens) {}
+
+  absl::Status Calibrate(int64_t layer, std::vector<Tensor>& states) override {
+    for (Tensor& input : inputs_) input.clear();
+    engine::LayerInputCapture capture{&inputs_[0], &inputs_[1], &inputs_[2], &inputs_[3]};
+    const int64_t hidden = config_.hidden_size;
+    for (Tensor& x : states) {
+      const int64_t n = static_cast<int64_t>(x.size()) / hidden;
+      Tensor keys(n * config_.kv_dim()), values(n * config_.kv_dim());
+      engine::RunDecoderLayer(config_, weights_.layers[layer], n, 0,
+                              engine::RopeInverseFrequenciesForLength(config_, n), keys.data(),
+                              values.data(), x.data(), &capture);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::vector<float>> SearchScales(LinearInput input, int64_t in,
+                                                  const std::vector<const Tensor*>& ws,
+                                                  AwqLayerScales& report) override {
+    const Tensor& x = Input(input);
+    std::vector<double> magnitude(in, 0.0);
+    for (int64_t t = 0; t < tokens_; ++t) {
+      for (int64_t k = 0; k < in; ++k) magnitude[k] += std::abs(x[t * in + k]);
+    }
+    std::vector<Tensor> reference;
+    for (const Tensor* w : ws) {
+      reference.push_back(Product(x, tokens_, *w, in, static_cast<int64_t>(w->size()) / in));
+    }
+    std::vector<float> best(in, 1.0f);
+    double best_loss = std::numeric_limits<double>::infinity();
+    for (int step = 0; step < options_.n_grid; ++step) {
+      const double ratio = static_cast<double>(step) / options_.n_grid;
+      const std::vector<float> s = AwqCandidateScales(magnitude, tokens_, ratio);
+      double loss = 0;
+      for (size_t i = 0; i < ws.size(); ++i) {
+        const int64_t out = static_cast<int64_t>(ws[i]->size()) / in;
+        Tensor scaled = *ws[i];
+        for (int64_t n = 0; n < out; ++n) {
+          for (int64_t k = 0; k < in; ++k) scaled[n * in + k] *= s[k];
+        }
+        Tensor q = FakeQuantize(scaled, in, out, options_.group_size);
+        for (int64_t n = 0; n < out; ++n) {
+          for (int64_t k = 0; k < in; ++k) q[n * in + k] /= s[k];
+        }
+        loss += MeanSquaredDifference(Product(x, tokens_, q, in, out), reference[i]);
+      }
+      if (step == 0) report.loss_rtn = loss;
+      if (loss < best_loss) {
+        best_loss = loss;
+        best = s;
+        report.ratio = ratio;
+      }
+    }
+    report.loss_awq = best_loss;
+    return best;
+  }
+
+  absl::Status SearchClipping(LinearInput input, Tensor& w, int64_t in, int64_t out,
+                              const std::vector<float>& s) override {
+    int64_t sampled = 0;
+    const Tensor x = SampleAndUnscale(Input(input), tokens_, in, s, options_.clip_tokens, sampled);
+    ClipGroups(w, in, out, x, sampled, options_);
+    return absl::OkStatus();
+  }
+
+ private:
+  const Tensor& Input(LinearInput input) const { return inputs_[static_cast<int>(input)]; }
+
+  const engine::ModelConfig& config_;
+  const engine::ModelWeights& weights_;
+  AwqOptions options_;
+  int64_t tokens_;
+  Tensor inputs_[4];  // by LinearInput: [tokens, in] each
+};
 
 // Checkpoint files: layer-NNN.safetensors (the tensors the layer's search changed, and its
 // scale reports as metadata), states.safetensors (the hidden states entering the next
@@ -280,13 +313,53 @@ absl::StatusOr<int64_t> LoadCheckpoint(const std::string& dir, int64_t layers, A
 
 }  // namespace
 
+std::vector<float> AwqCandidateScales(const std::vector<double>& magnitude_sum, int64_t tokens,
+                                      double ratio) {
+  const size_t in = magnitude_sum.size();
+  std::vector<float> s(in);
+  double lo = std::numeric_limits<double>::infinity(), hi = 0;
+  for (size_t k = 0; k < in; ++k) {
+    s[k] = static_cast<float>(std::max(std::pow(magnitude_sum[k] / tokens, ratio), 1e-4));
+    lo = std::min<double>(lo, s[k]);
+    hi = std::max<double>(hi, s[k]);
+  }
+  const double norm = std::sqrt(lo * hi);
+  for (float& v : s) v = static_cast<float>(v / norm);
+  return s;
+}
+
+int64_t ClipSampleStride(int64_t tokens, int64_t limit) {
+  return std::max<int64_t>(1, tokens / std::max<int64_t>(limit, 1));
+}
+
+std::unique_ptr<AwqSearcher> MakeCpuAwqSearcher(const engine::ModelConfig& config,
+                                                const engine::ModelWeights& weights,
+                                                const AwqOptions& options, int64_t tokens) {
+  return std::make_unique<CpuAwqSearcher>(config, weights, options, tokens);
+}
+
+#if !NIBBLE_HAVE_CUDA_AWQ
+absl::StatusOr<std::unique_ptr<AwqSearcher>> MakeCudaAwqSearcher(const engine::ModelConfig&,
+                                                                 const engine::ModelWeights&,
+                                                                 const AwqOptions&, int64_t,
+                                                                 int) {
+  return absl::FailedPreconditionError(
+      "quantizing on the GPU needs a nibble built with CUDA (no nvcc at configure time); use "
+      "--device cpu");
+}
+#endif
+
 absl::StatusOr<AwqResult> SearchAwq(
     const engine::TensorStore& store, const engine::ModelConfig& config,
     const std::vector<std::vector<int32_t>>& samples, const AwqOptions& options,
     const std::function<void(const AwqProgress&)>& progress) {
   if (samples.empty()) return absl::InvalidArgumentError("AWQ needs calibration samples");
-  NIBBLE_ASSIGN_OR_RETURN(engine::ModelWeights weights,
-                          engine::LoadModelWeights(store, config, engine::WeightStorage::kF32));
+  const bool on_gpu = options.cuda_device >= 0;
+  // The GPU computes in fp16 and uploads one layer at a time: the host keeps fp16 weights.
+  NIBBLE_ASSIGN_OR_RETURN(
+      engine::ModelWeights weights,
+      engine::LoadModelWeights(store, config,
+                               on_gpu ? engine::WeightStorage::kF16 : engine::WeightStorage::kF32));
   const int64_t hidden = config.hidden_size;
   const int64_t ffn = config.intermediate_size;
   const int64_t q_dim = config.q_dim();
@@ -305,6 +378,14 @@ absl::StatusOr<AwqResult> SearchAwq(
     }
     tokens += static_cast<int64_t>(sample.size());
     states.push_back(std::move(x));
+  }
+
+  std::unique_ptr<AwqSearcher> searcher;
+  if (on_gpu) {
+    NIBBLE_ASSIGN_OR_RETURN(searcher, MakeCudaAwqSearcher(config, weights, options, tokens,
+                                                          options.cuda_device));
+  } else {
+    searcher = MakeCpuAwqSearcher(config, weights, options, tokens);
   }
 
   AwqResult result;
@@ -341,16 +422,9 @@ absl::StatusOr<AwqResult> SearchAwq(
     const size_t first_scale = result.scales.size();
     NIBBLE_RETURN_IF_ERROR(stopped(l));
     report(l, "calibrate");
-    // 1. Run the original layer over every sample, keeping its linears' inputs.
-    Tensor qkv_in, o_in, ffn_in, down_in;
-    engine::LayerInputCapture capture{&qkv_in, &o_in, &ffn_in, &down_in};
-    for (Tensor& x : states) {
-      const int64_t n = static_cast<int64_t>(x.size()) / hidden;
-      Tensor keys(n * config.kv_dim()), values(n * config.kv_dim());
-      engine::RunDecoderLayer(config, weights.layers[l], n, 0,
-                              engine::RopeInverseFrequenciesForLength(config, n), keys.data(),
-                              values.data(), x.data(), &capture);
-    }
+    // 1. Run the original layer over every sample, keeping what the searches need of its
+    // linears' inputs.
+    NIBBLE_RETURN_IF_ERROR(searcher->Calibrate(l, states));
 
     // 2. Scales for each group sharing an input, folded into what precedes it.
     NIBBLE_RETURN_IF_ERROR(stopped(l));
@@ -361,7 +435,7 @@ absl::StatusOr<AwqResult> SearchAwq(
       std::string label, previous;  // previous: a norm, or a linear whose rows are divided
       bool previous_is_norm;
       std::vector<std::pair<std::string, int64_t>> linears;  // name, out features
-      const Tensor* input;
+      LinearInput input;
       int64_t in;
     };
     std::vector<Group> groups;
@@ -371,11 +445,13 @@ absl::StatusOr<AwqResult> SearchAwq(
     } else {
       qkv = {{names.qkv[0], q_dim}, {names.qkv[1], config.kv_dim()}, {names.qkv[2], config.kv_dim()}};
     }
-    groups.push_back({"qkv", names.attention_norm, true, qkv, &qkv_in, hidden});
-    if (!names.v.empty()) groups.push_back({"o", names.v, false, {{names.o, hidden}}, &o_in, q_dim});
+    groups.push_back({"qkv", names.attention_norm, true, qkv, LinearInput::kQkv, hidden});
+    if (!names.v.empty()) {
+      groups.push_back({"o", names.v, false, {{names.o, hidden}}, LinearInput::kO, q_dim});
+    }
     groups.push_back({"gate_up", names.ffn_norm, true, {{names.gate, ffn}, {names.up, ffn}},
-                      &ffn_in, hidden});
-    groups.push_back({"down", names.up, false, {{names.down, hidden}}, &down_in, ffn});
+                      LinearInput::kFfn, hidden});
+    groups.push_back({"down", names.up, false, {{names.down, hidden}}, LinearInput::kDown, ffn});
 
     std::map<std::string, std::vector<float>> input_scales;  // linear name -> its s
     for (const Group& group : groups) {
@@ -390,8 +466,8 @@ absl::StatusOr<AwqResult> SearchAwq(
         ws.push_back(w);
       }
       AwqLayerScales report{absl::StrCat("model.layers.", l, " ", group.label)};
-      const std::vector<float> s =
-          SearchScales(*group.input, tokens, group.in, ws, options, report);
+      NIBBLE_ASSIGN_OR_RETURN(const std::vector<float> s,
+                              searcher->SearchScales(group.input, group.in, ws, report));
       result.scales.push_back(report);
       for (const auto& [name, out] : group.linears) {
         Tensor& w = result.tensors.at(name);
@@ -421,21 +497,21 @@ absl::StatusOr<AwqResult> SearchAwq(
     // 3. Clipping, on the inputs as the scaled weights see them (x / s); not q, k, wqkv.
     NIBBLE_RETURN_IF_ERROR(stopped(l));
     report(l, "search clipping");
-    std::vector<std::tuple<std::string, int64_t, const Tensor*, int64_t>> clip = {
-        {names.o, hidden, &o_in, q_dim},
-        {names.gate, ffn, &ffn_in, hidden},
-        {names.up, ffn, &ffn_in, hidden},
-        {names.down, hidden, &down_in, ffn}};
-    if (names.clip_qkv_last) clip.push_back({names.qkv[2], config.kv_dim(), &qkv_in, hidden});
+    std::vector<std::tuple<std::string, int64_t, LinearInput, int64_t>> clip = {
+        {names.o, hidden, LinearInput::kO, q_dim},
+        {names.gate, ffn, LinearInput::kFfn, hidden},
+        {names.up, ffn, LinearInput::kFfn, hidden},
+        {names.down, hidden, LinearInput::kDown, ffn}};
+    if (names.clip_qkv_last) {
+      clip.push_back({names.qkv[2], config.kv_dim(), LinearInput::kQkv, hidden});
+    }
     for (const auto& [name, out, input, in] : clip) {
       if (out % 8 != 0) continue;  // stays fp16: clipping would only lose precision
       NIBBLE_RETURN_IF_ERROR(stopped(l));
       NIBBLE_ASSIGN_OR_RETURN(Tensor* w, tensor(name, {out, in}));
       auto it = input_scales.find(name);
       const std::vector<float> s = it != input_scales.end() ? it->second : std::vector<float>(in, 1.0f);
-      int64_t sampled = 0;
-      const Tensor x = SampleAndUnscale(*input, tokens, in, s, options.clip_tokens, sampled);
-      SearchClipping(*w, in, out, x, sampled, options);
+      NIBBLE_RETURN_IF_ERROR(searcher->SearchClipping(input, *w, in, out, s));
     }
     if (!options.checkpoint_dir.empty()) {
       NIBBLE_RETURN_IF_ERROR(SaveCheckpoint(options.checkpoint_dir, l, result, first_scale, states));
@@ -443,6 +519,7 @@ absl::StatusOr<AwqResult> SearchAwq(
     layers_done = l + 1;
     report(l, "layer done");
   }
+  result.peak_device_bytes = searcher->PeakDeviceBytes();
   return result;
 }
 

@@ -1,5 +1,6 @@
-// Activation-aware weight quantization (AWQ, Lin et al. 2024) on the CPU: layer by layer, on
-// calibration activations that flow through the fp32 model, search per-input-channel scales
+// Activation-aware weight quantization (AWQ, Lin et al. 2024), on the CPU or a GPU
+// (awq_searcher.h): layer by layer, on calibration activations that flow through the
+// original model (fp32 on the CPU, fp16 on a GPU), search per-input-channel scales
 // for each group of linears sharing an input (q/k/v after the attention norm, gate/up after
 // the FFN norm, down after up, o after v where the shapes allow), fold them into the
 // preceding norm or linear, then search per-group weight clipping (not for q/k or a fused
@@ -37,6 +38,9 @@ struct AwqOptions {
   // stay: a later run with the same checkpoint_dir resumes after them. Called on the
   // searching thread; must be cheap and thread-safe against whoever sets it.
   std::function<bool()> stop_requested;
+  // -1: the search runs on the CPU in fp32 (the reference). N >= 0: on CUDA device N, in fp16
+  // with fp32 statistics (awq_cuda.cc), one layer on the device at a time.
+  int cuda_device = -1;
 };
 
 // Where the search is, reported at each step: `step` is "calibrate" (the original layer runs
@@ -60,6 +64,9 @@ struct AwqLayerScales {
 struct AwqResult {
   std::map<std::string, std::vector<float>> tensors;  // modified tensors, fp32, by name
   std::vector<AwqLayerScales> scales;
+  // On a GPU: the most device memory in use during the search (all of the card's users and
+  // the CUDA context included, as cudaMemGetInfo reports it).
+  int64_t peak_device_bytes = 0;
 };
 
 // `samples` are token windows (see calibration.h). `progress` on the searching thread.

@@ -65,12 +65,15 @@ std::string JobKey(const std::string& model_dir, const QuantizeOptions& options)
   }
   std::error_code ec;
   const fs::path source = fs::weakly_canonical(model_dir, ec);
-  return nlohmann::json({{"source", source.string()},
-                         {"method", options.method == QuantMethod::kAwq ? "awq" : "rtn"},
-                         {"w_bits", options.w_bits},
-                         {"group_size", options.group_size},
-                         {"calibration_sha256", engine::Sha256OfString(calibration)}})
-             .dump(2);
+  nlohmann::json key = {{"source", source.string()},
+                        {"method", options.method == QuantMethod::kAwq ? "awq" : "rtn"},
+                        {"w_bits", options.w_bits},
+                        {"group_size", options.group_size},
+                        {"calibration_sha256", engine::Sha256OfString(calibration)}};
+  // The GPU's search computes in fp16: its checkpoint is not the CPU's to resume, nor the
+  // reverse. The device number is left out: another GPU of the same kind may resume it.
+  if (options.method == QuantMethod::kAwq && options.cuda_device >= 0) key["search"] = "cuda";
+  return key.dump(2);
 }
 
 // The work directory holds the artifact as it is written and, while the job runs, its
@@ -189,6 +192,7 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(const std::string& model_d
     awq_options.group_size = options.group_size;
     awq_options.checkpoint_dir = job_dir;
     awq_options.stop_requested = control.stop_requested;
+    awq_options.cuda_device = options.cuda_device;
     auto layer_progress = [&](const AwqProgress& awq) {
       where.phase = awq.step == "calibrate" ? "calibrate" : "search";
       where.layer = awq.layer;
@@ -201,6 +205,7 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(const std::string& model_d
                                                      awq_options, layer_progress));
     searched = std::move(awq.tensors);
     report.awq_scales = std::move(awq.scales);
+    report.peak_device_bytes = awq.peak_device_bytes;
     end_phase("search");
   }
   engine::SafetensorsWriter writer;
@@ -289,7 +294,11 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(const std::string& model_d
     where.step = "perplexity";
     report_progress();
     auto perplexity = [&](const std::string& dir) -> absl::StatusOr<double> {
-      NIBBLE_ASSIGN_OR_RETURN(auto model, engine::Model::Load(dir, {}));
+      engine::ModelLoadOptions load;
+      if (options.cuda_device >= 0) {
+        load.device = {engine::Device::Kind::kCuda, options.cuda_device};
+      }
+      NIBBLE_ASSIGN_OR_RETURN(auto model, engine::Model::Load(dir, load));
       NIBBLE_ASSIGN_OR_RETURN(engine::PerplexityResult result,
                               engine::ComputePerplexity(model->backend(), options.evaluation_ids,
                                                         options.evaluation_window));
@@ -345,6 +354,8 @@ absl::StatusOr<PreparedQuantization> PrepareQuantization(const std::string& mode
   q.method = settings.method;
   q.w_bits = settings.w_bits;
   q.group_size = settings.group_size;
+  NIBBLE_ASSIGN_OR_RETURN(const engine::Device device, engine::ParseDevice(settings.device));
+  q.cuda_device = device.kind == engine::Device::Kind::kCuda ? device.index : -1;
   if (q.method == QuantMethod::kAwq) {
     NIBBLE_ASSIGN_OR_RETURN(std::string file,
                             ResolveCalibrationFile(settings.calib_dataset, datasets_dir));

@@ -29,6 +29,8 @@ struct QuantizeOptions {
   // perplexity before and after, under `nibble perplexity`'s protocol with this window.
   std::vector<int32_t> evaluation_ids;
   int64_t evaluation_window = 0;
+  // -1: the CPU. N >= 0: the AWQ search and the evaluation run on CUDA device N (awq.h).
+  int cuda_device = -1;
 };
 
 struct LayerQuantizationError {
@@ -41,6 +43,7 @@ struct QuantizeReport {
   std::vector<std::string> not_converted;      // linears kept fp16, with the reason
   std::vector<AwqLayerScales> awq_scales;      // kAwq: the chosen scales' ratios and losses
   std::map<std::string, double> phase_seconds;  // "search", "quantize", "evaluate"
+  int64_t peak_device_bytes = 0;  // on a GPU: the AWQ search's peak (AwqResult)
   std::optional<double> perplexity_before;      // with evaluation_ids
   std::optional<double> perplexity_after;
   double seconds = 0;
@@ -103,6 +106,7 @@ struct QuantizeSettings {
   // sample.txt) where its file exists; "none": no evaluation; else a name or a file.
   std::string eval_dataset;
   int64_t eval_windows = 32;  // evaluation windows of calibration.seqlen tokens, at most
+  std::string device = "cpu";  // cpu, cuda or cuda:N (engine::ParseDevice)
 };
 
 struct PreparedQuantization {

@@ -248,11 +248,9 @@ absl::Status ParseQuantizer(const YAML::Node& node, const std::string& base_dir,
   if (node["device"]) {
     NIBBLE_ASSIGN_OR_RETURN(quantizer.device,
                             GetString(node["device"], "quantizer.device", error));
-    if (quantizer.device != "cpu") {
-      return error("quantizer.device",
-                   absl::StrCat("\"", quantizer.device,
-                                "\" is not available: this build quantizes on \"cpu\" only "
-                                "(the CUDA backend is not built into jobs yet)"));
+    if (absl::StatusOr<engine::Device> device = engine::ParseDevice(quantizer.device);
+        !device.ok()) {
+      return error("quantizer.device", std::string(device.status().message()));
     }
   }
   if (node["datasets_dir"]) {

@@ -36,7 +36,9 @@ struct QuantizerConfig {
   std::vector<std::string> model_roots;
   int max_concurrent_jobs = 1;  // jobs running at once (worker threads)
   int max_queued_jobs = 16;     // jobs waiting (>= 1); more are refused: RESOURCE_EXHAUSTED
-  std::string device = "cpu";   // where jobs run; only "cpu" in this build
+  // Where a job's AWQ search and evaluation run: cpu, cuda or cuda:N (the GPU computes in
+  // fp16 and holds one decoder layer at a time; a build without CUDA fails such jobs).
+  std::string device = "cpu";
   // Where the named calibration sets live (ptb/, wikitext-2/, tinystories/); empty: as
   // `nibble quantize` (quant::DefaultDatasetsDir()).
   std::string datasets_dir;

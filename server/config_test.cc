@@ -178,7 +178,7 @@ quantizer:
   model_roots: [/srv/models, hf]
   max_concurrent_jobs: 2
   max_queued_jobs: 3
-  device: cpu
+  device: cuda:1
   datasets_dir: data
 )");
   ASSERT_TRUE(config.ok()) << config.status();
@@ -189,7 +189,7 @@ quantizer:
             (std::vector<std::string>{"/srv/models", "/etc/nibble/hf"}));
   EXPECT_EQ(config->quantizer.max_concurrent_jobs, 2);
   EXPECT_EQ(config->quantizer.max_queued_jobs, 3);
-  EXPECT_EQ(config->quantizer.device, "cpu");
+  EXPECT_EQ(config->quantizer.device, "cuda:1");
   EXPECT_EQ(config->quantizer.datasets_dir, "/etc/nibble/data");
 }
 
@@ -214,7 +214,7 @@ TEST(ServerConfig, BadQuantizerKeysAreNamed) {
   ExpectError(m + "roles: [chef]\n", "roles[0]", "not a role");
   ExpectError(m + "roles: []\n", "roles", "non-empty list");
   ExpectError(m + "state_dir: ''\n", "state_dir", "empty");
-  ExpectError(m + "quantizer:\n  device: cuda\n", "quantizer.device", "cpu");
+  ExpectError(m + "quantizer:\n  device: gpu0\n", "quantizer.device", "cuda:N");
   ExpectError(m + "quantizer:\n  max_concurrent_jobs: 0\n", "quantizer.max_concurrent_jobs",
               "must be in");
   ExpectError(m + "quantizer:\n  max_queued_jobs: 0\n", "quantizer.max_queued_jobs",

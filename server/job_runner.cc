@@ -455,6 +455,7 @@ absl::Status JobRunner::RunJob(Job& job) {
     settings.calibration.seed = spec.calib_seed;
     settings.eval_dataset = spec.eval_dataset;
     settings.eval_windows = spec.eval_windows;
+    settings.device = config_.device;
     absl::StatusOr<quant::PreparedQuantization> prepared =
         quant::PrepareQuantization(spec.resolved_source, settings);
     if (!prepared.ok()) return prepared.status();

@@ -62,6 +62,12 @@ int RunQuantize(QuantizeCommandOptions options) {
                "%.2f s\n", options.work_dir.c_str(), report->layers.size(),
                static_cast<long long>(options.settings.group_size), options.method.c_str(), worst,
                report->seconds);
+  if (report->peak_device_bytes > 0) {
+    std::fprintf(stderr, "search: %.1f s, peak device memory %.2f GiB (cudaMemGetInfo, the CUDA "
+                 "context included)\n", report->phase_seconds.count("search") ?
+                 report->phase_seconds.at("search") : 0.0,
+                 static_cast<double>(report->peak_device_bytes) / (1 << 30));
+  }
   if (report->perplexity_before && report->perplexity_after) {
     std::fprintf(stderr, "perplexity before %.4f, after %.4f\n", *report->perplexity_before,
                  *report->perplexity_after);
@@ -103,6 +109,9 @@ CommandRunner RegisterQuantize(CLI::App& app) {
                   "~/.local/share/nibble/datasets)");
   cmd->add_option("--w-bits", options->settings.w_bits, "weight bits (4)");
   cmd->add_option("--w-group-size", options->settings.group_size, "input features per scale and zero");
+  cmd->add_option("--device", options->settings.device,
+                  "where the AWQ search and the evaluation run: cpu, cuda or cuda:N (the GPU "
+                  "computes in fp16 and holds one layer at a time)");
   return [options]() { return RunQuantize(*options); };
 }
 

@@ -375,6 +375,13 @@ __global__ void HalfToFloatKernel(const __half* __restrict__ in, int64_t n, floa
   }
 }
 
+__global__ void FloatToHalfKernel(const float* __restrict__ in, int64_t n, __half* out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = __float2half_rn(in[i]);
+  }
+}
+
 }  // namespace
 
 cudaError_t AddBias(uint16_t* y, int64_t y_stride, const float* bias, int64_t rows, int64_t cols,
@@ -410,6 +417,16 @@ cudaError_t HalfToFloat(const uint16_t* in, int64_t n, float* out, cudaStream_t 
   const int threads = 256;
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>((n + threads - 1) / threads, 4096));
   HalfToFloatKernel<<<grid, threads, 0, stream>>>(reinterpret_cast<const __half*>(in), n, out);
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return cudaSuccess;
+}
+
+cudaError_t FloatToHalf(const float* in, int64_t n, uint16_t* out, cudaStream_t stream) {
+  if (n < 0) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  const int threads = 256;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((n + threads - 1) / threads, 4096));
+  FloatToHalfKernel<<<grid, threads, 0, stream>>>(in, n, reinterpret_cast<__half*>(out));
   NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return cudaSuccess;
 }

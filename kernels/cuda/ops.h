@@ -77,4 +77,8 @@ cudaError_t ArgMaxRows(const float* x, int64_t rows, int64_t cols, int64_t strid
 // out[i] = in[i] as fp32, i < n (logits leave the device in fp32).
 cudaError_t HalfToFloat(const uint16_t* in, int64_t n, float* out, cudaStream_t stream);
 
+// out[i] = in[i] rounded to the nearest fp16, i < n (activations kept in fp32 on the host
+// entering the device, as the GPU quantizer's calibration states).
+cudaError_t FloatToHalf(const float* in, int64_t n, uint16_t* out, cudaStream_t stream);
+
 }  // namespace nibble::kernels::cuda

@@ -83,7 +83,7 @@ full_build() {
   local archs="${1:-90}" build="${BUILD_DIR:-build-gpu-full}" p="${NIBBLE_DEPS_PREFIX:-/opt/nibble-deps}"
   local debs=.gpu-deps data="${NIBBLE_SHARED_DIR:-$PWD/.gpu-shared}"
   local logs="${OUT:-$build/logs}" t0=$SECONDS build_status=failed ctest_status="not run"
-  local pc_flag=() python engine_status="not run"
+  local pc_flag=() python engine_status="not run" awq_status="not run"
   mkdir -p "$logs"
   if ! compgen -G "$debs/*.deb" > /dev/null; then
     echo "run.sh --full: no .debs in $debs: run tests/gpu/fetch-deps.sh on the dev machine and carry .gpu-deps" >&2
@@ -148,6 +148,15 @@ full_build() {
         > "$logs/engine_test.log" 2>&1 || rc=$?
       engine_status="exit $rc"
     fi
+    # The AWQ search on the GPU against the CPU's, over the same fixtures.
+    if [[ -x "$build/bin/gpu_awq_test" ]]; then
+      rc=0
+      NIBBLE_TEST_MODELS="$build/test-models" NIBBLE_SHARED_DIR="$data" \
+        NIBBLE_GOLDEN_DIR="$PWD/tests/golden" \
+        timeout "${NIBBLE_AWQ_TEST_TIMEOUT:-240}" "$build/bin/gpu_awq_test" \
+        > "$logs/awq_test.log" 2>&1 || rc=$?
+      awq_status="exit $rc"
+    fi
     # NIBBLE_ENGINE_BENCH="ARGS": end-to-end decode on a synthetic model (tests/gpu/engine_bench.cc).
     if [[ -n "${NIBBLE_ENGINE_BENCH:-}" && -x "$build/bin/gpu_engine_bench" ]]; then
       # shellcheck disable=SC2086
@@ -168,6 +177,10 @@ full_build() {
   if [[ -f "$logs/engine_test.log" ]]; then
     echo "gpu_engine_test: $engine_status (log engine_test.log)"
     grep -E '^\[  (PASSED|FAILED) |^\[  FAILED|top-1|perplexity|relative|Failure|Expected|Which is|error' "$logs/engine_test.log" | head -60
+  fi
+  if [[ -f "$logs/awq_test.log" ]]; then
+    echo "gpu_awq_test: $awq_status (log awq_test.log)"
+    grep -E '^\[  (PASSED|FAILED) |^\[  FAILED|^\[       OK|perplexity|same ratio|search cpu|groups differ|Failure|Expected|Which is|error' "$logs/awq_test.log" | head -60
   fi
   if [[ -f "$logs/engine_bench.log" ]]; then
     echo "gpu_engine_bench (log engine_bench.log):"
