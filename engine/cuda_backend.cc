@@ -27,28 +27,6 @@ namespace {
 
 namespace kc = kernels::cuda;
 
-// A device buffer that only grows (scratch activations, metadata, workspaces). Each
-// reallocation bumps *generation, so that CUDA graphs captured over the old address are
-// known to be stale.
-class GrowingDeviceBuffer {
- public:
-  absl::Status Reserve(size_t bytes, const std::string& what, uint64_t* generation) {
-    const size_t held = memory_.bytes();
-    if (bytes <= held) return absl::OkStatus();
-    memory_ = DeviceMemory();  // freed first: the new buffer may need the room
-    ++*generation;
-    NIBBLE_ASSIGN_OR_RETURN(memory_, DeviceMemory::Allocate(std::max(bytes, held * 2), what));
-    return absl::OkStatus();
-  }
-  template <typename T>
-  T* as() const {
-    return memory_.as<T>();
-  }
-
- private:
-  DeviceMemory memory_;
-};
-
 // An instantiated CUDA graph, destroyed with its owner.
 class GraphExec {
  public:

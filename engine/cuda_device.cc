@@ -99,6 +99,16 @@ absl::StatusOr<DeviceMemory> DeviceMemory::Upload(const void* host, size_t bytes
   return memory;
 }
 
+absl::Status GrowingDeviceBuffer::Reserve(size_t bytes, const std::string& what,
+                                          uint64_t* generation) {
+  const size_t held = memory_.bytes();
+  if (bytes <= held) return absl::OkStatus();
+  memory_ = DeviceMemory();  // freed first: the new buffer may need the room
+  if (generation != nullptr) ++*generation;
+  NIBBLE_ASSIGN_OR_RETURN(memory_, DeviceMemory::Allocate(std::max(bytes, held * 2), what));
+  return absl::OkStatus();
+}
+
 absl::Status PinnedBuffer::Reserve(size_t bytes) {
   if (bytes <= bytes_) return absl::OkStatus();
   if (ptr_ != nullptr) cudaFreeHost(ptr_);

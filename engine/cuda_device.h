@@ -136,6 +136,21 @@ class DeviceMemory {
   size_t bytes_ = 0;
 };
 
+// A device buffer that only grows (scratch activations, metadata, workspaces), at least
+// doubling. Each reallocation bumps *generation when given, so that CUDA graphs captured over
+// the old address are known to be stale.
+class GrowingDeviceBuffer {
+ public:
+  absl::Status Reserve(size_t bytes, const std::string& what, uint64_t* generation = nullptr);
+  template <typename T>
+  T* as() const {
+    return memory_.as<T>();
+  }
+
+ private:
+  DeviceMemory memory_;
+};
+
 // Pinned host memory (for asynchronous copies), grown on demand.
 class PinnedBuffer {
  public:

@@ -38,6 +38,7 @@ namespace kc = kernels::cuda;
 using engine::CublasHandle;
 using engine::CudaStream;
 using engine::DeviceMemory;
+using engine::GrowingDeviceBuffer;
 using engine::PinnedBuffer;
 using engine::ToHalf;
 
@@ -45,24 +46,6 @@ using engine::ToHalf;
 // few enough that a 7B layer's activations stay near 1 GB.
 constexpr int64_t kPassTokens = 8192;
 constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
-
-// A device buffer that only grows.
-class Scratch {
- public:
-  absl::Status Reserve(size_t bytes, const char* what) {
-    if (bytes <= memory_.bytes()) return absl::OkStatus();
-    memory_ = DeviceMemory();
-    NIBBLE_ASSIGN_OR_RETURN(memory_, DeviceMemory::Allocate(bytes, what));
-    return absl::OkStatus();
-  }
-  template <typename T>
-  T* as() const {
-    return memory_.as<T>();
-  }
-
- private:
-  DeviceMemory memory_;
-};
 
 // The statistics of one linear input over a layer's calibration.
 struct InputStatistics {
@@ -587,7 +570,7 @@ class CudaAwqSearcher final : public AwqSearcher {
   std::array<InputStatistics, 4> inputs_;  // by LinearInput
   DeviceMemory partials_;
   PinnedBuffer host_meta_;
-  Scratch meta_, staging_, x_, normed_, qkv_, q_, attention_, projected_, gate_up_, act_, kv_,
+  GrowingDeviceBuffer meta_, staging_, x_, normed_, qkv_, q_, attention_, projected_, gate_up_, act_, kv_,
       gathered_, weight_, error_, product_, gram_blocks_;
 };
 
