@@ -339,13 +339,16 @@ std::unique_ptr<AwqSearcher> MakeCpuAwqSearcher(const engine::ModelConfig& confi
 }
 
 #if !NIBBLE_HAVE_CUDA_AWQ
-absl::StatusOr<std::unique_ptr<AwqSearcher>> MakeCudaAwqSearcher(const engine::ModelConfig&,
-                                                                 const engine::ModelWeights&,
-                                                                 const AwqOptions&, int64_t,
-                                                                 int) {
+absl::Status CheckCudaAwqSearch(const engine::ModelConfig&, const AwqOptions&, int) {
   return absl::FailedPreconditionError(
       "quantizing on the GPU needs a nibble built with CUDA (no nvcc at configure time); use "
       "--device cpu");
+}
+
+absl::StatusOr<std::unique_ptr<AwqSearcher>> MakeCudaAwqSearcher(
+    const engine::ModelConfig& config, const engine::ModelWeights&, const AwqOptions& options,
+    int64_t, int device) {
+  return CheckCudaAwqSearch(config, options, device);
 }
 #endif
 

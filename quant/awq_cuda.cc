@@ -65,22 +65,7 @@ class CudaAwqSearcher final : public AwqSearcher {
   ~CudaAwqSearcher() override { cudaSetDevice(device_); }
 
   absl::Status Init() {
-    int devices = 0;
-    NIBBLE_CUDA_OR_RETURN(cudaGetDeviceCount(&devices), "counting CUDA devices");
-    if (device_ < 0 || device_ >= devices) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("CUDA device ", device_, " does not exist (", devices, " visible)"));
-    }
-    if (options_.group_size > kc::kMaxAwqGroup) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "the GPU AWQ search takes group sizes up to ", kc::kMaxAwqGroup, ", not ",
-          options_.group_size, " (use --device cpu)"));
-    }
-    if (config_.head_dim != 8 && config_.head_dim != 64 && config_.head_dim != 128) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "the GPU AWQ search's attention supports head_dim 8, 64 and 128, not ",
-          config_.head_dim, " (use --device cpu)"));
-    }
+    NIBBLE_RETURN_IF_ERROR(CheckCudaAwqSearch(config_, options_, device_));
     NIBBLE_RETURN_IF_ERROR(SelectDevice());
     NIBBLE_RETURN_IF_ERROR(stream_.Init());
     NIBBLE_ASSIGN_OR_RETURN(cublas_workspace_,
@@ -575,6 +560,27 @@ class CudaAwqSearcher final : public AwqSearcher {
 };
 
 }  // namespace
+
+absl::Status CheckCudaAwqSearch(const engine::ModelConfig& config, const AwqOptions& options,
+                                int device) {
+  int devices = 0;
+  NIBBLE_CUDA_OR_RETURN(cudaGetDeviceCount(&devices), "counting CUDA devices");
+  if (device < 0 || device >= devices) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CUDA device ", device, " does not exist (", devices, " visible)"));
+  }
+  if (options.group_size > kc::kMaxAwqGroup) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the GPU AWQ search takes group sizes up to ", kc::kMaxAwqGroup, ", not ",
+                     options.group_size, " (use --device cpu)"));
+  }
+  if (config.head_dim != 8 && config.head_dim != 64 && config.head_dim != 128) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the GPU AWQ search's attention supports head_dim 8, 64 and 128, not ",
+                     config.head_dim, " (use --device cpu)"));
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::unique_ptr<AwqSearcher>> MakeCudaAwqSearcher(
     const engine::ModelConfig& config, const engine::ModelWeights& weights,

@@ -59,6 +59,12 @@ std::unique_ptr<AwqSearcher> MakeCpuAwqSearcher(const engine::ModelConfig& confi
                                                 const engine::ModelWeights& weights,
                                                 const AwqOptions& options, int64_t tokens);
 
+// Whether the GPU searcher can take this job on CUDA device `device`, before any work: the
+// errors MakeCudaAwqSearcher would give for the build, the device, the group size or the
+// model's shapes.
+absl::Status CheckCudaAwqSearch(const engine::ModelConfig& config, const AwqOptions& options,
+                                int device);
+
 // The GPU searcher on CUDA device `device` over `weights` (any storage; each layer is
 // uploaded as fp16 when it is calibrated, so the device holds one layer at a time).
 // FailedPrecondition in a build without CUDA; InvalidArgument for a group size above

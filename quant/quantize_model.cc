@@ -20,6 +20,7 @@
 #include "engine/tensor_store.h"
 #include "engine/tokenizer.h"
 #include "kernels/cpu/half.h"
+#include "quant/awq_searcher.h"
 #include "quant/manifest.h"
 #include "quant/rtn.h"
 
@@ -163,6 +164,14 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(const std::string& model_d
     return absl::InvalidArgumentError(absl::StrCat(config_path, ": the model is already AWQ"));
   }
   NIBBLE_ASSIGN_OR_RETURN(auto store, engine::TensorStore::Open(model_dir));
+  AwqOptions awq_options;
+  awq_options.group_size = options.group_size;
+  awq_options.stop_requested = control.stop_requested;
+  awq_options.cuda_device = options.cuda_device;
+  if (options.method == QuantMethod::kAwq && options.cuda_device >= 0) {
+    // Before the work directory: a job the GPU cannot take leaves nothing behind.
+    NIBBLE_RETURN_IF_ERROR(CheckCudaAwqSearch(config, awq_options, options.cuda_device));
+  }
   NIBBLE_ASSIGN_OR_RETURN(const std::string job_dir,
                           PrepareWorkDirectory(model_dir, out_dir, options));
 
@@ -188,11 +197,7 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(const std::string& model_d
   // AWQ rewrites norms and linears (folded scales, clipping) before the same RTN packing.
   std::map<std::string, std::vector<float>> searched;
   if (options.method == QuantMethod::kAwq) {
-    AwqOptions awq_options;
-    awq_options.group_size = options.group_size;
     awq_options.checkpoint_dir = job_dir;
-    awq_options.stop_requested = control.stop_requested;
-    awq_options.cuda_device = options.cuda_device;
     auto layer_progress = [&](const AwqProgress& awq) {
       where.phase = awq.step == "calibrate" ? "calibrate" : "search";
       where.layer = awq.layer;

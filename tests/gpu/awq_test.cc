@@ -323,6 +323,7 @@ TEST(GpuAwqErrors, GroupsAboveTheKernelsLimitAreRefused) {
   ASSERT_TRUE(prepared.ok()) << prepared.status();
   const fs::path out = fs::temp_directory_path() / ("nibble-gpu-awq-g256-" + std::to_string(::getpid()));
   auto report = quant::QuantizeModelDirectory(source, out.string(), prepared->options);
+  EXPECT_FALSE(fs::exists(out)) << "a refused job left its work directory";
   fs::remove_all(out);
   ASSERT_FALSE(report.ok());
   EXPECT_EQ(report.status().code(), absl::StatusCode::kInvalidArgument);
