@@ -8,6 +8,7 @@ namespace nibble::engine {
 std::vector<float> Int4Weight::Dequantize() const {
   std::vector<float> w(static_cast<size_t>(in_features * out_features));
   const int64_t g = groups();
+#pragma omp parallel for schedule(static)  // rows are independent: the same bits on any count
   for (int64_t n = 0; n < out_features; ++n) {
     for (int64_t k = 0; k < in_features; ++k) {
       const int64_t group = n * g + k / group_size;
