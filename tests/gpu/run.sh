@@ -9,6 +9,8 @@
 # Order: build; W4A16 tests; ops_test and attention_test (kernels/cuda/ops.h, attention.h);
 # W4A16 benchmark; decode attention benchmark (its table); the W4A16 summary table last.
 #
+#   tests/gpu/run.sh --deps   only the prefix below (for binaries built elsewhere, carried)
+#
 #   tests/gpu/run.sh --full [CUDA_ARCHS]   the whole project (engine, daemon, CLI, tests) with
 #     the CUDA backend, on a host that lacks its libraries and the network: first, on the dev
 #     machine, tests/gpu/fetch-deps.sh fills .gpu-deps/ (Debian 12 .debs) and .gpu-shared/
@@ -189,6 +191,12 @@ full_build() {
   [[ "$build_status" == ok && "$ctest_status" == "done (exit 0"* ]]
 }
 
+# --deps: only unpack .gpu-deps into the prefix and write its env.sh (for binaries built
+# elsewhere for this host and carried here).
+if [[ "${1:-}" == --deps ]]; then
+  full_unpack "${NIBBLE_DEPS_PREFIX:-/opt/nibble-deps}" .gpu-deps
+  exit
+fi
 if [[ "${1:-}" == --full ]]; then
   shift
   full_build "$@"
