@@ -583,9 +583,11 @@ class CudaBackend final : public Backend {
   // on tensor cores, where the weight's read no longer dominates.
   absl::Status RunLinear(const DeviceLinear& linear, const uint16_t* x, int64_t m, uint16_t* y) {
     if (linear.int4 && m < kDequantizeRows) {
+      // The dequantize scratch (idle on this path) is the kernels' split-k workspace.
       NIBBLE_CUDA_OR_RETURN(kc::MatMulW4A16(linear.layout, x, linear.qw.as<uint32_t>(),
                                             linear.zs.as<uint32_t>(), linear.bias.as<float>(), y,
-                                            m, stream_),
+                                            m, stream_, kc::W4A16Kernel::kAuto,
+                                            dequantized_.as<void>(), dequantized_.bytes()),
                             "the W4A16 matrix multiply");
       return absl::OkStatus();
     }
