@@ -1,9 +1,10 @@
 // W4A16 kernels; the layout they read is drawn in w4a16_layout.h.
 //
-// The decode kernel (W4A16DecodeKernel, m <= 64, described at its definition) and the first
-// version's mma kernel, whose instantiations are tiled64 and, for one more benchmark round, the
-// v0 decode kernels (only what the dispatcher can pick, to keep the multi-architecture build
-// short). The mma kernel:
+// The decode kernel (W4A16DecodeKernel, small m, described at its definition), the tensor-core
+// GEMM (W4A16GemmKernel, 16..256 tokens, split-k with a workspace; described at its definition),
+// DequantizeW4A16 (the engine's route from 257 tokens on) and the first version's mma kernel,
+// whose instantiations are tiled64 and, for one more benchmark round, the v0 decode kernels
+// (only what the dispatcher can pick, to keep the multi-architecture build short). The mma kernel:
 //   TT: tiles of 8 tokens per block (the mma's n dimension); 1 and 2 for decode, 8 for batches.
 //   WN: warps along the output features, each owning a 16-feature tile (the mma's m dimension).
 //   WK: warps along k, each taking every WK-th 64-k chunk; partial sums meet in shared memory.
@@ -382,8 +383,10 @@ __global__ void __launch_bounds__(512)
 
 // ---------------------------------------------------------------------------------------------
 // The tensor-core GEMM for medium m (W4A16GemmKernel): a block owns WN * TN 16-feature tiles and
-// WM * TM * 8 tokens over the whole k range, so each weight tile is read once per block of
-// tokens (decode16 re-reads it per 16 tokens). Per 64-k chunk, one pipeline stage in shared
+// WM * TM * 8 tokens over its k range (all of k, or one split of it: blockIdx.z), so each weight
+// tile is read once per block of tokens (decode16 re-reads it per 16 tokens). Instantiated:
+// 8 tiles x 16 tokens (6 stages) and 8 tiles x 32 tokens (5 stages), 4 warps each; 64- and
+// 128-token blocks (256 threads) were slower at every m (tests/gpu/NOTES.md run 13). Per 64-k chunk, one pipeline stage in shared
 // memory holds the block's weight pieces (the device layout's 512-byte tile-chunks, copied as
 // they are: each lane later reads its own 16 bytes = 4 A fragments), the tiles' scale/zero words
 // (two groups' worth, for group 32) and the activations [tokens][64 k] (16-byte units, unit
@@ -742,12 +745,17 @@ cudaError_t LaunchDecode(const W4A16Layout& l, const uint16_t* x, const uint32_t
 
 }  // namespace
 
-W4A16Kernel ChooseW4A16Kernel(int64_t m) {
+W4A16Kernel ChooseW4A16Kernel(const W4A16Layout& layout, int64_t m, bool workspace) {
+  // From the H100's runs 12-13 (tests/gpu/NOTES.md): the split GEMM in 16- or 32-token blocks
+  // beats decode16 from 16 tokens on for weights of >= 2^24 values (7b.wo and larger), from 33
+  // tokens on for >= 2^23 (1.8b.wqkv); the 64/128-token blocks were never the fastest (removed).
+  // Unsplit (no workspace) the GEMM loses to decode16 up to 64 tokens.
+  const int64_t values = layout.n * layout.k;
   if (m <= 8) return W4A16Kernel::kDecode8;
-  if (m <= 16) return W4A16Kernel::kDecode16;
-  if (m <= 32) return W4A16Kernel::kGemm32;
-  if (m <= 64) return W4A16Kernel::kGemm64;
-  return W4A16Kernel::kGemm128;
+  if (!workspace) return m <= 64 ? W4A16Kernel::kDecode16 : W4A16Kernel::kGemm32;
+  if (m <= 32 && values < (int64_t{1} << 24)) return W4A16Kernel::kDecode16;
+  if (m <= 64 && values <= (int64_t{1} << 22)) return W4A16Kernel::kDecode16;
+  return m <= 16 ? W4A16Kernel::kGemm16 : W4A16Kernel::kGemm32;
 }
 
 cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint32_t* qw,
@@ -764,16 +772,10 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
   if (m == 0) return cudaSuccess;
   // The GEMM kernels copy activation rows in 16-byte pieces: k % 8 == 0 and x 16-byte aligned.
   const bool x_vec = layout.k % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  if (kernel == W4A16Kernel::kAuto) {
-    kernel = ChooseW4A16Kernel(m);
-    // Without a workspace (no split-k) the GEMM kernels lose to decode16 up to 64 tokens.
-    if (workspace == nullptr && m <= 64) kernel = W4A16Kernel::kDecode16;
+  if (kernel == W4A16Kernel::kAuto) kernel = ChooseW4A16Kernel(layout, m, workspace != nullptr);
+  if (!x_vec && (kernel == W4A16Kernel::kGemm16 || kernel == W4A16Kernel::kGemm32)) {
+    kernel = m <= 64 ? W4A16Kernel::kDecode16 : W4A16Kernel::kTiled64;
   }
-  if (!x_vec && (kernel == W4A16Kernel::kGemm16 || kernel == W4A16Kernel::kGemm32 ||
-                 kernel == W4A16Kernel::kGemm64)) {
-    kernel = W4A16Kernel::kDecode16;
-  }
-  if (!x_vec && kernel == W4A16Kernel::kGemm128) kernel = W4A16Kernel::kTiled64;
   switch (kernel) {
     case W4A16Kernel::kDecode8:
       return LaunchDecode<1, 4>(layout, x, qw, zs, bias, y, m, stream);
@@ -788,12 +790,6 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
                                        workspace_bytes);
     case W4A16Kernel::kGemm32:
       return LaunchGemm<4, 1, 2, 4, 5>(layout, x, qw, zs, bias, y, m, stream, workspace,
-                                       workspace_bytes);
-    case W4A16Kernel::kGemm64:
-      return LaunchGemm<4, 2, 2, 4, 4>(layout, x, qw, zs, bias, y, m, stream, workspace,
-                                       workspace_bytes);
-    case W4A16Kernel::kGemm128:
-      return LaunchGemm<2, 4, 4, 4, 4>(layout, x, qw, zs, bias, y, m, stream, workspace,
                                        workspace_bytes);
     case W4A16Kernel::kTiled64:
     default:

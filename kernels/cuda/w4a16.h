@@ -31,22 +31,22 @@ namespace nibble::kernels::cuda {
 //    4 chunks (weight + scale/zero) in flight per thread; for group >= 64 the scale is applied
 //    to the fp32 mma result.
 //  kTiled64: 64 features x 64 tokens per block (4 warps along n, 2 along k), activations read
-//    by 4 warps through L1; for m > 64 (slow: 4-7x cuBLAS fp16 at m = 256, tests/gpu/RESULTS.md).
+//    by 4 warps through L1 (slow: 4-7x cuBLAS fp16 at m = 256); only the GEMM's fallback for
+//    unaligned activations above 64 tokens.
 //  kDecode8V0, kDecode16V0: the first version's decode kernels, kept one more round as the
 //    benchmark's same-run baseline (tests/gpu/NOTES.md); to be removed.
-//  kGemm16 / kGemm32 / kGemm64 / kGemm128: the tensor-core GEMM (W4A16GemmKernel), 128 features
-//    x 16 / 32 / 64 / 128 tokens per block, weight, scale/zero and activation tiles of 64 k
-//    streamed through a 4-6 stage cp.async shared-memory pipeline, the weight dequantized in
-//    registers once per block of tokens. With a workspace the k range is split over blocks
-//    (enough blocks to fill the card twice) and a second kernel adds the fp32 partial sums.
-//    They need k % 8 == 0 and x 16-byte aligned; otherwise decode16 runs (tiled64 for kGemm128).
-enum class W4A16Kernel {
-  kAuto, kDecode8, kDecode16, kTiled64, kDecode8V0, kDecode16V0,
-  kGemm16, kGemm32, kGemm64, kGemm128
-};
+//  kGemm16 / kGemm32: the tensor-core GEMM (W4A16GemmKernel), 128 features x 16 / 32 tokens per
+//    block, weight, scale/zero and activation tiles of 64 k streamed through a 6 / 5 stage
+//    cp.async shared-memory pipeline, the weight dequantized in registers once per block of
+//    tokens. With a workspace the k range is split over blocks (enough blocks to fill the card
+//    twice) and a second kernel adds the fp32 partial sums (+ bias). They need k % 8 == 0 and x
+//    16-byte aligned; otherwise decode16 runs (tiled64 above 64 tokens).
+enum class W4A16Kernel { kAuto, kDecode8, kDecode16, kTiled64, kDecode8V0, kDecode16V0, kGemm16, kGemm32 };
 
-// kAuto's choice when a workspace is given (without one, decode16 up to m = 64).
-W4A16Kernel ChooseW4A16Kernel(int64_t m);
+// kAuto's choice for m tokens on this weight, with or without a workspace (measured on the
+// H100, tests/gpu/NOTES.md runs 12-14): decode8 up to 8 tokens; decode16 for small weights up
+// to 32 or 64 tokens and for every weight up to 64 without a workspace; else gemm16 / gemm32.
+W4A16Kernel ChooseW4A16Kernel(const W4A16Layout& layout, int64_t m, bool workspace);
 
 cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint32_t* qw,
                         const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,

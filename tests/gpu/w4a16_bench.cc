@@ -124,7 +124,7 @@ int Profile(const char* k_str, const char* n_str, const char* m_str) {
   zs.CopyFrom(host.data());
   DeviceBuffer<uint16_t> x(m * k), y(m * n);
   FillRandom(x, rng, uint16_t{0}, true);
-  for (cu::W4A16Kernel kernel : {cu::ChooseW4A16Kernel(m), cu::W4A16Kernel::kDecode8V0}) {
+  for (cu::W4A16Kernel kernel : {cu::ChooseW4A16Kernel(l, m, false), cu::W4A16Kernel::kDecode8V0}) {
     for (int i = 0; i < 5; ++i) {
       NIBBLE_TEST_CUDA_CHECK(
           cu::MatMulW4A16(l, x.get(), qw.get(), zs.get(), nullptr, y.get(), m, nullptr, kernel));
@@ -177,9 +177,7 @@ int main(int argc, char** argv) {
   // gets cuBLAS fp16, and from m = 64 on dequantize + cuBLAS and the dequantize alone).
   const Variant gemm_variants[] = {{"decode16", cu::W4A16Kernel::kDecode16},
                                    {"gemm16", cu::W4A16Kernel::kGemm16},
-                                   {"gemm32", cu::W4A16Kernel::kGemm32},
-                                   {"gemm64", cu::W4A16Kernel::kGemm64},
-                                   {"gemm128", cu::W4A16Kernel::kGemm128}};
+                                   {"gemm32", cu::W4A16Kernel::kGemm32}};
   if (vcsv) std::fprintf(vcsv, "shape,k,n,m,variant,graph_us\n");
   struct Shape { const char* name; int64_t k, n; };
   const Shape shapes[] = {
@@ -189,7 +187,7 @@ int main(int argc, char** argv) {
   const int64_t ms[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096};
   // The engine's route (engine/cuda_backend.cc RunLinear): the W4A16 kernels below this many
   // tokens, DequantizeW4A16 into fp16 scratch + cuBLAS from it on.
-  const int64_t kDequantizeRows = 257;
+  const int64_t kDequantizeRows = 257;  // engine/cuda_backend.cc
   const int64_t group = 128;
   const char* header =
       "shape,k,n,m,ours_us,ours_launch_us,ours_bytes,ours_GBps,cublas_fp16_us,"

@@ -50,8 +50,6 @@ const char* KernelName(cu::W4A16Kernel k) {
     case cu::W4A16Kernel::kDecode16V0: return "decode16v0";
     case cu::W4A16Kernel::kGemm16: return "gemm16";
     case cu::W4A16Kernel::kGemm32: return "gemm32";
-    case cu::W4A16Kernel::kGemm64: return "gemm64";
-    case cu::W4A16Kernel::kGemm128: return "gemm128";
   }
   return "?";
 }
@@ -124,14 +122,12 @@ int RunCase(const Case& c, std::mt19937& rng) {
   DeviceBuffer<uint8_t> d_ws(size_t{64} << 20);
   struct Choice { cu::W4A16Kernel kernel; bool ws; };
   const Choice choices[] = {
-      {cu::W4A16Kernel::kAuto, true},      {cu::W4A16Kernel::kAuto, false},
-      {cu::W4A16Kernel::kDecode8, false},  {cu::W4A16Kernel::kDecode16, false},
-      {cu::W4A16Kernel::kTiled64, false},  {cu::W4A16Kernel::kDecode8V0, false},
+      {cu::W4A16Kernel::kAuto, true},       {cu::W4A16Kernel::kAuto, false},
+      {cu::W4A16Kernel::kDecode8, false},   {cu::W4A16Kernel::kDecode16, false},
+      {cu::W4A16Kernel::kTiled64, false},   {cu::W4A16Kernel::kDecode8V0, false},
       {cu::W4A16Kernel::kDecode16V0, false}, {cu::W4A16Kernel::kGemm16, true},
-      {cu::W4A16Kernel::kGemm32, true},    {cu::W4A16Kernel::kGemm64, true},
-      {cu::W4A16Kernel::kGemm128, true},   {cu::W4A16Kernel::kGemm16, false},
-      {cu::W4A16Kernel::kGemm32, false},   {cu::W4A16Kernel::kGemm64, false},
-      {cu::W4A16Kernel::kGemm128, false}};
+      {cu::W4A16Kernel::kGemm32, true},     {cu::W4A16Kernel::kGemm16, false},
+      {cu::W4A16Kernel::kGemm32, false}};
   for (const Choice& choice : choices) {
     const cu::W4A16Kernel kernel = choice.kernel;
     NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_y.get(), 0xff, d_y.bytes()));  // NaN poison
