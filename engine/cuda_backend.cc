@@ -403,14 +403,16 @@ class CudaBackend final : public Backend {
   }
 
   // y[m, out] = x[m, in] · Wᵀ (+ bias). A 4-bit weight goes through the W4A16 kernels while
-  // m is small (they read the weight once per 8 or 16 tokens: the memory-bound regime);
-  // from kDequantizeRows tokens on it is dequantized to fp16 scratch and multiplied by cuBLAS
-  // on tensor cores, where the weight's read no longer dominates.
+  // m is small (decode kernels, then the tensor-core GEMM reading the weight once per 16 or 32
+  // tokens); from kDequantizeRows tokens on it is dequantized to fp16 scratch and multiplied by
+  // cuBLAS, whose wgmma tiles outrun mma.sync there.
   absl::Status RunLinear(const DeviceLinear& linear, const uint16_t* x, int64_t m, uint16_t* y) {
     if (linear.int4 && m < kDequantizeRows) {
+      // The dequantize scratch (idle on this path) is the kernels' split-k workspace.
       NIBBLE_CUDA_OR_RETURN(kc::MatMulW4A16(linear.layout, x, linear.qw.as<uint32_t>(),
                                             linear.zs.as<uint32_t>(), linear.bias.as<float>(), y,
-                                            m, stream_),
+                                            m, stream_, kc::W4A16Kernel::kAuto,
+                                            dequantized_.as<void>(), dequantized_.bytes()),
                             "the W4A16 matrix multiply");
       return absl::OkStatus();
     }
@@ -807,7 +809,9 @@ class CudaBackend final : public Backend {
   int64_t usable_blocks_ = 0;
   int64_t block_seq_len_ = 0;
 
-  static constexpr int64_t kDequantizeRows = 65;
+  // Up to 256 tokens the W4A16 kernels (the split tensor-core GEMM from 16-33 tokens on) beat
+  // dequantize + cuBLAS on the H100 (at 256 within +-13 %, at 1024 2-3x slower: NOTES.md run 13).
+  static constexpr int64_t kDequantizeRows = 257;
   static constexpr size_t kMaxGraphs = 512;
   static constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 

@@ -1,9 +1,10 @@
 // W4A16 kernels; the layout they read is drawn in w4a16_layout.h.
 //
-// The decode kernel (W4A16DecodeKernel, m <= 64, described at its definition) and the first
-// version's mma kernel, whose instantiations are tiled64 and, for one more benchmark round, the
-// v0 decode kernels (only what the dispatcher can pick, to keep the multi-architecture build
-// short). The mma kernel:
+// The decode kernel (W4A16DecodeKernel, small m, described at its definition), the tensor-core
+// GEMM (W4A16GemmKernel, 16..256 tokens, split-k with a workspace; described at its definition),
+// DequantizeW4A16 (the engine's route from 257 tokens on) and the first version's mma kernel,
+// whose instantiations are tiled64 and, for one more benchmark round, the v0 decode kernels
+// (only what the dispatcher can pick, to keep the multi-architecture build short). The mma kernel:
 //   TT: tiles of 8 tokens per block (the mma's n dimension); 1 and 2 for decode, 8 for batches.
 //   WN: warps along the output features, each owning a 16-feature tile (the mma's m dimension).
 //   WK: warps along k, each taking every WK-th 64-k chunk; partial sums meet in shared memory.
@@ -103,6 +104,24 @@ __device__ __forceinline__ void DequantNoScale(uint32_t w, const GroupConsts& gc
   a[3] = H2U(__hfma2(U2H(hi1), kSixteenth, gc.nzhi));
 }
 
+// A thread's 16-byte weight piece (4 words: 64 k of its two rows) -> its 4 mma A fragments.
+__device__ __forceinline__ void DequantPiece(const uint4& w, const GroupConsts& gc,
+                                             uint32_t (&a)[4][4]) {
+  Dequant(w.x, gc, a[0]);
+  Dequant(w.y, gc, a[1]);
+  Dequant(w.z, gc, a[2]);
+  Dequant(w.w, gc, a[3]);
+}
+
+// The 4 mma of a 64-k piece for one token group: xa / xb are the thread's 16 activations.
+__device__ __forceinline__ void MmaPiece(float* c, const uint32_t (&a)[4][4], const uint4& xa,
+                                         const uint4& xb) {
+  Mma(c, a[0], xa.x, xa.y);
+  Mma(c, a[1], xa.z, xa.w);
+  Mma(c, a[2], xb.x, xb.y);
+  Mma(c, a[3], xb.z, xb.w);
+}
+
 // The 16 activations x[tok][kb .. kb + 15], zero outside [0, m) x [0, k). `vec`: rows are
 // 16-byte aligned (k % 8 == 0), so whole 8-element pieces are in or out.
 __device__ __forceinline__ void LoadX16(const __half* x, int tok, int kb, int m, int k, bool vec,
@@ -193,18 +212,12 @@ __global__ void __launch_bounds__(32 * WN * WK)
         const uint32_t* zg = zs_row + (kb >> group_shift) * 16;
         const GroupConsts gc = MakeGroupConsts(__ldg(zg), __ldg(zg + 8));
         uint32_t a[4][4];
-        Dequant(w.x, gc, a[0]);
-        Dequant(w.y, gc, a[1]);
-        Dequant(w.z, gc, a[2]);
-        Dequant(w.w, gc, a[3]);
+        DequantPiece(w, gc, a);
 #pragma unroll
         for (int tt = 0; tt < TT; ++tt) {
           uint4 xa, xb;
           LoadX16(x, tok0 + tt * 8 + g, kb, m, k, x_vec, xa, xb);
-          Mma(acc[tt], a[0], xa.x, xa.y);
-          Mma(acc[tt], a[1], xa.z, xa.w);
-          Mma(acc[tt], a[2], xb.x, xb.y);
-          Mma(acc[tt], a[3], xb.z, xb.w);
+          MmaPiece(acc[tt], a, xa, xb);
         }
       }
     }
@@ -330,26 +343,17 @@ __global__ void __launch_bounds__(512)
 #pragma unroll
           for (int tt = 0; tt < TT; ++tt) {
             float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            Mma(c, a[0], xa[tt].x, xa[tt].y);
-            Mma(c, a[1], xa[tt].z, xa[tt].w);
-            Mma(c, a[2], xb[tt].x, xb[tt].y);
-            Mma(c, a[3], xb[tt].z, xb[tt].w);
+            MmaPiece(c, a, xa[tt], xb[tt]);
             acc[tt][0] = fmaf(s0, c[0], acc[tt][0]);
             acc[tt][1] = fmaf(s0, c[1], acc[tt][1]);
             acc[tt][2] = fmaf(s1, c[2], acc[tt][2]);
             acc[tt][3] = fmaf(s1, c[3], acc[tt][3]);
           }
         } else {
-          Dequant(w.x, gc, a[0]);
-          Dequant(w.y, gc, a[1]);
-          Dequant(w.z, gc, a[2]);
-          Dequant(w.w, gc, a[3]);
+          DequantPiece(w, gc, a);
 #pragma unroll
           for (int tt = 0; tt < TT; ++tt) {
-            Mma(acc[tt], a[0], xa[tt].x, xa[tt].y);
-            Mma(acc[tt], a[1], xa[tt].z, xa[tt].w);
-            Mma(acc[tt], a[2], xb[tt].x, xb[tt].y);
-            Mma(acc[tt], a[3], xb[tt].z, xb[tt].w);
+            MmaPiece(acc[tt], a, xa[tt], xb[tt]);
           }
         }
       }
@@ -375,6 +379,285 @@ __global__ void __launch_bounds__(512)
     }
   }
   StoreTile<TT>(acc, bias, y, m, n, tile, tok0, g, t);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tensor-core GEMM for medium m (W4A16GemmKernel): a block owns WN * TN 16-feature tiles and
+// WM * TM * 8 tokens over its k range (all of k, or one split of it: blockIdx.z), so each weight
+// tile is read once per block of tokens (decode16 re-reads it per 16 tokens). Instantiated:
+// 8 tiles x 16 tokens (6 stages) and 8 tiles x 32 tokens (5 stages), 4 warps each; 64- and
+// 128-token blocks (256 threads) were slower at every m (tests/gpu/NOTES.md run 13). Per 64-k chunk, one pipeline stage in shared
+// memory holds the block's weight pieces (the device layout's 512-byte tile-chunks, copied as
+// they are: each lane later reads its own 16 bytes = 4 A fragments), the tiles' scale/zero words
+// (two groups' worth, for group 32) and the activations [tokens][64 k] (16-byte units, unit
+// index xor (row & 1): the two 16-byte reads per thread of rows g and g + 1 fall in other banks).
+// STAGES stages filled by cp.async (zero-filled outside m, k and n), STAGES - 1 chunks in flight
+// while one is computed: the depth costs shared memory, not registers. Each warp owns TN tiles x
+// TM token groups: per chunk it dequantizes its TN weight pieces once (lop3 + 0x6400, fp16 scale
+// per weight, as Dequant) and issues 4 * TN * TM mma.sync m16n8k16 with fp32 accumulators.
+// Needs x rows 16-byte aligned (k % 8 == 0, x aligned): MatMulW4A16 falls back to decode16.
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, zero-filled when !valid (src is then not read).
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void CpAsync16Hint(uint32_t dst, const void* src, bool valid,
+                                              uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;" ::"r"(dst),
+               "l"(src), "r"(valid ? 16 : 0), "l"(policy));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+template <int WN, int WM, int TN, int TM>
+struct GemmShape {
+  static constexpr int kTiles = WN * TN;      // 16-feature tiles per block
+  static constexpr int kRows = WM * TM * 8;   // tokens per block
+  static constexpr int kThreads = 32 * WN * WM;
+  static constexpr int kWBytes = kTiles * 512, kZBytes = kTiles * 128, kXBytes = kRows * 128;
+  static constexpr int kStageBytes = kWBytes + kZBytes + kXBytes;
+};
+
+template <int WN, int WM, int TN, int TM, int STAGES>
+__global__ void __launch_bounds__(32 * WN * WM)
+    W4A16GemmKernel(const __half* __restrict__ x, const uint4* __restrict__ qw,
+                    const uint32_t* __restrict__ zs, const float* __restrict__ bias,
+                    __half* __restrict__ y, float* __restrict__ partial, int m, int n, int k,
+                    int n_tiles, int k_chunks, int chunks_per_split, int groups_pad,
+                    int group_shift) {
+  using S = GemmShape<WN, WM, TN, TM>;
+  extern __shared__ uint4 gemm_smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wn = warp % WN, wm = warp / WN;
+  const int g = lane / 4, t = lane % 4;
+  const int tile0 = blockIdx.x * S::kTiles;
+  const int tok0 = blockIdx.y * S::kRows;
+
+  // One block row of tokens: the weight is read once, evict it first; several: the other rows'
+  // blocks read the same tiles, keep them.
+  uint64_t policy;
+  if (gridDim.y == 1) {
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  } else {
+    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
+  }
+
+  const uint32_t smem0 = SmemAddr(gemm_smem);
+  auto load_stage = [&](int stage, int c) {
+    const uint32_t sw = smem0 + stage * S::kStageBytes, sz = sw + S::kWBytes,
+                   sx = sz + S::kZBytes;
+    constexpr int kWPieces = S::kTiles * 32, kZPieces = S::kTiles * 8, kXPieces = S::kRows * 8;
+#pragma unroll
+    for (int i = 0; i < (kWPieces + S::kThreads - 1) / S::kThreads; ++i) {
+      const int p = threadIdx.x + i * S::kThreads;
+      if (kWPieces % S::kThreads == 0 || p < kWPieces) {
+        const int tile = tile0 + p / 32;
+        const bool ok = tile < n_tiles;
+        const uint4* src = qw + (static_cast<size_t>(ok ? tile : 0) * k_chunks + c) * 32 + p % 32;
+        CpAsync16Hint(sw + p * 16, src, ok, policy);
+      }
+    }
+    const int gi0 = (c * 64) >> group_shift;
+#pragma unroll
+    for (int i = 0; i < (kZPieces + S::kThreads - 1) / S::kThreads; ++i) {
+      const int p = threadIdx.x + i * S::kThreads;
+      if (kZPieces % S::kThreads == 0 || p < kZPieces) {
+        const int tile = tile0 + p / 8, gi = gi0 + (p % 8) / 4;
+        const bool ok = tile < n_tiles && gi < groups_pad;
+        const uint32_t* src =
+            zs + (static_cast<size_t>(ok ? tile : 0) * groups_pad + (ok ? gi : 0)) * 16 + (p % 4) * 4;
+        CpAsync16(sz + p * 16, src, ok);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < (kXPieces + S::kThreads - 1) / S::kThreads; ++i) {
+      const int p = threadIdx.x + i * S::kThreads;
+      if (kXPieces % S::kThreads == 0 || p < kXPieces) {
+        const int row = p / 8, u = p % 8;
+        const int tok = tok0 + row, kk = c * 64 + u * 8;
+        const bool ok = tok < m && kk < k;
+        const __half* src = ok ? x + static_cast<size_t>(tok) * k + kk : x;
+        CpAsync16(sx + row * 128 + ((u ^ (row & 1)) * 16), src, ok);
+      }
+    }
+  };
+
+  float acc[TN][TM][4];
+#pragma unroll
+  for (int i = 0; i < TN; ++i)
+#pragma unroll
+    for (int j = 0; j < TM; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
+
+  // Split-k (gridDim.z > 1): this block's chunks [c_begin, c_end), its fp32 sums to
+  // partial[blockIdx.z][m][n]; W4A16SplitReduceKernel adds the splits (and the bias).
+  const int c_begin = blockIdx.z * chunks_per_split;
+  const int c_end = min(k_chunks, c_begin + chunks_per_split);
+  const int nc = max(0, c_end - c_begin);
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nc) load_stage(s, c_begin + s);
+    CpAsyncCommit();
+  }
+  const int gsub = group_shift == 5 ? (t >> 1) : 0;  // group 32: the chunk's second group for t >= 2
+  int stage = 0;
+  for (int i = 0; i < nc; ++i) {
+    CpAsyncWait<STAGES - 2>();  // chunk i has landed (this thread's copies) ...
+    __syncthreads();            // ... everyone's; and stage (i - 1) % STAGES is free again
+    {
+      const int in = i + STAGES - 1;
+      if (in < nc) load_stage(in % STAGES, c_begin + in);
+      CpAsyncCommit();
+    }
+    const unsigned char* base = reinterpret_cast<const unsigned char*>(gemm_smem) + stage * S::kStageBytes;
+    const uint4* ws = reinterpret_cast<const uint4*>(base);
+    const uint32_t* zsm = reinterpret_cast<const uint32_t*>(base + S::kWBytes);
+    const uint4* xs = reinterpret_cast<const uint4*>(base + S::kWBytes + S::kZBytes);
+    uint4 xa[TM], xb[TM];
+#pragma unroll
+    for (int j = 0; j < TM; ++j) {
+      const int row = (wm * TM + j) * 8 + g;
+      xa[j] = xs[row * 8 + ((2 * t) ^ (row & 1))];
+      xb[j] = xs[row * 8 + ((2 * t + 1) ^ (row & 1))];
+    }
+#pragma unroll
+    for (int i = 0; i < TN; ++i) {
+      const int tb = wn * TN + i;
+      const uint4 w = ws[tb * 32 + lane];
+      const uint32_t* zt = zsm + tb * 32 + gsub * 16 + g;
+      const GroupConsts gc = MakeGroupConsts(zt[0], zt[8]);
+      uint32_t a[4][4];
+      DequantPiece(w, gc, a);
+#pragma unroll
+      for (int j = 0; j < TM; ++j) {
+        MmaPiece(acc[i][j], a, xa[j], xb[j]);
+      }
+    }
+    stage = stage + 1 == STAGES ? 0 : stage + 1;
+  }
+  CpAsyncWait<0>();
+  if (partial == nullptr) {
+#pragma unroll
+    for (int i = 0; i < TN; ++i) {
+      const int tile = tile0 + wn * TN + i;
+      if (tile < n_tiles) StoreTile<TM>(acc[i], bias, y, m, n, tile, tok0 + wm * TM * 8, g, t);
+    }
+    return;
+  }
+  // Every (token < m, feature < n) of this split is written, also by a block with no chunks.
+  float* ps = partial + static_cast<size_t>(blockIdx.z) * m * n;
+#pragma unroll
+  for (int i = 0; i < TN; ++i) {
+    const int row0 = (tile0 + wn * TN + i) * 16 + g;
+#pragma unroll
+    for (int j = 0; j < TM; ++j) {
+      const int tok = tok0 + (wm * TM + j) * 8 + 2 * t;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int tk = tok + (r & 1), row = row0 + (r < 2 ? 0 : 8);
+        if (tk < m && row < n) ps[static_cast<size_t>(tk) * n + row] = acc[i][j][r];
+      }
+    }
+  }
+}
+
+// y[tok][row] = sum over splits of partial[s][tok][row] (+ bias[row]), 4 features per thread
+// (n % 8 == 0).
+__global__ void W4A16SplitReduceKernel(const float4* __restrict__ partial,
+                                       const float* __restrict__ bias, __half* __restrict__ y,
+                                       int m, int n, int splits) {
+  const int quads = n / 4;
+  const int64_t count = static_cast<int64_t>(m) * quads;
+  const int64_t stride = static_cast<int64_t>(m) * quads;
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < count;
+       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float4 sum = __ldg(partial + q);
+    for (int s = 1; s < splits; ++s) {
+      const float4 v = __ldg(partial + s * stride + q);
+      sum.x += v.x;
+      sum.y += v.y;
+      sum.z += v.z;
+      sum.w += v.w;
+    }
+    const int row = static_cast<int>(q % quads) * 4;
+    if (bias != nullptr) {
+      sum.x += bias[row];
+      sum.y += bias[row + 1];
+      sum.z += bias[row + 2];
+      sum.w += bias[row + 3];
+    }
+    const half2 lo = __floats2half2_rn(sum.x, sum.y), hi = __floats2half2_rn(sum.z, sum.w);
+    reinterpret_cast<uint2*>(y)[q] = make_uint2(H2U(lo), H2U(hi));
+  }
+}
+
+template <int WN, int WM, int TN, int TM, int STAGES>
+cudaError_t LaunchGemm(const W4A16Layout& l, const uint16_t* x, const uint32_t* qw,
+                       const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
+                       cudaStream_t stream, void* workspace, size_t workspace_bytes) {
+  using S = GemmShape<WN, WM, TN, TM>;
+  constexpr int kSmem = S::kStageBytes * STAGES;
+  auto* kernel = &W4A16GemmKernel<WN, WM, TN, TM, STAGES>;
+  int device = 0;
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  if constexpr (kSmem > 48 * 1024) {
+    // Once per device ordinal (< 8; others every call): shared memory above the 48 KB default.
+    static std::atomic<bool> done[8];
+    if (device < 0 || device >= 8 || !done[device].load(std::memory_order_relaxed)) {
+      NIBBLE_CUDA_RETURN_IF_ERROR(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+      if (device >= 0 && device < 8) done[device].store(true, std::memory_order_relaxed);
+    }
+  }
+  const int n_tiles = static_cast<int>(l.n_pad / 16);
+  const int k_chunks = static_cast<int>(l.k_pad / 64);
+  const int group_shift = l.group == 32 ? 5 : l.group == 64 ? 6 : 7;
+  const int n_blocks = (n_tiles + S::kTiles - 1) / S::kTiles;
+  const int64_t m_blocks = (m + S::kRows - 1) / S::kRows;
+  // Split-k when the blocks would not fill the card twice over (each split keeps >= 4 chunks)
+  // and the workspace holds the fp32 partial sums.
+  int splits = 1;
+  if (workspace != nullptr && reinterpret_cast<uintptr_t>(workspace) % 16 == 0) {
+    int sms = 0;
+    NIBBLE_CUDA_RETURN_IF_ERROR(
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    const int64_t blocks = n_blocks * m_blocks;
+    const int64_t want = (2 * static_cast<int64_t>(sms) + blocks - 1) / blocks;
+    const int64_t fit = static_cast<int64_t>(workspace_bytes / (sizeof(float) * m * l.n));
+    splits = static_cast<int>(std::max<int64_t>(1, std::min({want, fit, int64_t{k_chunks / 4}, int64_t{32}})));
+  }
+  // grid.y is at most 65535 block rows: larger m in several launches (never split then).
+  constexpr int64_t kMaxRows = int64_t{65535} * S::kRows;
+  if (m > kMaxRows) splits = 1;
+  const int per = (k_chunks + splits - 1) / splits;
+  splits = (k_chunks + per - 1) / per;
+  float* partial = splits > 1 ? static_cast<float*>(workspace) : nullptr;
+  for (int64_t t0 = 0; t0 < m; t0 += kMaxRows) {
+    const int64_t mm = std::min(m - t0, kMaxRows);
+    const dim3 grid(n_blocks, static_cast<unsigned>((mm + S::kRows - 1) / S::kRows), splits);
+    kernel<<<grid, S::kThreads, kSmem, stream>>>(
+        reinterpret_cast<const __half*>(x) + t0 * l.k, reinterpret_cast<const uint4*>(qw), zs,
+        bias, reinterpret_cast<__half*>(y) + t0 * l.n, partial, static_cast<int>(mm),
+        static_cast<int>(l.n), static_cast<int>(l.k), n_tiles, k_chunks, per,
+        static_cast<int>(l.groups_pad), group_shift);
+    NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  if (partial != nullptr) {
+    const int64_t quads = m * l.n / 4;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((quads + 255) / 256, 4096));
+    W4A16SplitReduceKernel<<<blocks, 256, 0, stream>>>(
+        reinterpret_cast<const float4*>(partial), bias, reinterpret_cast<__half*>(y),
+        static_cast<int>(m), static_cast<int>(l.n), splits);
+    NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  return cudaSuccess;
 }
 
 template <int TT, int WN, int WK>
@@ -462,17 +745,23 @@ cudaError_t LaunchDecode(const W4A16Layout& l, const uint16_t* x, const uint32_t
 
 }  // namespace
 
-W4A16Kernel ChooseW4A16Kernel(int64_t m) {
+W4A16Kernel ChooseW4A16Kernel(const W4A16Layout& layout, int64_t m, bool workspace) {
+  // From the H100's runs 12-13 (tests/gpu/NOTES.md): the split GEMM in 16- or 32-token blocks
+  // beats decode16 from 16 tokens on for weights of >= 2^24 values (7b.wo and larger), from 33
+  // tokens on for >= 2^23 (1.8b.wqkv); the 64/128-token blocks were never the fastest (removed).
+  // Unsplit (no workspace) the GEMM loses to decode16 up to 64 tokens.
+  const int64_t values = layout.n * layout.k;
   if (m <= 8) return W4A16Kernel::kDecode8;
-  // Up to 64 tokens the decode kernel in blocks of 16 tokens (the weight re-read from L2 per
-  // block row) beat kTiled64 by 3x on the H100 (tests/gpu/NOTES.md).
-  if (m <= 64) return W4A16Kernel::kDecode16;
-  return W4A16Kernel::kTiled64;
+  if (!workspace) return m <= 64 ? W4A16Kernel::kDecode16 : W4A16Kernel::kGemm32;
+  if (m <= 32 && values < (int64_t{1} << 24)) return W4A16Kernel::kDecode16;
+  if (m <= 64 && values <= (int64_t{1} << 22)) return W4A16Kernel::kDecode16;
+  return m <= 16 ? W4A16Kernel::kGemm16 : W4A16Kernel::kGemm32;
 }
 
 cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint32_t* qw,
                         const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
-                        cudaStream_t stream, W4A16Kernel kernel) {
+                        cudaStream_t stream, W4A16Kernel kernel, void* workspace,
+                        size_t workspace_bytes) {
   if (const char* why = CheckW4A16Shape(layout.n, layout.k, layout.group)) {
     std::fprintf(stderr, "%s:%d: MatMulW4A16: %s\n", __FILE__, __LINE__, why);
     return cudaErrorInvalidValue;
@@ -481,7 +770,12 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
     return cudaErrorInvalidValue;
   }
   if (m == 0) return cudaSuccess;
-  if (kernel == W4A16Kernel::kAuto) kernel = ChooseW4A16Kernel(m);
+  // The GEMM kernels copy activation rows in 16-byte pieces: k % 8 == 0 and x 16-byte aligned.
+  const bool x_vec = layout.k % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  if (kernel == W4A16Kernel::kAuto) kernel = ChooseW4A16Kernel(layout, m, workspace != nullptr);
+  if (!x_vec && (kernel == W4A16Kernel::kGemm16 || kernel == W4A16Kernel::kGemm32)) {
+    kernel = m <= 64 ? W4A16Kernel::kDecode16 : W4A16Kernel::kTiled64;
+  }
   switch (kernel) {
     case W4A16Kernel::kDecode8:
       return LaunchDecode<1, 4>(layout, x, qw, zs, bias, y, m, stream);
@@ -491,6 +785,12 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
       return Launch<1, 1, 8>(layout, x, qw, zs, bias, y, m, stream);
     case W4A16Kernel::kDecode16V0:
       return Launch<2, 1, 8>(layout, x, qw, zs, bias, y, m, stream);
+    case W4A16Kernel::kGemm16:
+      return LaunchGemm<4, 1, 2, 2, 6>(layout, x, qw, zs, bias, y, m, stream, workspace,
+                                       workspace_bytes);
+    case W4A16Kernel::kGemm32:
+      return LaunchGemm<4, 1, 2, 4, 5>(layout, x, qw, zs, bias, y, m, stream, workspace,
+                                       workspace_bytes);
     case W4A16Kernel::kTiled64:
     default:
       return Launch<8, 4, 2>(layout, x, qw, zs, bias, y, m, stream);
@@ -499,47 +799,46 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
 
 namespace {
 
-// One thread per 16-byte piece of qw: lane (g, t) of feature tile `tile`, k chunk `chunk`,
-// holds rows r0 = 16 tile + g and r1 = r0 + 8 at k = 64 chunk + 16 t .. + 15 (w4a16_layout.h);
-// the 16 k lie in one group (groups are multiples of 16).
+// One warp per (16-feature tile, 64-k chunk) = one 512-byte piece of qw (blockIdx.x: tile,
+// blockIdx.y * warps + warp: chunk); lane (g, t) holds rows r0 = 16 tile + g and r1 = r0 + 8 at
+// k0 = 64 chunk + 16 t .. + 15 (w4a16_layout.h), all in one group (groups are multiples of 16).
+// Dequant as the GEMM kernels do ((q - z) exact, times the scale rounded once to fp16: the same
+// bits as (q - z) * s in fp32 rounded to fp16), then two 16-byte stores per row: a row's 4
+// lanes write 128 contiguous bytes. 32-bit index math (v1 divided 64-bit indices per piece and
+// wrote at ~1/3 of copy bandwidth: tests/gpu/NOTES.md run 11).
 __global__ void DequantizeW4A16Kernel(const uint4* __restrict__ qw, const uint32_t* __restrict__ zs,
-                                      __half* w, int64_t n, int64_t k, int64_t chunks,
-                                      int64_t group, int64_t groups_pad, int64_t pieces) {
-  for (int64_t piece = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; piece < pieces;
-       piece += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int lane = static_cast<int>(piece % 32);
-    const int64_t chunk = (piece / 32) % chunks;
-    const int64_t tile = piece / 32 / chunks;
-    const int g = lane / 4, t = lane % 4;
-    const int64_t k0 = 64 * chunk + 16 * t;
-    if (k0 >= k) continue;
-    const uint4 words = qw[piece];
-    const uint32_t word[4] = {words.x, words.y, words.z, words.w};
-    const int64_t grp = k0 / group;
-    for (int half = 0; half < 2; ++half) {
-      const int64_t row = 16 * tile + g + 8 * half;
-      if (row >= n) continue;
-      const uint32_t sz = zs[(tile * groups_pad + grp) * 16 + g + 8 * half];
-      const float scale = __half2float(__ushort_as_half(static_cast<unsigned short>(sz & 0xffff)));
-      const float zero = __half2float(__ushort_as_half(static_cast<unsigned short>(sz >> 16)));
-      // Nibbles of rows r0 / r1 for k + 0..3: 0 4 2 6 / 1 5 3 7.
-      const int shift[4] = {0 + half, 4 + half, 2 + half, 6 + half};
-      alignas(16) __half values[16];
+                                      __half* __restrict__ w, int n, int k, int k_chunks,
+                                      int groups_pad, int group_shift) {
+  const int tile = blockIdx.x, lane = threadIdx.x % 32;
+  const int chunk = blockIdx.y * (blockDim.x / 32) + threadIdx.x / 32;
+  if (chunk >= k_chunks) return;
+  const int g = lane / 4, t = lane % 4;
+  const int k0 = chunk * 64 + 16 * t;
+  if (k0 >= k) return;
+  const uint4 v = __ldg(qw + (static_cast<size_t>(tile) * k_chunks + chunk) * 32 + lane);
+  const uint32_t* zg = zs + (static_cast<size_t>(tile) * groups_pad + (k0 >> group_shift)) * 16 + g;
+  const GroupConsts gc = MakeGroupConsts(__ldg(zg), __ldg(zg + 8));
+  uint32_t a[4][4];
+  DequantPiece(v, gc, a);
+  // a[j][0] / a[j][2]: row r0 at k0 + 4j + 0..1 / + 2..3; a[j][1] / a[j][3]: row r1, the same k.
+  const bool whole = k0 + 16 <= k && k % 8 == 0;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+  for (int half = 0; half < 2; ++half) {
+    const int row = 16 * tile + g + 8 * half;
+    if (row >= n) continue;
+    const uint32_t u[8] = {a[0][half], a[0][half + 2], a[1][half], a[1][half + 2],
+                           a[2][half], a[2][half + 2], a[3][half], a[3][half + 2]};
+    __half* out = w + static_cast<size_t>(row) * k + k0;
+    if (whole) {
+      reinterpret_cast<uint4*>(out)[0] = make_uint4(u[0], u[1], u[2], u[3]);
+      reinterpret_cast<uint4*>(out)[1] = make_uint4(u[4], u[5], u[6], u[7]);
+    } else {
+      const int count = k - k0 < 16 ? k - k0 : 16;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float q = static_cast<float>((word[j] >> (4 * shift[i])) & 15u);
-          values[4 * j + i] = __float2half_rn((q - zero) * scale);
+      for (int i = 0; i < 16; ++i) {
+        if (i < count) {
+          out[i] = __ushort_as_half(static_cast<unsigned short>(u[i / 2] >> (16 * (i & 1))));
         }
-      }
-      __half* out = w + row * k + k0;
-      const int64_t count = k - k0 < 16 ? k - k0 : 16;
-      if (count == 16 && k % 8 == 0) {
-        reinterpret_cast<uint4*>(out)[0] = reinterpret_cast<const uint4*>(values)[0];
-        reinterpret_cast<uint4*>(out)[1] = reinterpret_cast<const uint4*>(values)[1];
-      } else {
-        for (int64_t i = 0; i < count; ++i) out[i] = values[i];
       }
     }
   }
@@ -550,13 +849,17 @@ __global__ void DequantizeW4A16Kernel(const uint4* __restrict__ qw, const uint32
 cudaError_t DequantizeW4A16(const W4A16Layout& layout, const uint32_t* qw, const uint32_t* zs,
                             uint16_t* w, cudaStream_t stream) {
   if (CheckW4A16Shape(layout.n, layout.k, layout.group) != nullptr) return cudaErrorInvalidValue;
-  const int64_t chunks = layout.k_pad / 64;
-  const int64_t pieces = layout.n_pad / 16 * chunks * 32;
-  const int threads = 256;
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((pieces + threads - 1) / threads, 1 << 20));
-  DequantizeW4A16Kernel<<<grid, threads, 0, stream>>>(
-      reinterpret_cast<const uint4*>(qw), zs, reinterpret_cast<__half*>(w), layout.n, layout.k,
-      chunks, layout.group, layout.groups_pad, pieces);
+  if (layout.n_pad / 16 > (int64_t{1} << 31) - 1 || layout.k_pad > (int64_t{1} << 30)) {
+    return cudaErrorInvalidValue;
+  }
+  const int k_chunks = static_cast<int>(layout.k_pad / 64);
+  constexpr int kWarps = 8;
+  const dim3 grid(static_cast<unsigned>(layout.n_pad / 16), (k_chunks + kWarps - 1) / kWarps);
+  const int group_shift = layout.group == 32 ? 5 : layout.group == 64 ? 6 : 7;
+  DequantizeW4A16Kernel<<<grid, 32 * kWarps, 0, stream>>>(
+      reinterpret_cast<const uint4*>(qw), zs, reinterpret_cast<__half*>(w),
+      static_cast<int>(layout.n), static_cast<int>(layout.k), k_chunks,
+      static_cast<int>(layout.groups_pad), group_shift);
   NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return cudaSuccess;
 }

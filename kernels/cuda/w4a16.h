@@ -7,6 +7,9 @@
 // caller keeps alive until the stream has run the work. x is row-major [m, k], y row-major
 // [m, n] (fully written, never read), bias fp32 [n] or null. Any k (partial last group);
 // n a multiple of 8 (CheckW4A16Shape).
+// workspace (optional, device memory, 16-byte aligned, contents not kept): the GEMM kernels'
+// split-k partial sums (fp32, splits x m x n); it must not be in use by other work on other
+// streams meanwhile. Without one (or too small) they run unsplit.
 // Thread safety: none needed; launches go on `stream` and return at once.
 // Errors: the launch's cudaError_t (printed with file:line by NIBBLE_CUDA_RETURN_IF_ERROR);
 // cudaErrorInvalidValue for an unsupported shape or m < 0. m == 0 does nothing.
@@ -28,16 +31,27 @@ namespace nibble::kernels::cuda {
 //    4 chunks (weight + scale/zero) in flight per thread; for group >= 64 the scale is applied
 //    to the fp32 mma result.
 //  kTiled64: 64 features x 64 tokens per block (4 warps along n, 2 along k), activations read
-//    by 4 warps through L1; for m > 64 (slow: 4-7x cuBLAS fp16 at m = 256, tests/gpu/RESULTS.md).
+//    by 4 warps through L1 (slow: 4-7x cuBLAS fp16 at m = 256); only the GEMM's fallback for
+//    unaligned activations above 64 tokens.
 //  kDecode8V0, kDecode16V0: the first version's decode kernels, kept one more round as the
 //    benchmark's same-run baseline (tests/gpu/NOTES.md); to be removed.
-enum class W4A16Kernel { kAuto, kDecode8, kDecode16, kTiled64, kDecode8V0, kDecode16V0 };
+//  kGemm16 / kGemm32: the tensor-core GEMM (W4A16GemmKernel), 128 features x 16 / 32 tokens per
+//    block, weight, scale/zero and activation tiles of 64 k streamed through a 6 / 5 stage
+//    cp.async shared-memory pipeline, the weight dequantized in registers once per block of
+//    tokens. With a workspace the k range is split over blocks (enough blocks to fill the card
+//    twice) and a second kernel adds the fp32 partial sums (+ bias). They need k % 8 == 0 and x
+//    16-byte aligned; otherwise decode16 runs (tiled64 above 64 tokens).
+enum class W4A16Kernel { kAuto, kDecode8, kDecode16, kTiled64, kDecode8V0, kDecode16V0, kGemm16, kGemm32 };
 
-W4A16Kernel ChooseW4A16Kernel(int64_t m);
+// kAuto's choice for m tokens on this weight, with or without a workspace (measured on the
+// H100, tests/gpu/NOTES.md runs 12-14): decode8 up to 8 tokens; decode16 for small weights up
+// to 32 or 64 tokens and for every weight up to 64 without a workspace; else gemm16 / gemm32.
+W4A16Kernel ChooseW4A16Kernel(const W4A16Layout& layout, int64_t m, bool workspace);
 
 cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint32_t* qw,
                         const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
-                        cudaStream_t stream, W4A16Kernel kernel = W4A16Kernel::kAuto);
+                        cudaStream_t stream, W4A16Kernel kernel = W4A16Kernel::kAuto,
+                        void* workspace = nullptr, size_t workspace_bytes = 0);
 
 // w[r, c] = (q - zero) * scale of the weight in the device layout, rounded to fp16, for r < n,
 // c < k: w row-major [n, k] (fully written). For large m the engine multiplies this with

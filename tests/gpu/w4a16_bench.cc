@@ -124,7 +124,7 @@ int Profile(const char* k_str, const char* n_str, const char* m_str) {
   zs.CopyFrom(host.data());
   DeviceBuffer<uint16_t> x(m * k), y(m * n);
   FillRandom(x, rng, uint16_t{0}, true);
-  for (cu::W4A16Kernel kernel : {cu::ChooseW4A16Kernel(m), cu::W4A16Kernel::kDecode8V0}) {
+  for (cu::W4A16Kernel kernel : {cu::ChooseW4A16Kernel(l, m, false), cu::W4A16Kernel::kDecode8V0}) {
     for (int i = 0; i < 5; ++i) {
       NIBBLE_TEST_CUDA_CHECK(
           cu::MatMulW4A16(l, x.get(), qw.get(), zs.get(), nullptr, y.get(), m, nullptr, kernel));
@@ -173,6 +173,11 @@ int main(int argc, char** argv) {
                               {"decode8v0", cu::W4A16Kernel::kDecode8V0},
                               {"decode16", cu::W4A16Kernel::kDecode16},
                               {"decode16v0", cu::W4A16Kernel::kDecode16V0}};
+  // The tensor-core GEMM kernels beside decode16, at 16 <= m <= 256 (the variants table also
+  // gets cuBLAS fp16, and from m = 64 on dequantize + cuBLAS and the dequantize alone).
+  const Variant gemm_variants[] = {{"decode16", cu::W4A16Kernel::kDecode16},
+                                   {"gemm16", cu::W4A16Kernel::kGemm16},
+                                   {"gemm32", cu::W4A16Kernel::kGemm32}};
   if (vcsv) std::fprintf(vcsv, "shape,k,n,m,variant,graph_us\n");
   struct Shape { const char* name; int64_t k, n; };
   const Shape shapes[] = {
@@ -182,7 +187,7 @@ int main(int argc, char** argv) {
   const int64_t ms[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096};
   // The engine's route (engine/cuda_backend.cc RunLinear): the W4A16 kernels below this many
   // tokens, DequantizeW4A16 into fp16 scratch + cuBLAS from it on.
-  const int64_t kDequantizeRows = 65;
+  const int64_t kDequantizeRows = 257;  // engine/cuda_backend.cc
   const int64_t group = 128;
   const char* header =
       "shape,k,n,m,ours_us,ours_launch_us,ours_bytes,ours_GBps,cublas_fp16_us,"
@@ -222,13 +227,17 @@ int main(int argc, char** argv) {
       }
       FillRandom(whs.back(), rng, uint16_t{0}, true);
     }
+    // The engine passes its dequantize scratch (fp16, as large as its largest 4-bit weight) as
+    // the kernels' workspace: here one of this shape's size, the least the engine has.
+    DeviceBuffer<uint16_t> workspace(s.n * s.k);
     for (int64_t m : ms) {
       DeviceBuffer<uint16_t> x(m * s.k), y(m * s.n);
       FillRandom(x, rng, uint16_t{0}, true);
       auto ours_fn = [&](cu::W4A16Kernel kernel) {
         return [&, kernel](int b) {
           NIBBLE_TEST_CUDA_CHECK(cu::MatMulW4A16(l, x.get(), qws[b].get(), zss[b].get(), nullptr,
-                                                 y.get(), m, stream, kernel));
+                                                 y.get(), m, stream, kernel, workspace.get(),
+                                                 workspace.bytes()));
         };
       };
       const double ours = GraphUs(ours_fn(cu::W4A16Kernel::kAuto), nbuf_q, stream);
@@ -242,10 +251,10 @@ int main(int argc, char** argv) {
       };
       const double dense = GraphUs(dense_fn, nbuf_h, stream);
       const double dense_launch = MedianUs(dense_fn, nbuf_h, stream);
-      double route = ours;
-      if (m >= kDequantizeRows) {
+      double route = ours, deq_route = 0, deq_only = 0;
+      if (m >= kDequantizeRows || (m >= 64 && m <= 1024)) {
         DeviceBuffer<uint16_t> scratch(s.n * s.k);
-        route = GraphUs(
+        deq_route = GraphUs(
             [&](int b) {
               NIBBLE_TEST_CUDA_CHECK(cu::DequantizeW4A16(l, qws[b].get(), zss[b].get(),
                                                          scratch.get(), stream));
@@ -255,6 +264,35 @@ int main(int argc, char** argv) {
                                         CUBLAS_GEMM_DEFAULT));
             },
             nbuf_q, stream);
+        if (m >= kDequantizeRows) route = deq_route;
+        if (m == 64) {
+          deq_only = GraphUs(
+              [&](int b) {
+                NIBBLE_TEST_CUDA_CHECK(cu::DequantizeW4A16(l, qws[b].get(), zss[b].get(),
+                                                           scratch.get(), stream));
+              },
+              nbuf_q, stream);
+          std::printf("dequantize %s: %.2f us, %.0f GB/s (int4 + scales read, fp16 written)\n",
+                      s.name, deq_only, (double(wbytes) + 2.0 * s.n * s.k) / (deq_only * 1e3));
+        }
+      }
+      if (m >= 16 && m <= 1024) {
+        for (const Variant& v : gemm_variants) {
+          const double us = GraphUs(ours_fn(v.kernel), nbuf_q, stream);
+          std::printf("variant %s m=%lld %s: %.2f us\n", s.name, (long long)m, v.name, us);
+          if (vcsv) std::fprintf(vcsv, "%s,%lld,%lld,%lld,%s,%.2f\n", s.name, (long long)s.k,
+                                 (long long)s.n, (long long)m, v.name, us);
+        }
+        if (vcsv) {
+          std::fprintf(vcsv, "%s,%lld,%lld,%lld,cublas,%.2f\n", s.name, (long long)s.k,
+                       (long long)s.n, (long long)m, dense);
+          if (deq_route > 0)
+            std::fprintf(vcsv, "%s,%lld,%lld,%lld,deq+cublas,%.2f\n", s.name, (long long)s.k,
+                         (long long)s.n, (long long)m, deq_route);
+          if (deq_only > 0)
+            std::fprintf(vcsv, "%s,%lld,%lld,%lld,dequant,%.2f\n", s.name, (long long)s.k,
+                         (long long)s.n, (long long)m, deq_only);
+        }
       }
       if (m <= 16) {
         for (const Variant& v : variants) {

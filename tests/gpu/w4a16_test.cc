@@ -48,6 +48,8 @@ const char* KernelName(cu::W4A16Kernel k) {
     case cu::W4A16Kernel::kTiled64: return "tiled64";
     case cu::W4A16Kernel::kDecode8V0: return "decode8v0";
     case cu::W4A16Kernel::kDecode16V0: return "decode16v0";
+    case cu::W4A16Kernel::kGemm16: return "gemm16";
+    case cu::W4A16Kernel::kGemm32: return "gemm32";
   }
   return "?";
 }
@@ -115,14 +117,24 @@ int RunCase(const Case& c, std::mt19937& rng) {
                 (long long)c.n, (long long)c.k, (long long)c.group, (long long)bad);
     failures += bad != 0;
   }
-  for (cu::W4A16Kernel kernel :
-       {cu::W4A16Kernel::kAuto, cu::W4A16Kernel::kDecode8, cu::W4A16Kernel::kDecode16,
-        cu::W4A16Kernel::kTiled64, cu::W4A16Kernel::kDecode8V0,
-        cu::W4A16Kernel::kDecode16V0}) {
+  // The GEMM kernels split k over blocks when given a workspace (NaN-poisoned here: every
+  // partial sum read must have been written); each is also run without one (unsplit).
+  DeviceBuffer<uint8_t> d_ws(size_t{64} << 20);
+  struct Choice { cu::W4A16Kernel kernel; bool ws; };
+  const Choice choices[] = {
+      {cu::W4A16Kernel::kAuto, true},       {cu::W4A16Kernel::kAuto, false},
+      {cu::W4A16Kernel::kDecode8, false},   {cu::W4A16Kernel::kDecode16, false},
+      {cu::W4A16Kernel::kTiled64, false},   {cu::W4A16Kernel::kDecode8V0, false},
+      {cu::W4A16Kernel::kDecode16V0, false}, {cu::W4A16Kernel::kGemm16, true},
+      {cu::W4A16Kernel::kGemm32, true},     {cu::W4A16Kernel::kGemm16, false},
+      {cu::W4A16Kernel::kGemm32, false}};
+  for (const Choice& choice : choices) {
+    const cu::W4A16Kernel kernel = choice.kernel;
     NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_y.get(), 0xff, d_y.bytes()));  // NaN poison
-    const cudaError_t err = cu::MatMulW4A16(l, d_x.get(), d_qw.get(), d_zs.get(),
-                                            c.bias ? d_bias.get() : nullptr, d_y.get(), c.m,
-                                            nullptr, kernel);
+    if (choice.ws) NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_ws.get(), 0xff, d_ws.bytes()));
+    const cudaError_t err = cu::MatMulW4A16(
+        l, d_x.get(), d_qw.get(), d_zs.get(), c.bias ? d_bias.get() : nullptr, d_y.get(), c.m,
+        nullptr, kernel, choice.ws ? d_ws.get() : nullptr, choice.ws ? d_ws.bytes() : 0);
     NIBBLE_TEST_CUDA_CHECK(err);
     NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
     std::vector<uint16_t> y16(ref.size());
@@ -146,7 +158,8 @@ int RunCase(const Case& c, std::mt19937& rng) {
     std::printf("%s m=%lld n=%lld k=%lld group=%lld bias=%d kernel=%s rel_err=%.2e "
                 "worst/bound=%.2f unwritten=%lld outside=%lld\n",
                 ok ? "PASS" : "FAIL", (long long)c.m, (long long)c.n, (long long)c.k,
-                (long long)c.group, c.bias, KernelName(kernel), rel, worst,
+                (long long)c.group, c.bias,
+                (std::string(KernelName(kernel)) + (choice.ws ? "+ws" : "")).c_str(), rel, worst,
                 (long long)unwritten, (long long)outside);
     failures += !ok;
   }
@@ -171,6 +184,11 @@ int main(int argc, char** argv) {
       {7, 40, 33, 32, false},       {16, 8, 2048 + 64, 64, true}, {17, 4096, 2048 + 64, 128, false},
       {64, 24, 8192 + 32, 32, true}, {5, 4096, 172, 64, false},   {257, 4096, 4096, 64, true},
       {16, 4096, 4096, 32, false},  {64, 1024, 4096, 128, true},  {2, 6144, 4096, 128, false},
+      // The GEMM kernels' ranges (16..256 tokens and beyond), partial feature blocks (n not a
+      // multiple of 64 / 128, n_pad > n), partial k chunks and groups, k % 8 != 0 (fallback).
+      {32, 1000, 2112, 32, true},   {48, 4104, 4104, 128, false}, {128, 264, 8224, 64, true},
+      {200, 2056, 1000, 128, true}, {96, 136, 4096, 32, false},   {33, 40, 172, 64, true},
+      {256, 2048, 2048, 128, false}, {131, 8, 520, 32, true},
   };
   int failures = 0;
   for (const Case& c : cases) failures += RunCase(c, rng);
