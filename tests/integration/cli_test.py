@@ -276,12 +276,24 @@ class QuantizeTest(unittest.TestCase):
             (["--calib-samples", "100000", "--calib-seqlen", "128"] + self.CALIBRATION[:4],
              "samples"),
             (["--calib-seqlen", "2048"] + self.CALIBRATION[:4], "context"),
+            (["--device", "gpu0"] + self.CALIBRATION, "cuda:N"),
         ]
         for args, word in cases:
             out = self.quantize("bad", *args, check=False)
             self.assertNotEqual(out.returncode, 0, args)
             self.assertIn(word, out.stderr, args)
             self.assertEqual(os.listdir(self.tmp), [], args)  # no partial artifact, no staging
+
+    @unittest.skipIf(shutil.which("nvidia-smi") is not None and
+                     subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0,
+                     "this machine has a GPU: gpu_awq_test runs the search there")
+    def test_gpu_search_without_a_gpu_is_refused_and_writes_nothing(self):
+        # A build with CUDA on a machine without a GPU (CI) or a build without CUDA: either
+        # way a clear error before the work directory exists.
+        out = self.quantize("gpu", "--device", "cuda", *self.CALIBRATION, check=False)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("CUDA", out.stderr)
+        self.assertEqual(os.listdir(self.tmp), [])
 
     def test_unreadable_model_and_occupied_work_dir_are_named(self):
         out = nibble("quantize", "/nonexistent/model", "--work-dir", os.path.join(self.tmp, "x"),
