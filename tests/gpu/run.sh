@@ -6,7 +6,8 @@
 #   tests/gpu/run.sh [CUDA_ARCHS]   (default 90: H100/H200; "80;87;89;90" for all)
 #   NIBBLE_PROFILE=1 also dumps SASS and an ncu profile of 7b.w1w3 at M = 1 (sass.txt, ncu.log).
 #   NIBBLE_SKIP_W4A16=1 runs only the element-wise and attention kernels' tests and benchmark.
-# Order: build; W4A16 tests; ops_test and attention_test (kernels/cuda/ops.h, attention.h);
+# Order: build; W4A16 tests; ops_test, attention_test and sampling_test (kernels/cuda/ops.h,
+# attention.h, sampling.h; sampling_test prints its timing lines too);
 # W4A16 benchmark; decode attention benchmark (its table); the W4A16 summary table last.
 #
 #   tests/gpu/run.sh --full [CUDA_ARCHS]   the whole project (engine, daemon, CLI, tests) with
@@ -201,7 +202,7 @@ fi
 # benchmark (few files come back from a lent host).
 KLOG="$LOGS/kernels.log"
 : > "$KLOG"
-for t in ops_test attention_test; do
+for t in ops_test attention_test sampling_test; do
   "$BUILD/bin/$t" > "$LOGS/$t.tmp" 2>&1 || { cat "$LOGS/$t.tmp" >> "$KLOG"; grep -v ^PASS "$LOGS/$t.tmp"; exit 1; }
   cat "$LOGS/$t.tmp" >> "$KLOG"
   grep -c ^PASS "$LOGS/$t.tmp" | sed "s/^/$t PASS lines: /"; tail -1 "$LOGS/$t.tmp"
