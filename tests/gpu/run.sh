@@ -208,6 +208,8 @@ for t in ops_test attention_test sampling_test; do
   grep -c ^PASS "$LOGS/$t.tmp" | sed "s/^/$t PASS lines: /"; tail -1 "$LOGS/$t.tmp"
   rm -f "$LOGS/$t.tmp"
 done
+# sampling_test's timings and any near ties it counted (rounding-level disagreements).
+grep -E '^bench sample|near tie' "$KLOG" || true
 if [[ "$SKIP_W4A16" == 1 ]]; then
   "$BUILD/bin/attention_bench" 2>&1 | tee -a "$KLOG"
   exit 0
