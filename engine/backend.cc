@@ -1,8 +1,10 @@
 #include "engine/backend.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/cpu/sampling.h"
 
 namespace nibble::engine {
 
@@ -43,19 +45,31 @@ absl::Status CheckBatchSpans(std::span<const BatchSpan> spans, int64_t vocab,
                                                        usable_blocks));
       }
     }
+    const kernels::SampleRowParams& p = span.sampling;
+    // The Sampler's own ranges (ValidateSamplingParams), and a draw in [0, 1).
+    if (span.sample && !(p.u >= 0.0 && p.u < 1.0 && p.temperature >= 0.0f &&
+                         std::isfinite(p.temperature) && p.top_k >= 0 && p.top_p > 0.0f &&
+                         p.top_p <= 1.0f && p.repetition_penalty > 0.0f &&
+                         std::isfinite(p.repetition_penalty))) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "span ", s, " samples with temperature ", p.temperature, ", top_k ", p.top_k,
+          ", top_p ", p.top_p, ", repetition_penalty ", p.repetition_penalty, ", u ", p.u));
+    }
   }
   return absl::OkStatus();
 }
 
-void TakeArgmaxRows(std::span<const BatchSpan> spans, int64_t vocab, std::vector<float>& logits,
-                    std::vector<int32_t>& argmax_out) {
-  argmax_out.clear();
+void TakeSampledRows(std::span<const BatchSpan> spans, int64_t vocab, std::vector<float>& logits,
+                     std::vector<int32_t>& sampled_out) {
+  sampled_out.clear();
+  kernels::cpu::SampleScratch scratch;
   size_t kept = 0, row = 0;
   for (const BatchSpan& span : spans) {
     if (!span.logits) continue;
-    const float* begin = logits.data() + row * vocab;
-    if (span.argmax_only) {
-      argmax_out.push_back(static_cast<int32_t>(std::max_element(begin, begin + vocab) - begin));
+    float* begin = logits.data() + row * vocab;
+    if (span.sample) {
+      sampled_out.push_back(kernels::cpu::SampleRow(std::span<float>(begin, vocab), span.sampling,
+                                                    span.penalty_ids, scratch));
     } else {
       if (kept != row) std::copy_n(begin, vocab, logits.data() + kept * vocab);
       ++kept;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "kernels/sample_row.h"
 
 namespace nibble::engine {
 
@@ -34,10 +35,15 @@ struct BatchSpan {
   // (at least ceil((start + tokens.size()) / block_seq_len) of them; extra ones are unused).
   std::span<const int32_t> block_table;
   bool logits = false;  // compute the logits of the span's last token
-  // With `logits`: only the argmax of those logits is wanted (greedy decoding without a
-  // repetition penalty): its id goes to argmax_out instead of a row to logits_out, so that a
-  // GPU backend keeps the logits on the device.
-  bool argmax_only = false;
+  // With `logits`: the backend picks the next token itself, by the rule of
+  // kernels/cpu/sampling.h with `sampling` (greedy, or sampled with the caller's uniform draw
+  // inside) and `penalty_ids`; its id goes to sampled_out instead of a row to logits_out, so
+  // that a GPU backend keeps the logits on the device.
+  bool sample = false;
+  kernels::SampleRowParams sampling = {};
+  // With `sample`: the distinct ids the repetition penalty applies to (Sampler::PenaltyIds);
+  // read during ForwardBatch only.
+  std::span<const int32_t> penalty_ids = {};
 };
 
 // Not thread-safe: one thread drives a backend (the engine's scheduler thread, or the CLI).
@@ -85,16 +91,17 @@ class Backend {
   // the other spans are. Errors (nothing is written): no pool, no spans, an empty span, a
   // token outside the vocabulary, a block table too short or naming a block outside the
   // usable pool.
-  // `argmax_out` gets, in span order, the id of the largest logit (the lowest id on ties, as
-  // std::max_element) of each span with `logits` and `argmax_only`; those spans have no row
-  // in `logits_out`.
+  // `sampled_out` gets, in span order, the token each span with `logits` and `sample` picks
+  // (kernels/cpu/sampling.h's SampleRow on its logits: the same token on every backend
+  // given the same logits and draw, up to rounding where a cumulative sum meets the draw's
+  // target, kernels/cuda/sampling.h); those spans have no row in `logits_out`.
   virtual absl::Status ForwardBatch(std::span<const BatchSpan> spans,
                                     std::vector<float>& logits_out,
-                                    std::vector<int32_t>& argmax_out) = 0;
-  // For callers without argmax_only spans.
+                                    std::vector<int32_t>& sampled_out) = 0;
+  // For callers without `sample` spans.
   absl::Status ForwardBatch(std::span<const BatchSpan> spans, std::vector<float>& logits_out) {
-    std::vector<int32_t> argmax_out;
-    return ForwardBatch(spans, logits_out, argmax_out);
+    std::vector<int32_t> sampled_out;
+    return ForwardBatch(spans, logits_out, sampled_out);
   }
 };
 
@@ -106,10 +113,10 @@ absl::Status CheckTokenIds(std::span<const int32_t> tokens, int64_t vocab);
 absl::Status CheckBatchSpans(std::span<const BatchSpan> spans, int64_t vocab,
                              int64_t block_seq_len, int64_t usable_blocks);
 // For a backend that computes every logits row on the host: `logits` holds one row of `vocab`
-// per span with `logits` set, in span order; the rows of argmax_only spans are replaced by
-// their argmax (std::max_element) in `argmax_out` and removed from `logits`.
-void TakeArgmaxRows(std::span<const BatchSpan> spans, int64_t vocab, std::vector<float>& logits,
-                    std::vector<int32_t>& argmax_out);
+// per span with `logits` set, in span order; the rows of `sample` spans are replaced by the
+// token kernels::cpu::SampleRow picks from them, in `sampled_out`, and removed from `logits`.
+void TakeSampledRows(std::span<const BatchSpan> spans, int64_t vocab, std::vector<float>& logits,
+                     std::vector<int32_t>& sampled_out);
 // NewSequence's check: InvalidArgument unless capacity > 0.
 absl::Status CheckSequenceCapacity(int64_t capacity);
 // Forward's checks (the errors it documents) of `tokens` appended to `sequence`.

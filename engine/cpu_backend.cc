@@ -119,7 +119,7 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status ForwardBatch(std::span<const BatchSpan> spans, std::vector<float>& logits_out,
-                            std::vector<int32_t>& argmax_out) override {
+                            std::vector<int32_t>& sampled_out) override {
     if (pool_ == nullptr) {
       return absl::FailedPreconditionError("ForwardBatch before ConfigureKvCache");
     }
@@ -138,7 +138,7 @@ class CpuBackend final : public Backend {
       view.logits = span.logits ? SequenceView::Logits::kLast : SequenceView::Logits::kNone;
     }
     Run(views, logits_out);
-    TakeArgmaxRows(spans, config_.vocab_size, logits_out, argmax_out);
+    TakeSampledRows(spans, config_.vocab_size, logits_out, sampled_out);
     return absl::OkStatus();
   }
 

@@ -20,6 +20,7 @@
 #include "kernels/cpu/half.h"
 #include "kernels/cuda/attention.h"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/sampling.h"
 #include "kernels/cuda/w4a16.h"
 
 namespace nibble::engine {
@@ -180,7 +181,10 @@ struct PassSpan {
   int64_t start = 0;
   std::span<const int32_t> block_table;
   enum class Logits { kNone, kLast, kAll } logits = Logits::kNone;
-  bool argmax_only = false;  // kLast: the argmax's id only (BatchSpan::argmax_only)
+  // kLast: the token picked on the device only (BatchSpan::sample, sampling, penalty_ids).
+  bool sample = false;
+  kernels::SampleRowParams sampling;
+  std::span<const int32_t> penalty_ids;
 };
 
 class CudaBackend final : public Backend {
@@ -237,8 +241,8 @@ class CudaBackend final : public Backend {
     span.block_table = std::span<const int32_t>(&kOnlyBlock, 1);
     span.logits = which == LogitsFor::kAllPositions ? PassSpan::Logits::kAll : PassSpan::Logits::kLast;
     const KvTarget target{sequence->data(), sequence->capacity(), BlockHalves(sequence->capacity())};
-    std::vector<int32_t> no_argmax;
-    NIBBLE_RETURN_IF_ERROR(Run(std::span<const PassSpan>(&span, 1), target, logits, no_argmax));
+    std::vector<int32_t> none_sampled;
+    NIBBLE_RETURN_IF_ERROR(Run(std::span<const PassSpan>(&span, 1), target, logits, none_sampled));
     sequence->set_length(start + n);
     return absl::OkStatus();
   }
@@ -278,22 +282,48 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status ForwardBatch(std::span<const BatchSpan> spans, std::vector<float>& logits_out,
-                            std::vector<int32_t>& argmax_out) override {
+                            std::vector<int32_t>& sampled_out) override {
     if (pool_blocks_ == 0) {
       return absl::FailedPreconditionError("ForwardBatch before ConfigureKvCache");
     }
     NIBBLE_RETURN_IF_ERROR(CheckBatchSpans(spans, config_.vocab_size, block_seq_len_,
                                            usable_blocks_));
     std::vector<PassSpan> pass(spans.size());
+    // The spans whose token the host picks (device_sampling_ off: all but plain greedy ones),
+    // seen as spans whose logits row comes back; the device's picks have no row.
+    std::vector<BatchSpan> host_view;
+    bool host_samples = false;
     for (size_t s = 0; s < spans.size(); ++s) {
+      const kernels::SampleRowParams& p = spans[s].sampling;
+      const bool plain_greedy = p.temperature == 0.0f &&
+                                (p.repetition_penalty == 1.0f || spans[s].penalty_ids.empty());
       pass[s].tokens = spans[s].tokens;
       pass[s].start = spans[s].start;
       pass[s].block_table = spans[s].block_table;
       pass[s].logits = spans[s].logits ? PassSpan::Logits::kLast : PassSpan::Logits::kNone;
-      pass[s].argmax_only = spans[s].logits && spans[s].argmax_only;
+      pass[s].sample = spans[s].logits && spans[s].sample && (device_sampling_ || plain_greedy);
+      pass[s].sampling = spans[s].sampling;
+      pass[s].penalty_ids = spans[s].penalty_ids;
+      if (pass[s].sample && device_sampling_ && config_.vocab_size > kc::kSampleRowsMaxVocab) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "sampling on the device takes vocabularies of at most ", kc::kSampleRowsMaxVocab,
+            " tokens, not ", config_.vocab_size));
+      }
+      host_view.push_back(spans[s]);
+      host_view.back().logits = spans[s].logits && !pass[s].sample;
+      host_samples = host_samples || (host_view.back().logits && spans[s].sample);
     }
     const KvTarget target{pool_.as<uint16_t>(), block_seq_len_, BlockHalves(block_seq_len_)};
-    return Run(pass, target, logits_out, argmax_out);
+    if (!host_samples) return Run(pass, target, logits_out, sampled_out);
+    std::vector<int32_t> on_device, on_host;
+    NIBBLE_RETURN_IF_ERROR(Run(pass, target, logits_out, on_device));
+    TakeSampledRows(host_view, config_.vocab_size, logits_out, on_host);
+    sampled_out.clear();
+    for (size_t s = 0, device = 0, host = 0; s < spans.size(); ++s) {
+      if (!spans[s].logits || !spans[s].sample) continue;
+      sampled_out.push_back(pass[s].sample ? on_device[device++] : on_host[host++]);
+    }
+    return absl::OkStatus();
   }
 
  private:
@@ -377,6 +407,12 @@ class CudaBackend final : public Backend {
     // NIBBLE_CUDA_GRAPHS=0 runs every decode step eagerly (for comparisons and debugging).
     const char* graphs = std::getenv("NIBBLE_CUDA_GRAPHS");
     use_graphs_ = graphs == nullptr || std::string(graphs) != "0";
+    // NIBBLE_CUDA_DEVICE_SAMPLING=1: every `sample` span's token is picked on the device by
+    // kernels/cuda/sampling.h. Off by default until that kernel has run on a GPU
+    // (tests/gpu/sampling_test.cc, gpu_engine_test); meanwhile plain greedy spans take
+    // ArgMaxRows (checked and measured) and the others the host's rule.
+    const char* device_sampling = std::getenv("NIBBLE_CUDA_DEVICE_SAMPLING");
+    device_sampling_ = device_sampling != nullptr && std::string(device_sampling) == "1";
     NIBBLE_CUDA_OR_RETURN(cudaDeviceSynchronize(), "uploading the weights");
     return absl::OkStatus();
   }
@@ -480,7 +516,7 @@ class CudaBackend final : public Backend {
     NIBBLE_RETURN_IF_ERROR(last_.Reserve(r * hidden * h, "activations", gen));
     NIBBLE_RETURN_IF_ERROR(logits16_.Reserve(r * config_.vocab_size * h, "logits", gen));
     NIBBLE_RETURN_IF_ERROR(logits32_.Reserve(r * config_.vocab_size * sizeof(float), "logits", gen));
-    NIBBLE_RETURN_IF_ERROR(argmax_.Reserve(r * sizeof(int32_t), "argmax ids", gen));
+    NIBBLE_RETURN_IF_ERROR(sampled_.Reserve(r * sizeof(int32_t), "sampled ids", gen));
     return absl::OkStatus();
   }
 
@@ -496,6 +532,11 @@ class CudaBackend final : public Backend {
     kc::PrefillSpanTable prefill;  // prefill passes: the spans (tables: one per span)
     int64_t prefill_spans = 0;
     const float* inv_freq;  // [spans, head_dim / 2]
+    // The sampled rows' (the last of the logit rows): parameters, and their penalty ids
+    // penalty_ids[penalty_offsets[i] .. penalty_offsets[i + 1]).
+    const kernels::SampleRowParams* sample_params;
+    const int32_t* penalty_offsets;
+    const int32_t* penalty_ids;
   };
 
   struct AttentionPlans {
@@ -513,7 +554,7 @@ class CudaBackend final : public Backend {
   // power-of-two width (and attention planned for that many blocks) so few graphs serve all
   // lengths.
   absl::Status Run(std::span<const PassSpan> spans, const KvTarget& kv, std::vector<float>& logits,
-                   std::vector<int32_t>& argmax_out) {
+                   std::vector<int32_t>& sampled_out) {
     NIBBLE_RETURN_IF_ERROR(SelectDevice());
     const int64_t d = config_.head_dim;
     int64_t n = 0, max_len = 0, max_blocks = 1;
@@ -541,9 +582,13 @@ class CudaBackend final : public Backend {
     // Per-token metadata, built on the host and copied in one transfer: ids, positions, the
     // span's RoPE row, the cache slot, the attention length (the token sees positions
     // 0 .. its own), the block table (each token its span's: attention takes one per row),
-    // then the logit rows; the spans' inverse frequencies follow as floats.
-    // Rows whose logits go to the host first, then those reduced to their argmax on the device.
-    std::vector<int32_t> logit_rows, argmax_rows;
+    // then the logit rows; the spans' inverse frequencies follow as floats; then, 8-byte
+    // aligned, the sampled rows' parameters, their penalty offsets and ids.
+    // Rows whose logits go to the host first, then those sampled on the device.
+    std::vector<int32_t> logit_rows, sampled_rows;
+    sample_params_.clear();
+    penalty_offsets_.assign(1, 0);
+    penalty_ids_.clear();
     ids_.resize(n);
     positions_.resize(n);
     freq_index_.resize(n);
@@ -576,20 +621,29 @@ class CudaBackend final : public Backend {
         if (!prefill) std::copy_n(span.block_table.data(), blocks, tables_.data() + row * table_stride);
         if (span.logits == PassSpan::Logits::kAll ||
             (span.logits == PassSpan::Logits::kLast && t == tokens - 1)) {
-          (span.argmax_only ? argmax_rows : logit_rows).push_back(static_cast<int32_t>(row));
+          if (span.sample) {
+            sampled_rows.push_back(static_cast<int32_t>(row));
+            sample_params_.push_back(span.sampling);
+            penalty_ids_.insert(penalty_ids_.end(), span.penalty_ids.begin(), span.penalty_ids.end());
+            penalty_offsets_.push_back(static_cast<int32_t>(penalty_ids_.size()));
+          } else {
+            logit_rows.push_back(static_cast<int32_t>(row));
+          }
         }
       }
       const std::vector<float> inv_freq = RopeInverseFrequenciesForLength(config_, span.start + tokens);
       inv_freq_.insert(inv_freq_.end(), inv_freq.begin(), inv_freq.end());
     }
-    const int64_t argmax_count = static_cast<int64_t>(argmax_rows.size());
-    logit_rows.insert(logit_rows.end(), argmax_rows.begin(), argmax_rows.end());
+    const int64_t sampled_count = static_cast<int64_t>(sampled_rows.size());
+    logit_rows.insert(logit_rows.end(), sampled_rows.begin(), sampled_rows.end());
     const int64_t r = static_cast<int64_t>(logit_rows.size());
     NIBBLE_RETURN_IF_ERROR(ReserveScratch(n, r));
 
     const size_t ints = static_cast<size_t>(5 * n + table_rows * table_stride + r) +
                         3 * span_first_row_.size();
-    const size_t meta_bytes = ints * sizeof(int32_t) + inv_freq_.size() * sizeof(float);
+    const size_t sample_at = (ints * sizeof(int32_t) + inv_freq_.size() * sizeof(float) + 7) / 8 * 8;
+    const size_t meta_bytes = sample_at + sample_params_.size() * sizeof(kernels::SampleRowParams) +
+                              (penalty_offsets_.size() + penalty_ids_.size()) * sizeof(int32_t);
     NIBBLE_RETURN_IF_ERROR(host_meta_.Reserve(meta_bytes));
     NIBBLE_RETURN_IF_ERROR(meta_.Reserve(meta_bytes, "step metadata", &scratch_generation_));
     int32_t* at = reinterpret_cast<int32_t*>(host_meta_.data());
@@ -599,6 +653,10 @@ class CudaBackend final : public Backend {
       at = std::copy(v->begin(), v->end(), at);
     }
     std::copy(inv_freq_.begin(), inv_freq_.end(), reinterpret_cast<float*>(at));
+    auto* params_at = reinterpret_cast<kernels::SampleRowParams*>(host_meta_.data() + sample_at);
+    at = reinterpret_cast<int32_t*>(std::copy(sample_params_.begin(), sample_params_.end(), params_at));
+    at = std::copy(penalty_offsets_.begin(), penalty_offsets_.end(), at);
+    std::copy(penalty_ids_.begin(), penalty_ids_.end(), at);
     PassMeta meta;
     meta.ids = meta_.as<int32_t>();
     meta.positions = meta.ids + n;
@@ -615,6 +673,11 @@ class CudaBackend final : public Backend {
     meta.prefill.block_table_stride = table_stride;
     meta.prefill_spans = prefill_spans;
     meta.inv_freq = reinterpret_cast<const float*>(meta.prefill.tokens + prefill_spans);
+    // At an offset fixed by the pass's shape (the graph key), whatever the parameters and the
+    // number of penalty ids: a captured graph reads each step's values there.
+    meta.sample_params = reinterpret_cast<const kernels::SampleRowParams*>(meta_.as<char>() + sample_at);
+    meta.penalty_offsets = reinterpret_cast<const int32_t*>(meta.sample_params + sampled_count);
+    meta.penalty_ids = meta.penalty_offsets + sampled_count + 1;
 
     AttentionPlans plan;
     plan.prefill = prefill;
@@ -641,43 +704,43 @@ class CudaBackend final : public Backend {
                           "copying the step's metadata");
 
     if (decode_step && use_graphs_) {
-      const std::tuple<int64_t, int64_t, int64_t> key(n, table_stride, argmax_count);
+      const std::tuple<int64_t, int64_t, int64_t> key(n, table_stride, sampled_count);
       auto found = graphs_.find(key);
       if (found == graphs_.end()) {
         if (graphs_.size() >= kMaxGraphs) graphs_.clear();
         NIBBLE_ASSIGN_OR_RETURN(std::unique_ptr<GraphExec> exec,
-                                Capture(n, r, argmax_count, table_stride, plan, kv, meta));
+                                Capture(n, r, sampled_count, table_stride, plan, kv, meta));
         found = graphs_.emplace(key, std::move(exec)).first;
       }
       NIBBLE_CUDA_OR_RETURN(cudaGraphLaunch(found->second->get(), stream_), "the decode step's graph");
     } else {
-      NIBBLE_RETURN_IF_ERROR(Enqueue(n, r, argmax_count, table_stride, plan, kv, meta));
+      NIBBLE_RETURN_IF_ERROR(Enqueue(n, r, sampled_count, table_stride, plan, kv, meta));
     }
-    logits.resize(static_cast<size_t>((r - argmax_count) * config_.vocab_size));
+    logits.resize(static_cast<size_t>((r - sampled_count) * config_.vocab_size));
     if (!logits.empty()) {
       NIBBLE_CUDA_OR_RETURN(cudaMemcpyAsync(logits.data(), logits32_.as<float>(),
                                             logits.size() * sizeof(float), cudaMemcpyDeviceToHost,
                                             stream_),
                             "copying the logits");
     }
-    argmax_out.resize(static_cast<size_t>(argmax_count));
-    if (argmax_count > 0) {
-      NIBBLE_CUDA_OR_RETURN(cudaMemcpyAsync(argmax_out.data(), argmax_.as<int32_t>(),
-                                            argmax_count * sizeof(int32_t),
+    sampled_out.resize(static_cast<size_t>(sampled_count));
+    if (sampled_count > 0) {
+      NIBBLE_CUDA_OR_RETURN(cudaMemcpyAsync(sampled_out.data(), sampled_.as<int32_t>(),
+                                            sampled_count * sizeof(int32_t),
                                             cudaMemcpyDeviceToHost, stream_),
-                            "copying the argmax ids");
+                            "copying the sampled ids");
     }
     NIBBLE_CUDA_OR_RETURN(cudaStreamSynchronize(stream_), "the forward pass");
     return absl::OkStatus();
   }
 
-  absl::StatusOr<std::unique_ptr<GraphExec>> Capture(int64_t n, int64_t r, int64_t argmax_count,
+  absl::StatusOr<std::unique_ptr<GraphExec>> Capture(int64_t n, int64_t r, int64_t sampled_count,
                                                      int64_t table_stride,
                                                      const AttentionPlans& plan,
                                                      const KvTarget& kv, const PassMeta& meta) {
     NIBBLE_CUDA_OR_RETURN(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal),
                           "capturing the decode step");
-    const absl::Status enqueued = Enqueue(n, r, argmax_count, table_stride, plan, kv, meta);
+    const absl::Status enqueued = Enqueue(n, r, sampled_count, table_stride, plan, kv, meta);
     cudaGraph_t graph = nullptr;
     const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
     if (!enqueued.ok()) {
@@ -694,7 +757,7 @@ class CudaBackend final : public Backend {
 
   // Every kernel of one pass, on stream_, from the token ids in `meta` to fp32 logits in
   // logits32_ (no host synchronization: capturable).
-  absl::Status Enqueue(int64_t n, int64_t r, int64_t argmax_count, int64_t table_stride,
+  absl::Status Enqueue(int64_t n, int64_t r, int64_t sampled_count, int64_t table_stride,
                        const AttentionPlans& plan, const KvTarget& kv, const PassMeta& meta) {
     const int64_t hidden = config_.hidden_size, q_dim = config_.q_dim(), kv_dim = config_.kv_dim();
     const int64_t ffn = config_.intermediate_size, d = config_.head_dim;
@@ -783,11 +846,19 @@ class CudaBackend final : public Backend {
                                             logits32, stream_),
                             "widening the logits");
     }
-    if (argmax_count > 0) {  // the last argmax_count rows: only their argmax leaves the device
+    if (sampled_count > 0) {  // the last sampled_count rows: only their token leaves the device
       const int64_t vocab = config_.vocab_size;
-      NIBBLE_CUDA_OR_RETURN(kc::ArgMaxRows(logits32 + (r - argmax_count) * vocab, argmax_count,
-                                           vocab, vocab, argmax_.as<int32_t>(), stream_),
-                            "greedy argmax");
+      float* rows = logits32 + (r - sampled_count) * vocab;
+      if (device_sampling_) {
+        NIBBLE_CUDA_OR_RETURN(kc::SampleRows(rows, sampled_count, vocab, vocab, meta.sample_params,
+                                             meta.penalty_offsets, meta.penalty_ids,
+                                             sampled_.as<int32_t>(), stream_),
+                              "sampling on the device");
+      } else {  // only plain greedy spans are picked here (ForwardBatch)
+        NIBBLE_CUDA_OR_RETURN(kc::ArgMaxRows(rows, sampled_count, vocab, vocab,
+                                             sampled_.as<int32_t>(), stream_),
+                              "greedy argmax");
+      }
     }
     return absl::OkStatus();
   }
@@ -820,16 +891,19 @@ class CudaBackend final : public Backend {
 
   // Per-pass scratch, grown to the largest pass seen.
   GrowingDeviceBuffer x_, normed_, qkv_, q_, attention_, projected_, gate_up_, act_, last_,
-      logits16_, logits32_, argmax_, meta_, workspace_;
+      logits16_, logits32_, sampled_, meta_, workspace_;
   uint64_t scratch_generation_ = 0;  // bumped whenever a scratch buffer moves
   uint64_t graphs_generation_ = 0;   // the generation the graphs were captured in
   bool use_graphs_ = true;
-  // Decode-step graphs by (batch size, block-table width, spans reduced to their argmax).
+  bool device_sampling_ = false;  // NIBBLE_CUDA_DEVICE_SAMPLING=1 (Init)
+  // Decode-step graphs by (batch size, block-table width, spans sampled on the device).
   std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<GraphExec>> graphs_;
   PinnedBuffer host_meta_;
   std::vector<int32_t> ids_, positions_, freq_index_, slots_, lengths_, tables_;
   std::vector<int32_t> span_first_row_, span_start_, span_tokens_;  // prefill passes
   std::vector<float> inv_freq_;
+  std::vector<kernels::SampleRowParams> sample_params_;  // the sampled rows'
+  std::vector<int32_t> penalty_offsets_, penalty_ids_;
 };
 
 }  // namespace

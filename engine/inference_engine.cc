@@ -42,6 +42,7 @@ struct Sequence {
   bool ever_admitted = false;
 
   std::unique_ptr<Sampler> sampler;
+  std::vector<int32_t> penalty_ids;  // this step's (the backend reads them during the pass)
   std::unique_ptr<Completion> completion;
   Usage usage;
   double queue_seconds = 0;
@@ -218,8 +219,8 @@ class InferenceEngine::Impl {
   KvBlockAllocator blocks_;
   uint64_t lru_clock_ = 0;
   int64_t admitted_counter_ = 0;
-  std::vector<float> logits_;
-  std::vector<int32_t> argmax_;  // the argmax ids of the step's argmax_only spans
+  std::vector<float> logits_;     // stays empty: every span with logits samples on the backend
+  std::vector<int32_t> sampled_;  // the tokens the backend picked, in span order
   EngineStats counters_;  // the cumulative fields, copied into stats_ by PublishStats
   bool delete_when_stopped_ = false;  // set by DeleteWhenStopped, on this thread
 };
@@ -563,15 +564,22 @@ void InferenceEngine::Impl::RunStep() {
     span.block_table = sequence.blocks;
     span.logits = sequence.computed + plan[s].tokens ==
                   static_cast<int64_t>(sequence.tokens.size());
-    // Greedy without a repetition penalty needs only the argmax (the Sampler's own rule:
-    // std::max_element), which a GPU backend finds without copying the logits back.
-    const SamplingParams& sampling = sequence.request.sampling;
-    span.argmax_only = sampling.temperature == 0.0f && sampling.repetition_penalty == 1.0f;
+    // The backend picks the token by the Sampler's rule (a GPU backend next to the logits,
+    // which then never leave the device); the draw comes from the request's seeded stream
+    // here, one per generated token as Sampler::Sample takes it, so a seed replays the same
+    // tokens on every backend (up to rounding, kernels/cuda/sampling.h).
+    if (span.logits) {
+      span.sample = true;
+      span.sampling = sequence.sampler->NextRow();
+      sequence.sampler->PenaltyIds(sequence.tokens, model_->config().vocab_size,
+                                   sequence.penalty_ids);
+      span.penalty_ids = sequence.penalty_ids;
+    }
     counters_.prompt_tokens_total +=
         std::max<int64_t>(0, std::min(sequence.prompt_length, sequence.computed + plan[s].tokens) -
                                  sequence.computed);
   }
-  const absl::Status status = model_->backend().ForwardBatch(spans, logits_, argmax_);
+  const absl::Status status = model_->backend().ForwardBatch(spans, logits_, sampled_);
   ++counters_.steps_total;
   if (!status.ok()) {
     // A backend failure ends the requests of this step; the engine goes on.
@@ -586,23 +594,15 @@ void InferenceEngine::Impl::RunStep() {
     return;
   }
 
-  const int64_t vocab = model_->config().vocab_size;
   const Clock::time_point now = Clock::now();
   std::set<Sequence*> finished;
   std::vector<std::pair<Sequence*, Completion::Step>> outcomes;
-  int64_t row = 0, argmax_row = 0;
+  size_t sampled_row = 0;
   for (size_t s = 0; s < plan.size(); ++s) {
     Sequence& sequence = *plan[s].sequence;
     sequence.computed += plan[s].tokens;
     if (!spans[s].logits) continue;
-    int32_t token = 0;
-    if (spans[s].argmax_only) {
-      token = argmax_[argmax_row++];
-    } else {
-      std::span<float> logits(logits_.data() + row * vocab, static_cast<size_t>(vocab));
-      ++row;
-      token = sequence.sampler->Sample(logits, sequence.tokens);
-    }
+    const int32_t token = sampled_[sampled_row++];
     sequence.tokens.push_back(token);
     ++counters_.generation_tokens_total;
     if (sequence.first_token_seconds == 0) {

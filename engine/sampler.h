@@ -9,6 +9,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "kernels/cpu/sampling.h"
+#include "kernels/sample_row.h"
 
 namespace nibble::engine {
 
@@ -29,16 +31,26 @@ class Sampler {
   explicit Sampler(const SamplingParams& params);
 
   // Picks a token from `logits` (modified in place), given the ids seen so far (prompt and
-  // output) for the repetition penalty.
+  // output) for the repetition penalty: NextRow, PenaltyIds, then kernels::cpu::SampleRow.
   int32_t Sample(std::span<float> logits, std::span<const int32_t> previous_ids);
+
+  // The two halves of Sample, for a backend that applies the rule itself (on a GPU, next to
+  // the logits): the next token's row parameters, with the next uniform draw of the seeded
+  // stream when the request samples (temperature > 0; greedy draws nothing), exactly the
+  // draw Sample would take; ...
+  kernels::SampleRowParams NextRow();
+  // ... and the ids the repetition penalty applies to: the distinct ids of `previous_ids`
+  // within [0, vocab), ascending, into `ids` (emptied without a penalty).
+  void PenaltyIds(std::span<const int32_t> previous_ids, int64_t vocab,
+                  std::vector<int32_t>& ids) const;
 
  private:
   double NextUniform();  // in [0, 1)
 
   SamplingParams params_;
   std::mt19937_64 rng_;
-  std::vector<int32_t> order_;  // scratch: candidate ids
-  std::vector<double> probs_;   // scratch
+  std::vector<int32_t> penalty_ids_;     // scratch
+  kernels::cpu::SampleScratch scratch_;
 };
 
 }  // namespace nibble::engine

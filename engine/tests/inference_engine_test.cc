@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -20,6 +21,7 @@
 #include "engine/llama2c.h"
 #include "engine/model.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/sampling.h"
 #include "tests/testing/test_support.h"
 
 namespace nibble::engine {
@@ -308,6 +310,56 @@ TEST(CpuBackendTest, ForwardBatchEqualsForwardBitForBit) {
   const std::vector<int32_t> long_tokens(6, 1);
   span = BatchSpan{long_tokens, 0, table, true};  // 6 tokens, one block of 5
   EXPECT_EQ(backend.ForwardBatch(std::span<const BatchSpan>(&span, 1), logits).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// Spans marked `sample` get the token kernels::cpu::SampleRow picks from the row the same pass
+// gives unmarked (greedy, sampled, with a penalty), and no row; a draw outside [0, 1) is
+// refused.
+TEST(CpuBackendTest, SampledSpansGetTheRuleOfTheirLogits) {
+  auto model = LoadModel();
+  ASSERT_NE(model, nullptr);
+  Backend& backend = model->backend();
+  const int64_t vocab = backend.vocab_size();
+  ASSERT_TRUE(backend.ConfigureKvCache(8, 16).ok());
+  ASSERT_TRUE(backend.GrowKvCache(8).ok());
+  const auto prompts = Prompts(2, 3);
+  const std::vector<int32_t> tables[2] = {{0, 1, 2, 3}, {4, 5, 6, 7}};
+  const std::vector<int32_t> penalty_ids = {1, 5, 9, 200};
+  // {u, temperature, top_k, top_p, repetition_penalty}
+  for (const kernels::SampleRowParams& setting :
+       {kernels::SampleRowParams{0.0, 0.0f, 0, 1.0f, 1.3f}, {0.42, 0.8f, 0, 1.0f, 1.0f},
+        {0.77, 1.1f, 20, 0.9f, 1.2f}}) {
+    std::vector<BatchSpan> spans(2);
+    for (int s = 0; s < 2; ++s) {
+      spans[s].tokens = prompts[s];
+      spans[s].block_table = tables[s];
+      spans[s].logits = true;
+    }
+    std::vector<float> logits, rest;
+    std::vector<int32_t> none, sampled;
+    ASSERT_TRUE(backend.ForwardBatch(spans, logits, none).ok());
+    EXPECT_TRUE(none.empty());
+    spans[0].sample = true;
+    spans[0].sampling = setting;
+    spans[0].penalty_ids = penalty_ids;
+    ASSERT_TRUE(backend.ForwardBatch(spans, rest, sampled).ok());
+    ASSERT_EQ(sampled.size(), 1u);
+    ASSERT_EQ(rest.size(), static_cast<size_t>(vocab));
+    EXPECT_TRUE(std::equal(rest.begin(), rest.end(), logits.begin() + vocab));
+    kernels::cpu::SampleScratch scratch;
+    EXPECT_EQ(sampled[0], kernels::cpu::SampleRow(std::span<float>(logits.data(), vocab),
+                                                  setting, penalty_ids, scratch));
+  }
+  std::vector<float> logits;
+  std::vector<int32_t> sampled;
+  BatchSpan span;
+  span.tokens = prompts[0];
+  span.block_table = tables[0];
+  span.logits = true;
+  span.sample = true;
+  span.sampling.u = 1.0;
+  EXPECT_EQ(backend.ForwardBatch(std::span<const BatchSpan>(&span, 1), logits, sampled).code(),
             absl::StatusCode::kInvalidArgument);
 }
 

@@ -438,5 +438,164 @@ TEST(SamplerTest, RepetitionPenaltyShapesTheSampledDistribution) {
                     previous);
 }
 
+// ---------------------------------------------------------------------------------------
+// The split of Sample into the host's draw (NextRow, PenaltyIds) and the rule
+// (kernels::cpu::SampleRow) that a GPU backend applies on the device.
+
+struct GoldenCase {
+  std::vector<float> logits;
+  std::vector<int32_t> previous;
+  float temperature;
+  int32_t top_k;
+  float top_p;
+  float penalty;
+  uint64_t seed;
+};
+inline std::vector<GoldenCase> GoldenCases() {
+  std::vector<GoldenCase> cases;
+  std::mt19937 rng(20261206);
+  const int32_t vocabs[] = {1, 7, 50, 1000};
+  const float temperatures[] = {0.0f, 0.7f, 1.3f};
+  const float top_ps[] = {1.0f, 0.9f, 0.3f};
+  const float penalties[] = {1.0f, 1.3f};
+  uint64_t seed = 1;
+  for (int32_t vocab : vocabs) {
+    const int32_t top_ks[] = {0, 1, 5, vocab, vocab + 3};
+    for (float t : temperatures)
+      for (int32_t k : top_ks)
+        for (float p : top_ps)
+          for (float pen : penalties) {
+            GoldenCase c;
+            c.logits.resize(vocab);
+            // Raw mt19937 words (the standard fixes them), scaled by hand: the same floats on
+            // every platform. Every third case on a grid of 0.5: ties.
+            for (float& v : c.logits) {
+              v = static_cast<float>(rng() >> 8) * 0x1.0p-24f * 16.0f - 8.0f;
+              if (seed % 3 == 0) v = static_cast<float>(static_cast<int>(v * 2)) / 2;
+            }
+            for (int i = 0; i < 6; ++i) c.previous.push_back(static_cast<int32_t>(rng() % vocab));
+            c.temperature = t;
+            c.top_k = k;
+            c.top_p = p;
+            c.penalty = pen;
+            c.seed = seed++;
+            cases.push_back(std::move(c));
+          }
+  }
+  return cases;
+}
+
+// Four tokens drawn in turn from each of GoldenCases() by Sampler::Sample as it was before the
+// split (commit 17d93c3, the rule inside the Sampler): a seed's stream must not change.
+const int32_t kGoldenTokens[] = {
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 5, 5, 5, 5,
+    1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 2, 2, 2, 2, 2, 2, 2, 2, 4, 4, 4, 4, 5, 5, 5, 5, 3, 3, 3, 3,
+    0, 0, 0, 0, 0, 0, 0, 0, 3, 3, 3, 3, 6, 6, 6, 6, 1, 1, 1, 1, 0, 0, 0, 0, 5, 5, 5, 5, 5, 5, 5, 5,
+    1, 1, 1, 1, 6, 6, 6, 6, 4, 4, 4, 4, 6, 6, 6, 6, 5, 5, 5, 5, 1, 1, 1, 1, 2, 2, 2, 2, 6, 6, 6, 6,
+    2, 2, 2, 2, 4, 0, 4, 4, 4, 4, 4, 4, 3, 3, 5, 3, 1, 1, 1, 1, 2, 2, 2, 2, 6, 6, 6, 6, 4, 4, 4, 4,
+    6, 6, 6, 6, 3, 3, 3, 3, 0, 0, 0, 0, 5, 5, 5, 5, 1, 5, 5, 5, 1, 1, 2, 6, 0, 0, 0, 0, 2, 2, 5, 2,
+    5, 5, 5, 5, 0, 0, 0, 0, 2, 2, 2, 6, 5, 5, 5, 5, 3, 3, 3, 3, 2, 2, 2, 0, 3, 3, 3, 3, 2, 2, 2, 2,
+    4, 6, 6, 6, 0, 6, 6, 0, 2, 0, 0, 2, 0, 0, 0, 0, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 2, 2, 5, 5,
+    4, 1, 4, 4, 2, 2, 4, 4, 3, 3, 3, 3, 4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1,
+    3, 3, 3, 3, 3, 3, 3, 3, 2, 0, 1, 1, 3, 3, 3, 0, 5, 5, 6, 5, 6, 6, 2, 6, 6, 6, 6, 6, 0, 0, 0, 0,
+    2, 4, 2, 2, 4, 4, 2, 2, 1, 0, 5, 0, 6, 6, 6, 1, 3, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 5, 1, 1, 1, 1,
+    3, 3, 3, 3, 5, 5, 6, 5, 0, 0, 0, 0, 3, 3, 3, 3, 46, 46, 46, 46, 29, 29, 29, 29, 1, 1, 1, 1, 1, 1, 1, 1,
+    6, 6, 6, 6, 41, 41, 41, 41, 31, 31, 31, 31, 42, 42, 42, 42, 23, 23, 23, 23, 24, 24, 24, 24, 42, 42, 42, 42, 32, 32, 32, 32,
+    12, 12, 12, 12, 48, 48, 48, 48, 0, 0, 0, 0, 3, 3, 3, 3, 49, 49, 49, 49, 3, 3, 3, 3, 1, 1, 1, 1, 20, 20, 20, 20,
+    35, 35, 35, 35, 4, 4, 4, 4, 48, 48, 48, 48, 45, 45, 45, 45, 9, 9, 9, 9, 49, 49, 49, 49, 26, 26, 26, 26, 21, 21, 21, 21,
+    22, 22, 22, 22, 43, 43, 43, 43, 43, 43, 20, 20, 31, 47, 36, 37, 41, 48, 41, 48, 11, 14, 11, 14, 33, 33, 33, 33, 13, 13, 13, 13,
+    49, 49, 49, 49, 7, 7, 7, 7, 14, 14, 14, 14, 49, 49, 49, 49, 4, 4, 4, 4, 0, 0, 0, 0, 9, 23, 24, 24, 3, 15, 15, 3,
+    38, 35, 38, 38, 24, 1, 48, 48, 18, 18, 18, 18, 3, 3, 3, 3, 43, 36, 34, 43, 46, 40, 8, 8, 11, 49, 1, 49, 49, 26, 10, 46,
+    45, 45, 45, 36, 8, 11, 11, 8, 17, 17, 17, 17, 26, 26, 27, 26, 22, 3, 21, 41, 17, 23, 32, 23, 11, 11, 11, 11, 29, 29, 29, 29,
+    41, 19, 8, 44, 11, 48, 6, 11, 15, 31, 15, 49, 38, 18, 44, 27, 16, 27, 27, 27, 34, 34, 34, 34, 40, 40, 40, 40, 4, 4, 4, 4,
+    7, 7, 7, 7, 16, 16, 16, 16, 35, 35, 35, 35, 5, 5, 5, 5, 35, 36, 45, 29, 37, 3, 26, 4, 0, 0, 38, 32, 27, 39, 27, 22,
+    31, 7, 7, 31, 2, 8, 8, 8, 16, 12, 32, 20, 23, 27, 27, 27, 18, 18, 18, 6, 2, 43, 39, 35, 24, 24, 41, 24, 3, 21, 21, 3,
+    42, 2, 3, 3, 6, 25, 25, 32, 26, 4, 24, 44, 14, 10, 17, 8, 37, 37, 31, 37, 35, 35, 34, 34, 102, 102, 102, 102, 55, 55, 55, 55,
+    17, 17, 17, 17, 1, 1, 1, 1, 290, 290, 290, 290, 25, 25, 25, 25, 30, 30, 30, 30, 799, 799, 799, 799, 2, 2, 2, 2, 515, 515, 515, 515,
+    931, 931, 931, 931, 33, 33, 33, 33, 160, 160, 160, 160, 779, 779, 779, 779, 106, 106, 106, 106, 70, 70, 70, 70, 901, 901, 901, 901, 20, 20, 20, 20,
+    725, 725, 725, 725, 383, 383, 383, 383, 18, 18, 18, 18, 952, 952, 952, 952, 280, 280, 280, 280, 5, 5, 5, 5, 910, 910, 910, 910, 921, 921, 921, 921,
+    5, 5, 5, 5, 128, 128, 128, 128, 844, 844, 844, 844, 12, 12, 12, 12, 336, 167, 224, 825, 190, 615, 552, 934, 242, 788, 930, 924, 435, 63, 340, 566,
+    635, 372, 143, 679, 144, 524, 104, 100, 69, 69, 69, 69, 995, 995, 995, 995, 54, 54, 54, 54, 146, 146, 146, 146, 143, 143, 143, 143, 22, 22, 22, 22,
+    896, 213, 554, 667, 877, 419, 827, 148, 70, 208, 88, 208, 16, 947, 291, 999, 363, 908, 908, 363, 34, 45, 34, 45, 966, 994, 550, 530, 431, 785, 963, 0,
+    873, 127, 347, 475, 69, 669, 366, 996, 322, 15, 51, 51, 319, 94, 193, 93, 399, 957, 936, 585, 425, 669, 179, 996, 203, 831, 429, 261, 817, 238, 864, 182,
+    437, 303, 930, 956, 236, 142, 330, 236, 446, 448, 283, 247, 253, 541, 67, 913, 215, 686, 898, 663, 905, 128, 173, 842, 404, 923, 203, 606, 213, 294, 201, 400,
+    618, 618, 618, 618, 211, 211, 211, 211, 30, 30, 30, 30, 510, 510, 510, 510, 45, 45, 45, 45, 11, 11, 11, 11, 655, 756, 756, 756, 801, 943, 801, 843,
+    154, 213, 176, 213, 449, 77, 161, 791, 424, 557, 557, 557, 44, 44, 123, 123, 65, 448, 590, 3, 579, 750, 994, 552, 168, 900, 789, 262, 155, 887, 46, 854,
+    417, 459, 460, 55, 615, 187, 762, 295, 23, 10, 251, 550, 368, 840, 825, 995, 889, 603, 392, 754, 772, 778, 896, 251, 496, 607, 496, 563, 266, 395, 208, 738,
+};
+
+SamplingParams ParamsOf(const GoldenCase& c) {
+  return Params(c.temperature, c.top_k, c.top_p, c.penalty, c.seed);
+}
+
+TEST(SamplerSplitTest, SampleKeepsThePreSplitTokensOfEverySeed) {
+  const std::vector<GoldenCase> cases = GoldenCases();
+  ASSERT_EQ(cases.size() * 4, std::size(kGoldenTokens));
+  size_t at = 0;
+  for (const GoldenCase& c : cases) {
+    Sampler sampler(ParamsOf(c));
+    for (int draw = 0; draw < 4; ++draw, ++at) {
+      EXPECT_EQ(SampleCopy(sampler, c.logits, c.previous), kGoldenTokens[at])
+          << "case seed " << c.seed << " draw " << draw;
+    }
+  }
+}
+
+TEST(SamplerSplitTest, NextRowAndSampleRowGiveSampleOnTheSameDraws) {
+  // Two samplers of one seed: one samples, the other hands its row to the pure rule, as the
+  // serving engine does for a backend that samples; the streams stay in step.
+  size_t at = 0;
+  for (const GoldenCase& c : GoldenCases()) {
+    Sampler split(ParamsOf(c));
+    kernels::cpu::SampleScratch scratch;
+    std::vector<int32_t> ids;
+    for (int draw = 0; draw < 4; ++draw, ++at) {
+      const kernels::SampleRowParams row = split.NextRow();
+      EXPECT_EQ(row.temperature, c.temperature);
+      EXPECT_EQ(row.top_k, c.top_k);
+      EXPECT_EQ(row.top_p, c.top_p);
+      EXPECT_EQ(row.repetition_penalty, c.penalty);
+      if (c.temperature == 0.0f) {
+        EXPECT_EQ(row.u, 0.0);
+      }
+      split.PenaltyIds(c.previous, static_cast<int64_t>(c.logits.size()), ids);
+      std::vector<float> copy = c.logits;
+      EXPECT_EQ(kernels::cpu::SampleRow(copy, row, ids, scratch), kGoldenTokens[at])
+          << "case seed " << c.seed << " draw " << draw;
+    }
+  }
+}
+
+TEST(SamplerSplitTest, NextRowDrawsTheTopBitsOfTheSeededStream) {
+  Sampler sampler(Params(0.9f, 0, 1.0f, 1.0f, 77));
+  std::mt19937_64 stream(77);
+  for (int i = 0; i < 100; ++i) {
+    EXPECT_EQ(sampler.NextRow().u, static_cast<double>(stream() >> 11) * 0x1.0p-53);
+  }
+  Sampler greedy(Params(0.0f, 0, 1.0f, 1.0f, 77));
+  EXPECT_EQ(greedy.NextRow().u, 0.0);  // greedy takes no draw
+}
+
+TEST(SamplerSplitTest, PenaltyIdsAreDistinctInRangeAndSorted) {
+  std::vector<int32_t> ids = {99};
+  Sampler penalized(Params(0.9f, 0, 1.0f, 1.2f));
+  penalized.PenaltyIds(std::vector<int32_t>{5, 2, 5, -1, 9, 2, 10, 0}, 10, ids);
+  EXPECT_EQ(ids, (std::vector<int32_t>{0, 2, 5, 9}));
+  Sampler plain(Params(0.9f));
+  plain.PenaltyIds(std::vector<int32_t>{1, 2}, 10, ids);
+  EXPECT_TRUE(ids.empty());
+}
+
 }  // namespace
 }  // namespace nibble::engine

@@ -4,8 +4,8 @@
 //                    [--storage w4,fp16] [--layers N] [--host-argmax 1]
 // For each storage and batch size: B sequences are prefilled together (prompt tokens each),
 // then decoded together for `new` steps through Backend::ForwardBatch over the paged KV
-// cache, greedy: the argmax found on the device (BatchSpan::argmax_only, what the serving
-// engine asks for greedy requests), or with --host-argmax 1 every step's logits copied back
+// cache, greedy: the argmax found on the device (BatchSpan::sample with temperature 0, as the
+// serving engine asks for every request), or with --host-argmax 1 every step's logits copied back
 // and scanned on the host (what any sampling with temperature costs). Prints tokens/s, and the roofline: the bytes one step must read (every weight
 // once, plus each sequence's keys and values so far, averaged over the steps) over the
 // bandwidth of a device-to-device copy measured in the same run. Then the time to first token
@@ -223,7 +223,7 @@ int Main(int argc, char** argv) {
       const auto t_prefill = Clock::now();
       BENCH_CHECK(backend->ForwardBatch(spans, logits));
       const double prefill_s = Seconds(t_prefill, Clock::now());
-      std::vector<int32_t> next(batch), argmax;
+      std::vector<int32_t> next(batch), sampled;
       auto greedy = [&] {  // the prefill's logits (and --host-argmax steps'), on the host
         for (int s = 0; s < batch; ++s) {
           const float* row = logits.data() + s * vocab;
@@ -231,7 +231,7 @@ int Main(int argc, char** argv) {
         }
       };
       greedy();
-      for (int s = 0; s < batch; ++s) spans[s].argmax_only = !host_argmax;
+      for (int s = 0; s < batch; ++s) spans[s].sample = !host_argmax;  // greedy on the device
       // Two warm-up steps (cuBLAS heuristics, first-touch of the scratch buffers).
       int64_t length = prompt;
       const auto step = [&] {
@@ -239,11 +239,11 @@ int Main(int argc, char** argv) {
           spans[s].tokens = std::span<const int32_t>(&next[s], 1);
           spans[s].start = length;
         }
-        BENCH_CHECK(backend->ForwardBatch(spans, logits, argmax));
+        BENCH_CHECK(backend->ForwardBatch(spans, logits, sampled));
         if (host_argmax) {
           greedy();
         } else {
-          next = argmax;
+          next = sampled;
         }
         ++length;
       };

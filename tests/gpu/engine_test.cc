@@ -13,14 +13,21 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <cstdio>
 #include <filesystem>
+#include <mutex>
 #include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "engine/inference_engine.h"
 #include "engine/model.h"
+#include "engine/sampler.h"
+#include "kernels/cpu/sampling.h"
 #include "engine/perplexity.h"
 #include "quant/synthetic_model.h"
 #include "tests/integration/test_env.h"
@@ -195,9 +202,12 @@ TEST_P(RealModel, PagedBatchMatchesCpu) {
   EXPECT_GE(static_cast<double>(agree) / a.size(), 0.98);
 }
 
-// Spans marked argmax_only get, from the device, the argmax of the logits the same pass gives
-// with the flag off (the passes rewrite the same cache positions with the same values).
-TEST_P(RealModel, ArgmaxOnDeviceMatchesLogits) {
+// Spans marked `sample` get the token kernels/cpu/sampling.h's rule picks from the logits the
+// same pass gives with the flag off (the passes rewrite the same cache positions with the same
+// values): greedy and sampled, cut or not, with a penalty; beside a span that keeps its row.
+// By default the backend picks plain greedy tokens on the device and brings the others' rows
+// to the host; run.sh runs this again with NIBBLE_CUDA_DEVICE_SAMPLING=1 (all on the device).
+TEST_P(RealModel, SampledOnDeviceMatchesHostRule) {
   auto gpu = Load(testing::TestModel(GetParam()), engine::Device::Kind::kCuda);
   ASSERT_TRUE(gpu);
   Backend& backend = gpu->backend();
@@ -206,27 +216,118 @@ TEST_P(RealModel, ArgmaxOnDeviceMatchesLogits) {
   ASSERT_TRUE(backend.ConfigureKvCache(16, 16).ok());
   ASSERT_TRUE(backend.GrowKvCache(16).ok());
   const std::vector<int32_t> tables[3] = {{0, 1, 2, 3}, {4, 5, 6, 7}, {8, 9, 10, 11}};
+  std::vector<int32_t> penalty_ids(ids.begin(), ids.begin() + 20);
+  std::sort(penalty_ids.begin(), penalty_ids.end());
+  penalty_ids.erase(std::unique(penalty_ids.begin(), penalty_ids.end()), penalty_ids.end());
+  // {u, temperature, top_k, top_p, repetition_penalty}
+  const kernels::SampleRowParams settings[] = {
+      {0.0, 0.0f, 0, 1.0f, 1.0f},  {0.0, 0.0f, 0, 1.0f, 1.3f},  {0.37, 0.8f, 0, 1.0f, 1.0f},
+      {0.91, 1.2f, 40, 1.0f, 1.0f}, {0.55, 0.7f, 0, 0.9f, 1.1f}, {0.12, 1.0f, 50, 0.95f, 1.2f},
+  };
   for (int pass = 0; pass < 2; ++pass) {  // 0: prefill chunks, 1: one decode token each
-    std::vector<engine::BatchSpan> spans(3);
-    for (int s = 0; s < 3; ++s) {
-      spans[s].tokens = pass == 0 ? std::span<const int32_t>(ids.data(), 20 + 7 * s)
-                                  : std::span<const int32_t>(ids.data() + 20 + 7 * s, 1);
-      spans[s].start = pass == 0 ? 0 : 20 + 7 * s;
-      spans[s].block_table = tables[s];
-      spans[s].logits = s != 1;  // the middle span wants nothing back
+    for (const kernels::SampleRowParams& setting : settings) {
+      std::vector<engine::BatchSpan> spans(3);
+      for (int s = 0; s < 3; ++s) {
+        spans[s].tokens = pass == 0 ? std::span<const int32_t>(ids.data(), 20 + 7 * s)
+                                    : std::span<const int32_t>(ids.data() + 20 + 7 * s, 1);
+        spans[s].start = pass == 0 ? 0 : 20 + 7 * s;
+        spans[s].block_table = tables[s];
+        spans[s].logits = s != 1;  // the middle span wants nothing back
+      }
+      std::vector<float> logits, no_logits;
+      std::vector<int32_t> none, sampled;
+      ASSERT_TRUE(backend.ForwardBatch(spans, logits, none).ok());
+      EXPECT_TRUE(none.empty());
+      ASSERT_EQ(logits.size(), static_cast<size_t>(2 * vocab));
+      spans[2].sample = true;  // span 0 keeps its logits row, span 2 only its token
+      spans[2].sampling = setting;
+      spans[2].penalty_ids = penalty_ids;
+      ASSERT_TRUE(backend.ForwardBatch(spans, no_logits, sampled).ok());
+      ASSERT_EQ(sampled.size(), 1u);
+      ASSERT_EQ(no_logits.size(), static_cast<size_t>(vocab));
+      kernels::cpu::SampleScratch scratch;
+      std::span<float> row(logits.data() + vocab, static_cast<size_t>(vocab));
+      EXPECT_EQ(sampled[0], kernels::cpu::SampleRow(row, setting, penalty_ids, scratch))
+          << "pass " << pass << " t " << setting.temperature << " k " << setting.top_k << " p "
+          << setting.top_p << " penalty " << setting.repetition_penalty;
+      EXPECT_EQ(ArgMax(no_logits.data(), vocab), ArgMax(logits.data(), vocab)) << "pass " << pass;
     }
-    std::vector<float> logits, no_logits;
-    std::vector<int32_t> none, argmax;
-    ASSERT_TRUE(backend.ForwardBatch(spans, logits, none).ok());
-    EXPECT_TRUE(none.empty());
-    ASSERT_EQ(logits.size(), static_cast<size_t>(2 * vocab));
-    spans[2].argmax_only = true;  // span 0 keeps its logits row, span 2 only its argmax
-    ASSERT_TRUE(backend.ForwardBatch(spans, no_logits, argmax).ok());
-    ASSERT_EQ(argmax.size(), 1u);
-    ASSERT_EQ(no_logits.size(), static_cast<size_t>(vocab));
-    EXPECT_EQ(argmax[0], ArgMax(logits.data() + vocab, vocab)) << "pass " << pass;
-    EXPECT_EQ(ArgMax(no_logits.data(), vocab), ArgMax(logits.data(), vocab)) << "pass " << pass;
   }
+}
+
+// A sampled serving request (the engine draws on the host, the device picks the token) gives
+// the tokens the host Sampler, seeded alike, picks from the GPU's own logits: the request's
+// schedule replayed through ForwardBatch (the prompt in one chunk, then one decode step per
+// token, blocks of the engine's size, so every pass has the engine's shapes), each token
+// teacher-forced from the served ones so that one disagreement cannot hide the others.
+TEST(CudaServing, SampledRequestMatchesHostSamplerOnGpuLogits) {
+  const std::string dir = testing::TestModel("internlm2");
+  auto served_model = Load(dir, engine::Device::Kind::kCuda);
+  ASSERT_TRUE(served_model);
+  const std::vector<int32_t> prompt = TinyStoriesIds(*served_model, 40);
+  engine::InferenceRequest request;
+  request.prompt_ids = prompt;
+  request.max_tokens = 32;
+  request.model_stop_tokens = false;  // no stop token: all 32 tokens
+  request.sampling.temperature = 0.9f;
+  request.sampling.top_k = 40;
+  request.sampling.top_p = 0.95f;
+  request.sampling.repetition_penalty = 1.1f;
+  request.sampling.seed = 2026;
+  engine::EngineOptions options;
+  options.cache_max_entry_count = 0.02;
+  options.cache_block_seq_len = 16;
+  std::vector<int32_t> served;
+  {
+    auto engine = engine::InferenceEngine::Start(std::move(served_model), options);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    std::mutex mu;
+    std::condition_variable done_cv;
+    bool done = false;
+    auto id = (*engine)->Submit(request, [&](const engine::StreamEvent& event) {
+      std::lock_guard<std::mutex> lock(mu);
+      served.insert(served.end(), event.token_ids.begin(), event.token_ids.end());
+      if (event.final) {
+        EXPECT_EQ(event.stop_cause, engine::StopCause::kFinished) << event.status;
+        done = true;
+        done_cv.notify_all();
+      }
+    });
+    ASSERT_TRUE(id.ok()) << id.status();
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(done_cv.wait_for(lock, std::chrono::seconds(60), [&] { return done; }));
+  }
+  ASSERT_EQ(served.size(), 32u);
+
+  auto gpu = Load(dir, engine::Device::Kind::kCuda);
+  ASSERT_TRUE(gpu);
+  Backend& backend = gpu->backend();
+  const int64_t vocab = gpu->config().vocab_size;
+  ASSERT_TRUE(backend.ConfigureKvCache(8, 16).ok());
+  ASSERT_TRUE(backend.GrowKvCache(8).ok());
+  const std::vector<int32_t> table = {0, 1, 2, 3, 4, 5, 6, 7};
+  engine::Sampler sampler(request.sampling);
+  std::vector<int32_t> tokens = prompt;
+  int mismatches = 0;
+  for (size_t i = 0; i < served.size(); ++i) {
+    engine::BatchSpan span;
+    const size_t start = i == 0 ? 0 : tokens.size() - 1;
+    span.tokens = std::span<const int32_t>(tokens.data() + start, tokens.size() - start);
+    span.start = static_cast<int64_t>(start);
+    span.block_table = table;
+    span.logits = true;
+    std::vector<float> logits;
+    ASSERT_TRUE(backend.ForwardBatch(std::span<const engine::BatchSpan>(&span, 1), logits).ok());
+    ASSERT_EQ(logits.size(), static_cast<size_t>(vocab));
+    const int32_t host = sampler.Sample(logits, tokens);
+    if (host != served[i]) {
+      ++mismatches;
+      ADD_FAILURE() << "token " << i << ": served " << served[i] << ", host sampler " << host;
+    }
+    tokens.push_back(served[i]);
+  }
+  std::printf("sampled serving request: %zu tokens, %d differ from the host sampler\n",
+              served.size(), mismatches);
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, RealModel,

@@ -6,7 +6,8 @@
 #   tests/gpu/run.sh [CUDA_ARCHS]   (default 90: H100/H200; "80;87;89;90" for all)
 #   NIBBLE_PROFILE=1 also dumps SASS and an ncu profile of 7b.w1w3 at M = 1 (sass.txt, ncu.log).
 #   NIBBLE_SKIP_W4A16=1 runs only the element-wise and attention kernels' tests and benchmark.
-# Order: build; W4A16 tests; ops_test and attention_test (kernels/cuda/ops.h, attention.h);
+# Order: build; W4A16 tests; ops_test, attention_test and sampling_test (kernels/cuda/ops.h,
+# attention.h, sampling.h; sampling_test prints its timing lines too);
 # W4A16 benchmark; decode attention benchmark (its table); the W4A16 summary table last.
 #
 #   tests/gpu/run.sh --deps   only the prefix below (for binaries built elsewhere, carried)
@@ -148,6 +149,11 @@ full_build() {
       NIBBLE_TEST_MODELS="$build/test-models" NIBBLE_SHARED_DIR="$data" \
         timeout "${NIBBLE_ENGINE_TEST_TIMEOUT:-240}" "$build/bin/gpu_engine_test" \
         > "$logs/engine_test.log" 2>&1 || rc=$?
+      # The sampling tests again with every `sample` span picked by the device sampler
+      # (kernels/cuda/sampling.h), which the backend uses only when asked until it is proven.
+      NIBBLE_CUDA_DEVICE_SAMPLING=1 NIBBLE_TEST_MODELS="$build/test-models" NIBBLE_SHARED_DIR="$data" \
+        timeout "${NIBBLE_ENGINE_TEST_TIMEOUT:-240}" "$build/bin/gpu_engine_test" \
+        --gtest_filter='*Sampled*' >> "$logs/engine_test.log" 2>&1 || rc=$?
       engine_status="exit $rc"
     fi
     # The AWQ search on the GPU against the CPU's, over the same fixtures.
@@ -222,12 +228,14 @@ fi
 # benchmark (few files come back from a lent host).
 KLOG="$LOGS/kernels.log"
 : > "$KLOG"
-for t in ops_test attention_test; do
+for t in ops_test attention_test sampling_test; do
   "$BUILD/bin/$t" > "$LOGS/$t.tmp" 2>&1 || { cat "$LOGS/$t.tmp" >> "$KLOG"; grep -v ^PASS "$LOGS/$t.tmp"; exit 1; }
   cat "$LOGS/$t.tmp" >> "$KLOG"
   grep -c ^PASS "$LOGS/$t.tmp" | sed "s/^/$t PASS lines: /"; tail -1 "$LOGS/$t.tmp"
   rm -f "$LOGS/$t.tmp"
 done
+# sampling_test's timings and any near ties it counted (rounding-level disagreements).
+grep -E '^bench sample|near tie' "$KLOG" || true
 if [[ "$SKIP_W4A16" == 1 ]]; then
   "$BUILD/bin/attention_bench" 2>&1 | tee -a "$KLOG"
   exit 0
