@@ -56,8 +56,7 @@ LayerNames NamesOf(const engine::ModelConfig& config, int64_t layer) {
   n.up = p + "mlp.up_proj.weight";
   n.down = p + "mlp.down_proj.weight";
   n.clip_qkv_last = true;
-  // o's input channels are v's output channels only without GQA (AutoAWQ's shape rule).
-  if (config.num_kv_heads == config.num_heads) n.v = p + "self_attn.v_proj.weight";
+  if (AwqSearchesScales(config, LinearInput::kO)) n.v = p + "self_attn.v_proj.weight";
   return n;
 }
 
@@ -326,6 +325,12 @@ std::vector<float> AwqCandidateScales(const std::vector<double>& magnitude_sum, 
   const double norm = std::sqrt(lo * hi);
   for (float& v : s) v = static_cast<float>(v / norm);
   return s;
+}
+
+bool AwqSearchesScales(const engine::ModelConfig& config, LinearInput input) {
+  // o's input channels are v's output channels only without GQA; a fused wqkv is never split.
+  return input != LinearInput::kO || (config.architecture != engine::Architecture::kInternLM2 &&
+                                       config.num_kv_heads == config.num_heads);
 }
 
 int64_t ClipSampleStride(int64_t tokens, int64_t limit) {

@@ -74,15 +74,12 @@ class CudaAwqSearcher final : public AwqSearcher {
         cublas_.Init(stream_.get(), cublas_workspace_.as<void>(), kCublasWorkspaceBytes));
     const int64_t hidden = config_.hidden_size;
     const int64_t sizes[4] = {hidden, config_.q_dim(), hidden, config_.intermediate_size};
-    // o's scales are searched only where v's outputs can carry them (no GQA: awq.cc's rule).
-    const bool search[4] = {true, config_.num_kv_heads == config_.num_heads, true, true};
-    sampled_tokens_ = std::min(options_.clip_tokens,
-                               (tokens_ + ClipSampleStride(tokens_, options_.clip_tokens) - 1) /
-                                   ClipSampleStride(tokens_, options_.clip_tokens));
+    const int64_t stride = ClipSampleStride(tokens_, options_.clip_tokens);
+    sampled_tokens_ = std::min(options_.clip_tokens, (tokens_ + stride - 1) / stride);
     for (int i = 0; i < 4; ++i) {
       InputStatistics& st = inputs_[i];
       st.in = sizes[i];
-      st.search_scales = search[i];
+      st.search_scales = AwqSearchesScales(config_, static_cast<LinearInput>(i));
       if (st.search_scales) {
         NIBBLE_ASSIGN_OR_RETURN(st.gram, DeviceMemory::Allocate(st.in * st.in * sizeof(float),
                                                                 "a Gram matrix"));

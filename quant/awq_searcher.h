@@ -45,6 +45,11 @@ class AwqSearcher {
   virtual int64_t PeakDeviceBytes() const { return 0; }
 };
 
+// Whether SearchAwq searches scales for the linears reading `input`: always, but for o, whose
+// scales must fold into v's output rows: only with separate q/k/v and no GQA (AutoAWQ's shape
+// rule). A searcher keeps scale statistics for these inputs only.
+bool AwqSearchesScales(const engine::ModelConfig& config, LinearInput input);
+
 // The scales of candidate `ratio`: s_k = max(mean_t |x_tk| ^ ratio, 1e-4), divided by
 // sqrt(min s * max s). `magnitude_sum` holds Σ_t |x_tk| over `tokens` tokens.
 std::vector<float> AwqCandidateScales(const std::vector<double>& magnitude_sum, int64_t tokens,

@@ -62,10 +62,9 @@ int RunQuantize(QuantizeCommandOptions options) {
                "%.2f s\n", options.work_dir.c_str(), report->layers.size(),
                static_cast<long long>(options.settings.group_size), options.method.c_str(), worst,
                report->seconds);
-  if (report->peak_device_bytes > 0) {
+  if (report->peak_device_bytes > 0) {  // the AWQ search ran on a GPU
     std::fprintf(stderr, "search: %.1f s, peak device memory %.2f GiB (cudaMemGetInfo, the CUDA "
-                 "context included)\n", report->phase_seconds.count("search") ?
-                 report->phase_seconds.at("search") : 0.0,
+                 "context included)\n", report->phase_seconds.at("search"),
                  static_cast<double>(report->peak_device_bytes) / (1 << 30));
   }
   if (report->perplexity_before && report->perplexity_after) {
