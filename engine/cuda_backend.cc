@@ -304,11 +304,6 @@ class CudaBackend final : public Backend {
       pass[s].sample = spans[s].logits && spans[s].sample && (device_sampling_ || plain_greedy);
       pass[s].sampling = spans[s].sampling;
       pass[s].penalty_ids = spans[s].penalty_ids;
-      if (pass[s].sample && device_sampling_ && config_.vocab_size > kc::kSampleRowsMaxVocab) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "sampling on the device takes vocabularies of at most ", kc::kSampleRowsMaxVocab,
-            " tokens, not ", config_.vocab_size));
-      }
       host_view.push_back(spans[s]);
       host_view.back().logits = spans[s].logits && !pass[s].sample;
       host_samples = host_samples || (host_view.back().logits && spans[s].sample);
@@ -407,12 +402,14 @@ class CudaBackend final : public Backend {
     // NIBBLE_CUDA_GRAPHS=0 runs every decode step eagerly (for comparisons and debugging).
     const char* graphs = std::getenv("NIBBLE_CUDA_GRAPHS");
     use_graphs_ = graphs == nullptr || std::string(graphs) != "0";
-    // NIBBLE_CUDA_DEVICE_SAMPLING=1: every `sample` span's token is picked on the device by
-    // kernels/cuda/sampling.h. Off by default until that kernel has run on a GPU
-    // (tests/gpu/sampling_test.cc, gpu_engine_test); meanwhile plain greedy spans take
-    // ArgMaxRows (checked and measured) and the others the host's rule.
+    // Every `sample` span's token is picked on the device by kernels/cuda/sampling.h
+    // (tests/gpu/sampling_test.cc and gpu_engine_test, tests/gpu/RESULTS.md). With
+    // NIBBLE_CUDA_DEVICE_SAMPLING=0 (for comparisons), or a vocabulary past the kernel's
+    // limit, only plain greedy spans stay on the device (ArgMaxRows) and the others take the
+    // host's rule over their logits row.
     const char* device_sampling = std::getenv("NIBBLE_CUDA_DEVICE_SAMPLING");
-    device_sampling_ = device_sampling != nullptr && std::string(device_sampling) == "1";
+    device_sampling_ = (device_sampling == nullptr || std::string(device_sampling) != "0") &&
+                       config_.vocab_size <= kc::kSampleRowsMaxVocab;
     NIBBLE_CUDA_OR_RETURN(cudaDeviceSynchronize(), "uploading the weights");
     return absl::OkStatus();
   }
@@ -895,7 +892,7 @@ class CudaBackend final : public Backend {
   uint64_t scratch_generation_ = 0;  // bumped whenever a scratch buffer moves
   uint64_t graphs_generation_ = 0;   // the generation the graphs were captured in
   bool use_graphs_ = true;
-  bool device_sampling_ = false;  // NIBBLE_CUDA_DEVICE_SAMPLING=1 (Init)
+  bool device_sampling_ = false;  // every `sample` span on the device (Init)
   // Decode-step graphs by (batch size, block-table width, spans sampled on the device).
   std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<GraphExec>> graphs_;
   PinnedBuffer host_meta_;

@@ -42,21 +42,20 @@ uint64_t SplitMix(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-// Uniform in [-scale, scale), reproducible from the seed, filled in parallel.
-std::vector<float> RandomFloats(size_t n, float scale, uint64_t seed) {
-  std::vector<float> v(n);
-#pragma omp parallel for schedule(static)
-  for (size_t i = 0; i < n; ++i) {
-    v[i] = scale * (static_cast<float>(SplitMix(seed * 0x100000001b3ull + i) >> 40) / 8388608.0f - 1.0f);
-  }
-  return v;
-}
-
 std::unique_ptr<engine::LinearWeight> RandomLinear(int64_t in, int64_t out, bool int4,
                                                    uint64_t seed) {
   if (!int4) {
-    return engine::MakeDenseLinear(in, out, RandomFloats(static_cast<size_t>(in * out), 0.02f, seed),
-                                   {}, engine::WeightStorage::kF16);
+    // fp16 made in parallel and used in place (a 7B model's fp32 copy and its serial
+    // conversion took minutes); the shared vector stands for the file mapping.
+    auto halves = std::make_shared<std::vector<uint16_t>>(static_cast<size_t>(in * out));
+    uint16_t* h = halves->data();
+    const size_t n = halves->size();
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; ++i) {
+      const float u = static_cast<float>(SplitMix(seed * 0x100000001b3ull + i) >> 40) / 8388608.0f;
+      h[i] = kernels::cpu::FloatToHalf(0.02f * (u - 1.0f));
+    }
+    return engine::MakeMappedF16Linear(in, out, halves, h);
   }
   engine::Int4Weight w;
   w.in_features = in;

@@ -205,8 +205,9 @@ TEST_P(RealModel, PagedBatchMatchesCpu) {
 // Spans marked `sample` get the token kernels/cpu/sampling.h's rule picks from the logits the
 // same pass gives with the flag off (the passes rewrite the same cache positions with the same
 // values): greedy and sampled, cut or not, with a penalty; beside a span that keeps its row.
-// By default the backend picks plain greedy tokens on the device and brings the others' rows
-// to the host; run.sh runs this again with NIBBLE_CUDA_DEVICE_SAMPLING=1 (all on the device).
+// By default the backend picks every token on the device (kernels/cuda/sampling.h); run.sh
+// runs this again with NIBBLE_CUDA_DEVICE_SAMPLING=0 (plain greedy tokens through ArgMaxRows,
+// the others' rows to the host).
 TEST_P(RealModel, SampledOnDeviceMatchesHostRule) {
   auto gpu = Load(testing::TestModel(GetParam()), engine::Device::Kind::kCuda);
   ASSERT_TRUE(gpu);
