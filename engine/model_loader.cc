@@ -75,6 +75,13 @@ class WeightReader {
     }
     NIBBLE_ASSIGN_OR_RETURN(std::optional<Int4Weight> int4, ReadInt4(name, in, out));
     if (int4) return MakeInt4Linear(*int4, std::move(bias));
+    if (storage_ == WeightStorage::kF16 && !with_bias) {
+      // fp16 in the file and in memory: used in place in the file's mapping, as the embedding
+      // is (no copy: widening and narrowing a 7B model's weights took most of a minute).
+      // Another dtype, or a misaligned tensor, is read and converted below.
+      absl::StatusOr<TensorStore::MappedF16> mapped = store_.MapF16(name, {out, in});
+      if (mapped.ok()) return MakeMappedF16Linear(in, out, mapped->mapping, mapped->data);
+    }
     NIBBLE_ASSIGN_OR_RETURN(std::vector<float> weight, store_.ReadF32(name, {out, in}));
     return MakeDenseLinear(in, out, std::move(weight), std::move(bias), storage_);
   }

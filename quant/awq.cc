@@ -17,6 +17,7 @@
 #include "engine/decoder_layer.h"
 #include "engine/model_weights.h"
 #include "engine/status_macros.h"
+#include "kernels/cpu/half.h"
 #include "kernels/cpu/matmul.h"
 #include "quant/awq_searcher.h"
 #include "quant/rtn.h"
@@ -213,6 +214,8 @@ class CpuAwqSearcher final : public AwqSearcher {
 // Checkpoint files: layer-NNN.safetensors (the tensors the layer's search changed, and its
 // scale reports as metadata), states.safetensors (the hidden states entering the next
 // layer), progress.json (how many layers are done) — each written atomically, progress last.
+// The GPU's states are fp16 values (its layers compute in fp16): they are saved as F16, half
+// the bytes of the largest file (4.3 GB a layer at 7B with 128 x 2048 tokens), exactly.
 std::string LayerFile(const std::string& dir, int64_t layer) {
   char name[32];
   std::snprintf(name, sizeof name, "layer-%03lld.safetensors", static_cast<long long>(layer));
@@ -225,7 +228,8 @@ absl::Status AddF32(engine::SafetensorsWriter& writer, const std::string& name, 
 }
 
 absl::Status SaveCheckpoint(const std::string& dir, int64_t layer, const AwqResult& result,
-                            size_t first_scale, const std::vector<Tensor>& states) {
+                            size_t first_scale, const std::vector<Tensor>& states,
+                            bool states_as_f16) {
   engine::SafetensorsWriter layer_writer;
   const std::string prefix = absl::StrCat("model.layers.", layer, ".");
   for (const auto& [name, values] : result.tensors) {
@@ -240,8 +244,18 @@ absl::Status SaveCheckpoint(const std::string& dir, int64_t layer, const AwqResu
   layer_writer.SetMetadata("scales", scales.dump());
   NIBBLE_RETURN_IF_ERROR(layer_writer.Write(LayerFile(dir, layer)));
   engine::SafetensorsWriter states_writer;
+  std::vector<std::vector<uint16_t>> halves(states_as_f16 ? states.size() : 0);
   for (size_t i = 0; i < states.size(); ++i) {
-    NIBBLE_RETURN_IF_ERROR(AddF32(states_writer, absl::StrCat("state.", i), states[i]));
+    const std::string name = absl::StrCat("state.", i);
+    if (!states_as_f16) {
+      NIBBLE_RETURN_IF_ERROR(AddF32(states_writer, name, states[i]));
+      continue;
+    }
+    halves[i].resize(states[i].size());
+    kernels::cpu::FloatToHalf(states[i].data(), states[i].size(), halves[i].data());
+    NIBBLE_RETURN_IF_ERROR(states_writer.Add(
+        name, engine::DType::kF16, {static_cast<int64_t>(halves[i].size())},
+        {reinterpret_cast<const uint8_t*>(halves[i].data()), halves[i].size() * sizeof(uint16_t)}));
   }
   NIBBLE_RETURN_IF_ERROR(states_writer.Write(dir + "/states.safetensors"));
   return engine::WriteFileAtomically(dir + "/progress.json",
@@ -265,21 +279,30 @@ absl::StatusOr<int64_t> LoadCheckpoint(const std::string& dir, int64_t layers, A
   if (done < 0 || done > layers) {
     return absl::DataLossError(absl::StrCat(progress_path, ": ", done, " layers done of ", layers));
   }
-  auto read_all = [](const engine::SafetensorsFile& file, auto&& take) -> absl::Status {
+  // F32 tensors; with `f16_too` also F16 ones (the GPU's states), widened exactly.
+  auto read_all = [](const engine::SafetensorsFile& file, bool f16_too,
+                     auto&& take) -> absl::Status {
     for (const engine::TensorInfo& info : file.header().tensors) {
-      if (info.dtype != engine::DType::kF32) {
+      const auto bytes = file.Bytes(info);
+      Tensor values;
+      if (info.dtype == engine::DType::kF32) {
+        values.resize(bytes.size() / sizeof(float));
+        std::memcpy(values.data(), bytes.data(), bytes.size());
+      } else if (info.dtype == engine::DType::kF16 && f16_too) {
+        std::vector<uint16_t> halves(bytes.size() / sizeof(uint16_t));
+        std::memcpy(halves.data(), bytes.data(), bytes.size());
+        values.resize(halves.size());
+        kernels::cpu::HalfToFloat(halves.data(), halves.size(), values.data());
+      } else {
         return absl::DataLossError(absl::StrCat(file.path(), ": ", info.name, " is not F32"));
       }
-      const auto bytes = file.Bytes(info);
-      Tensor values(bytes.size() / sizeof(float));
-      std::memcpy(values.data(), bytes.data(), bytes.size());
       NIBBLE_RETURN_IF_ERROR(take(info.name, std::move(values)));
     }
     return absl::OkStatus();
   };
   for (int64_t l = 0; l < done; ++l) {
     NIBBLE_ASSIGN_OR_RETURN(auto file, engine::SafetensorsFile::Open(LayerFile(dir, l)));
-    NIBBLE_RETURN_IF_ERROR(read_all(*file, [&](const std::string& name, Tensor values) {
+    NIBBLE_RETURN_IF_ERROR(read_all(*file, false, [&](const std::string& name, Tensor values) {
       result.tensors[name] = std::move(values);
       return absl::OkStatus();
     }));
@@ -297,7 +320,7 @@ absl::StatusOr<int64_t> LoadCheckpoint(const std::string& dir, int64_t layers, A
   }
   if (done > 0) {
     NIBBLE_ASSIGN_OR_RETURN(auto file, engine::SafetensorsFile::Open(dir + "/states.safetensors"));
-    NIBBLE_RETURN_IF_ERROR(read_all(*file, [&](const std::string& name, Tensor values) {
+    NIBBLE_RETURN_IF_ERROR(read_all(*file, true, [&](const std::string& name, Tensor values) {
       const size_t i = static_cast<size_t>(std::atoll(name.c_str() + 6));  // "state.<i>"
       if (i >= states.size() || states[i].size() != values.size()) {
         return absl::DataLossError(absl::StrCat(file->path(), ": ", name,
@@ -479,6 +502,7 @@ absl::StatusOr<AwqResult> SearchAwq(
       result.scales.push_back(report);
       for (const auto& [name, out] : group.linears) {
         Tensor& w = result.tensors.at(name);
+#pragma omp parallel for schedule(static)
         for (int64_t n = 0; n < out; ++n) {
           for (int64_t k = 0; k < group.in; ++k) w[n * group.in + k] *= s[k];
         }
@@ -491,6 +515,7 @@ absl::StatusOr<AwqResult> SearchAwq(
         // The previous linear's output rows are this group's input channels.
         const int64_t prev_in = hidden;  // v is [kv_dim, hidden], up [ffn, hidden]
         NIBBLE_ASSIGN_OR_RETURN(Tensor* prev, tensor(group.previous, {group.in, prev_in}));
+#pragma omp parallel for schedule(static)
         for (int64_t k = 0; k < group.in; ++k) {
           for (int64_t j = 0; j < prev_in; ++j) (*prev)[k * prev_in + j] /= s[k];
         }
@@ -522,7 +547,9 @@ absl::StatusOr<AwqResult> SearchAwq(
       NIBBLE_RETURN_IF_ERROR(searcher->SearchClipping(input, *w, in, out, s));
     }
     if (!options.checkpoint_dir.empty()) {
-      NIBBLE_RETURN_IF_ERROR(SaveCheckpoint(options.checkpoint_dir, l, result, first_scale, states));
+      report(l, "checkpoint");
+      NIBBLE_RETURN_IF_ERROR(
+          SaveCheckpoint(options.checkpoint_dir, l, result, first_scale, states, on_gpu));
     }
     layers_done = l + 1;
     report(l, "layer done");

@@ -44,7 +44,8 @@ struct AwqOptions {
 };
 
 // Where the search is, reported at each step: `step` is "calibrate" (the original layer runs
-// over the calibration samples), "search scales", "search clipping", "layer done" (the layer
+// over the calibration samples), "search scales", "search clipping", "checkpoint" (its files
+// are being written; only with a checkpoint_dir), "layer done" (the layer
 // is finished and checkpointed: layers_done = layer + 1) or "resumed from the checkpoint"
 // (before the first layer of a run that resumed).
 struct AwqProgress {

@@ -7,6 +7,10 @@
 namespace nibble::kernels::cpu {
 namespace {
 
+// Whole tensors (a model's weights at load, the GPU's uploads) are converted on every core;
+// a row of a product stays on its caller's thread. Element-wise: the same bits either way.
+constexpr size_t kParallelConversion = size_t{1} << 20;
+
 uint32_t FloatBits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
@@ -74,6 +78,7 @@ NIBBLE_SIMD_CLONES
 void HalfToFloat(const uint16_t* in, size_t n, float* out) {
   constexpr uint32_t kExponentMask = 0x7c00u << 13;
   constexpr uint32_t kRebias = (127 - 15) << 23;
+#pragma omp parallel for schedule(static) if (n >= kParallelConversion)
   for (size_t i = 0; i < n; ++i) {
     const uint32_t h = in[i];
     const uint32_t shifted = (h & 0x7fffu) << 13;
@@ -88,10 +93,12 @@ void HalfToFloat(const uint16_t* in, size_t n, float* out) {
 }
 
 void FloatToHalf(const float* in, size_t n, uint16_t* out) {
+#pragma omp parallel for schedule(static) if (n >= kParallelConversion)
   for (size_t i = 0; i < n; ++i) out[i] = FloatToHalf(in[i]);
 }
 
 void Bf16ToFloat(const uint16_t* in, size_t n, float* out) {
+#pragma omp parallel for schedule(static) if (n >= kParallelConversion)
   for (size_t i = 0; i < n; ++i) out[i] = Bf16ToFloat(in[i]);
 }
 
