@@ -108,7 +108,7 @@ void FillRandom(DeviceBuffer<T>& buf, std::mt19937& rng, T lo_mask, bool half) {
   buf.CopyFrom(host.data());
 }
 
-// --profile K N M [decode8|stream8]: 5 launches of kAuto's unsplit choice (decode8 or stream8
+// --profile K N M [decode8|stream8|streamrr8|streamrr8nohint]: 5 launches of kAuto's unsplit choice (decode8 or stream8
 // for m <= 8, decode16 above), then 5 of kDecode8V0 or of the named kernel, on one shape, for a
 // profiler (ncu --launch-skip / --launch-count).
 int Profile(const char* k_str, const char* n_str, const char* m_str, const char* other) {
@@ -129,6 +129,8 @@ int Profile(const char* k_str, const char* n_str, const char* m_str, const char*
   const std::string name = other != nullptr ? other : "";
   if (name == "decode8") second = cu::W4A16Kernel::kDecode8;
   if (name == "stream8") second = cu::W4A16Kernel::kStream8;
+  if (name == "streamrr8") second = cu::W4A16Kernel::kStreamRR8;
+  if (name == "streamrr8nohint") second = cu::W4A16Kernel::kStreamRR8NoHint;
   for (cu::W4A16Kernel kernel : {cu::ChooseW4A16Kernel(l, m, false), second}) {
     for (int i = 0; i < 5; ++i) {
       NIBBLE_TEST_CUDA_CHECK(
@@ -179,6 +181,9 @@ int main(int argc, char** argv) {
   const Variant variants[] = {{"decode8", cu::W4A16Kernel::kDecode8},
                               {"stream8", cu::W4A16Kernel::kStream8},
                               {"stream8pdl", cu::W4A16Kernel::kStream8Pdl},
+                              {"streamrr8", cu::W4A16Kernel::kStreamRR8},
+                              {"streamrr8nohint", cu::W4A16Kernel::kStreamRR8NoHint},
+                              {"decode8pdl", cu::W4A16Kernel::kDecode8Pdl},
                               {"decode8v0", cu::W4A16Kernel::kDecode8V0},
                               {"decode16", cu::W4A16Kernel::kDecode16},
                               {"decode16v0", cu::W4A16Kernel::kDecode16V0}};
@@ -200,9 +205,10 @@ int main(int argc, char** argv) {
     NIBBLE_TEST_CUDA_CHECK(cudaMemset(z.get(), 0, z.bytes()));
     NIBBLE_TEST_CUDA_CHECK(cudaMemset(x.get(), 0, x.bytes()));
     bool ok = cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
-    for (int i = 0; ok && i < 2; ++i) {
+    for (int i = 0; ok && i < 4; ++i) {
       ok = cu::MatMulW4A16(l, x.get(), q.get(), z.get(), nullptr, y.get(), 1, stream,
-                           cu::W4A16Kernel::kStream8Pdl) == cudaSuccess;
+                           i < 2 ? cu::W4A16Kernel::kStream8Pdl
+                                 : cu::W4A16Kernel::kDecode8Pdl) == cudaSuccess;
     }
     cudaGraph_t graph = nullptr;
     ok = cudaStreamEndCapture(stream, &graph) == cudaSuccess && ok;
@@ -213,11 +219,13 @@ int main(int argc, char** argv) {
     if (exec != nullptr) (void)cudaGraphExecDestroy(exec);
     if (graph != nullptr) (void)cudaGraphDestroy(graph);
     (void)cudaGetLastError();
-    std::printf("programmatic launch in a graph: %s\n", ok ? "yes" : "no (stream8pdl left out)");
+    std::printf("programmatic launch in a graph: %s\n",
+                ok ? "yes" : "no (the PDL variants left out)");
     if (!ok) {
       decode_variants.erase(std::remove_if(decode_variants.begin(), decode_variants.end(),
                                            [](const Variant& v) {
-                                             return v.kernel == cu::W4A16Kernel::kStream8Pdl;
+                                             return v.kernel == cu::W4A16Kernel::kStream8Pdl ||
+                                                    v.kernel == cu::W4A16Kernel::kDecode8Pdl;
                                            }),
                             decode_variants.end());
     }
