@@ -1,6 +1,8 @@
 // W4A16 kernels; the layout they read is drawn in w4a16_layout.h.
 //
-// The decode kernel (W4A16DecodeKernel, small m, described at its definition), the tensor-core
+// The decode kernel (W4A16DecodeKernel, small m, described at its definition), the streaming
+// decode kernel (W4A16StreamKernel, sm_90: the weight through a bulk-copy ring in shared memory;
+// kAuto uses it only where measured faster), the tensor-core
 // GEMM (W4A16GemmKernel, 16..256 tokens, split-k with a workspace; described at its definition),
 // DequantizeW4A16 (the engine's route from 257 tokens on) and the first version's mma kernel,
 // whose instantiations are tiled64 and, for one more benchmark round, the v0 decode kernels
@@ -268,6 +270,12 @@ __global__ void __launch_bounds__(512)
   // FLAGS (only 0 is instantiated): 1 = weight loads without the evict-first hint, 2 = chunks
   // interleaved over the block's warps. Both measured no faster on the H100 (NOTES.md run 6).
   constexpr bool interleave = (FLAGS & 2) != 0, no_hint = (FLAGS & 1) != 0;
+  // FLAGS & 4 (kDecode8Pdl, EXPERIMENT): programmatic dependent launch. The next kernel may
+  // launch at once; this one issues its first KPF weight and scale/zero loads (constant data)
+  // before waiting for the previous kernel (griddepcontrol.wait), then reads x and writes y.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr ((FLAGS & 4) != 0) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
   const int c0 = interleave ? warp : warp * chunks_per_warp;
   const int cs = interleave ? warps : 1;
   const int nch = interleave ? max(0, (k_chunks - warp + warps - 1) / warps)
@@ -304,6 +312,9 @@ __global__ void __launch_bounds__(512)
       rz1[s] = __ldg(zg + 8);
     }
   }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr ((FLAGS & 4) != 0) asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   for (int i0 = 0; i0 < nch; i0 += KPF) {
 #pragma unroll
     for (int s = 0; s < KPF; ++s) {
@@ -677,6 +688,22 @@ cudaError_t Launch(const W4A16Layout& l, const uint16_t* x, const uint32_t* qw,
   return cudaSuccess;
 }
 
+// Compute capability major of `device` (< 8; others asked every call), cached.
+int DeviceMajor(int device) {
+  static std::atomic<int> cache[8];  // value + 1; 0 = not yet known
+  if (device >= 0 && device < 8) {
+    const int v = cache[device].load(std::memory_order_relaxed);
+    if (v > 0) return v - 1;
+  }
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  if (device >= 0 && device < 8) cache[device].store(major + 1, std::memory_order_relaxed);
+  return major;
+}
+
 // Resident blocks per SM of the decode kernel at `warps` warps per block, from the occupancy
 // calculator, cached per device ordinal (< 8) and block size (each entry computed once; a race
 // computes the same value twice).
@@ -734,11 +761,568 @@ cudaError_t LaunchDecode(const W4A16Layout& l, const uint16_t* x, const uint32_t
   const dim3 grid(n_tiles, static_cast<unsigned>(tok_blocks));
   const int group_shift = l.group == 32 ? 5 : l.group == 64 ? 6 : 7;
   const bool x_vec = l.k % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  W4A16DecodeKernel<TT, KPF, FLAGS><<<grid, 32 * warps, (warps - 1) * TT * 4 * 32 * 4, stream>>>(
+  const size_t smem = static_cast<size_t>(warps - 1) * TT * 4 * 32 * 4;
+  if constexpr ((FLAGS & 4) != 0) {
+    // The programmatic launch: sm_90 and a stream of the caller's own (not the legacy default).
+    if (stream != nullptr && DeviceMajor(device) >= 9) {
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[0].val.programmaticStreamSerializationAllowed = 1;
+      cudaLaunchConfig_t config = {};
+      config.gridDim = grid;
+      config.blockDim = dim3(32 * warps);
+      config.dynamicSmemBytes = smem;
+      config.stream = stream;
+      config.attrs = attr;
+      config.numAttrs = 1;
+      NIBBLE_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
+          &config, W4A16DecodeKernel<TT, KPF, FLAGS>, reinterpret_cast<const __half*>(x),
+          reinterpret_cast<const uint4*>(qw), zs, bias, reinterpret_cast<__half*>(y),
+          static_cast<int>(m), static_cast<int>(l.n), static_cast<int>(l.k),
+          static_cast<int>(l.n_pad), k_chunks, per, group_shift, x_vec,
+          allow_fold && l.group >= 64));
+      return cudaSuccess;
+    }
+  }
+  W4A16DecodeKernel<TT, KPF, FLAGS><<<grid, 32 * warps, smem, stream>>>(
       reinterpret_cast<const __half*>(x), reinterpret_cast<const uint4*>(qw), zs, bias,
       reinterpret_cast<__half*>(y), static_cast<int>(m), static_cast<int>(l.n),
       static_cast<int>(l.k), static_cast<int>(l.n_pad), k_chunks, per, group_shift, x_vec,
       allow_fold && l.group >= 64);
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return cudaSuccess;
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// The streaming decode kernel (W4A16StreamKernel, sm_90; kStream8, kStream8Pdl): register-free
+// memory depth.
+// decode8 keeps its loads in flight in registers (4 x 16 bytes per thread) and sits at 49-64 % of
+// copy bandwidth with DRAM half busy and warps stalled on long scoreboard; more registers per
+// thread cost occupancy 1:1 (tests/gpu/NOTES.md runs 2, 4-6). Here the depth lives in shared
+// memory: a ring of STAGES stages per block, each SP consecutive 64-k chunks (SP x 512 bytes) of
+// one 16-feature tile plus those chunks' scale/zero words, filled by 1-D bulk copies
+// (cp.async.bulk, completion counted in bytes on an mbarrier) issued by one producer thread, so
+// each SM keeps STAGES - 1 stages (tens of KB) in flight whatever the registers.
+// The device layout is unchanged: a tile's chunks are one contiguous run of qw and its groups'
+// scale/zero words one contiguous run of zs, so a stage is exactly two bulk copies.
+// Grid: one block per SM at most (persistent-style, one wave), each owning tiles_per_block whole
+// tiles (ceil(tiles / SMs): 2-7 tiles on the 7B shapes, <= 3 % imbalance), so no partial sums
+// leave the block. CW consumer warps share each stage (warp w takes pieces w, w + CW, ...),
+// accumulate per tile in fp32, and at a tile's last stage add their sums through shared memory
+// (double-buffered by tile parity: one named barrier per tile); warp 0 writes y. Activations
+// come through L1 (__ldg), issued before the stage wait so their latency hides behind it.
+// grid.y: blocks of 8 tokens (m > 8 re-reads the weight per block row, as decode8).
+template <int CW, int SP, int STAGES>
+struct StreamShape {
+  static constexpr int kWBytes = SP * 512;  // the stage's weight pieces
+  static constexpr int kZBytes = SP * 128;  // their scale/zero words: <= 2 groups per chunk (g32)
+  static constexpr int kStageBytes = kWBytes + kZBytes;
+  static constexpr int kRedBytes = 2 * CW * 4 * 32 * 4;  // [tile parity][warp][4][32] fp32
+  static constexpr int kBarOffset = STAGES * kStageBytes + kRedBytes;
+  static constexpr int kSmem = kBarOffset + 2 * STAGES * 8;  // + full and empty mbarriers
+  static constexpr int kThreads = 32 * (CW + 1);             // + one producer warp
+  static_assert(SP % CW == 0 && SP % 2 == 0, "whole pieces per warp; stages group-aligned");
+};
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void MbarExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void MbarArrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+// Spins until the mbarrier's phase with this parity has completed.
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// bytes (a multiple of 16, both addresses 16-byte aligned) global -> shared, counted on `bar`.
+__device__ __forceinline__ void BulkCopy(uint32_t dst, const void* src, uint32_t bytes,
+                                         uint32_t bar, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint "
+      "[%0], [%1], %2, [%3], %4;" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar), "l"(policy)
+      : "memory");
+}
+#endif
+
+template <int CW, int SP, int STAGES, bool PDL>
+__global__ void __launch_bounds__(32 * (CW + 1), 1)
+    W4A16StreamKernel(const __half* __restrict__ x, const uint4* __restrict__ qw,
+                      const uint32_t* __restrict__ zs, const float* __restrict__ bias,
+                      __half* __restrict__ y, int m, int n, int k, int n_tiles, int k_chunks,
+                      int groups_pad, int group_shift, int tiles_per_block, bool x_vec,
+                      bool fold_scale) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using S = StreamShape<CW, SP, STAGES>;
+  constexpr int kJ = SP / CW;  // pieces per warp per stage
+  // PDL (programmatic dependent launch, kStream8Pdl): the next kernel in the stream may start as
+  // soon as this one's blocks leave SMs free; this one streams its weight into the ring before
+  // waiting (griddepcontrol.wait) for the previous kernel, whose output may be x and whose
+  // input may be y. Needs qw and zs not written by the work before it (weights are constant).
+  // Without a programmatic launch both instructions do nothing.
+  if constexpr (PDL) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  extern __shared__ __align__(128) unsigned char stream_smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int tile0 = blockIdx.x * tiles_per_block;
+  const int tiles = min(tiles_per_block, n_tiles - tile0);
+  const int spt = (k_chunks + SP - 1) / SP;  // stages per tile (the last may be partial)
+  const int total = tiles * spt;
+  const uint32_t smem0 = SmemAddr(stream_smem);
+  const uint32_t full0 = smem0 + S::kBarOffset, empty0 = full0 + STAGES * 8;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      MbarInit(full0 + 8 * s, 1);            // the producer's expect_tx arrival (+ the bytes)
+      MbarInit(empty0 + 8 * s, 32 * CW);     // every consumer thread, after its reads
+    }
+    // The initialized barriers visible to the bulk-copy (async) proxy.
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == CW) {
+    // The producer: one thread walks the block's stages, refilling a slot once all consumer
+    // threads have read it. The weight and its scale/zero are read once: evict first from L2.
+    if (lane != 0) return;
+    uint64_t policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    int tl = 0, sc = 0, slot = 0;
+    uint32_t phase = 0;
+    for (int i = 0; i < total; ++i) {
+      if (i >= STAGES) MbarWait(empty0 + 8 * slot, phase ^ 1);
+      const int c0 = sc * SP, np = min(SP, k_chunks - c0);
+      const int tile = tile0 + tl;
+      const int g0 = (c0 * 64) >> group_shift;
+      const int g1 = (((c0 + np) * 64 - 1) >> group_shift) + 1;
+      const uint32_t wbytes = np * 512, zbytes = (g1 - g0) * 64;
+      const uint32_t full = full0 + 8 * slot, dst = smem0 + slot * S::kStageBytes;
+      MbarExpectTx(full, wbytes + zbytes);
+      BulkCopy(dst, qw + (static_cast<size_t>(tile) * k_chunks + c0) * 32, wbytes, full, policy);
+      BulkCopy(dst + S::kWBytes, zs + (static_cast<size_t>(tile) * groups_pad + g0) * 16, zbytes,
+               full, policy);
+      if (++sc == spt) sc = 0, ++tl;
+      if (++slot == STAGES) slot = 0, phase ^= 1;
+    }
+    return;
+  }
+
+  if constexpr (PDL) asm volatile("griddepcontrol.wait;" ::: "memory");
+  const int g = lane / 4, t = lane % 4;
+  const int tok0 = blockIdx.y * 8;
+  const int tok = tok0 + g;
+  // Whole 16-byte activation loads with no bounds checks when k is a multiple of 64.
+  const bool x_whole = x_vec && k % 64 == 0;
+  const __half* xrow = tok < m ? x + static_cast<size_t>(tok) * k + 16 * t : nullptr;
+  float* red = reinterpret_cast<float*>(stream_smem + STAGES * S::kStageBytes);
+  float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+  int tl = 0, sc = 0, slot = 0;
+  uint32_t phase = 0;
+  for (int i = 0; i < total; ++i) {
+    const int c0 = sc * SP, np = min(SP, k_chunks - c0);
+    uint4 xa[kJ], xb[kJ];
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) {
+      const int p = warp + j * CW, c = c0 + p;
+      if (x_whole) {
+        xa[j] = xb[j] = make_uint4(0, 0, 0, 0);
+        if (xrow != nullptr && p < np) {
+          xa[j] = __ldg(reinterpret_cast<const uint4*>(xrow + 64 * c));
+          xb[j] = __ldg(reinterpret_cast<const uint4*>(xrow + 64 * c + 8));
+        }
+      } else {
+        LoadX16(x, tok, c * 64 + 16 * t, m, k, x_vec, xa[j], xb[j]);
+      }
+    }
+    MbarWait(full0 + 8 * slot, phase);
+    const unsigned char* st = stream_smem + slot * S::kStageBytes;
+    const uint4* ws = reinterpret_cast<const uint4*>(st);
+    const uint32_t* zsm = reinterpret_cast<const uint32_t*>(st + S::kWBytes);
+    const int g0 = (c0 * 64) >> group_shift;
+    uint4 w[kJ];
+    uint32_t z0[kJ], z1[kJ];
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) {
+      const int p = warp + j * CW;
+      if (p < np) {
+        w[j] = ws[p * 32 + lane];
+        const int gi = (((c0 + p) * 64 + 16 * t) >> group_shift) - g0;
+        z0[j] = zsm[gi * 16 + g];
+        z1[j] = zsm[gi * 16 + g + 8];
+      } else {
+        w[j] = make_uint4(0, 0, 0, 0);
+        z0[j] = z1[j] = 0;
+      }
+    }
+    // This thread's reads of the slot are done (the values are in registers): release it.
+    MbarArrive(empty0 + 8 * slot);
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) {
+      if (warp + j * CW < np) {
+        const GroupConsts gc = MakeGroupConsts(z0[j], z1[j]);
+        uint32_t a[4][4];
+        if (fold_scale) {
+          // group >= 64: the chunk is inside one group; (q - z) exact, the scale applied in fp32.
+          DequantNoScale(w[j].x, gc, a[0]);
+          DequantNoScale(w[j].y, gc, a[1]);
+          DequantNoScale(w[j].z, gc, a[2]);
+          DequantNoScale(w[j].w, gc, a[3]);
+          const float s0 = __half2float(__low2half(gc.s0)), s1 = __half2float(__low2half(gc.s1));
+          float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          MmaPiece(c, a, xa[j], xb[j]);
+          acc[0][0] = fmaf(s0, c[0], acc[0][0]);
+          acc[0][1] = fmaf(s0, c[1], acc[0][1]);
+          acc[0][2] = fmaf(s1, c[2], acc[0][2]);
+          acc[0][3] = fmaf(s1, c[3], acc[0][3]);
+        } else {
+          DequantPiece(w[j], gc, a);
+          MmaPiece(acc[0], a, xa[j], xb[j]);
+        }
+      }
+    }
+    if (++slot == STAGES) slot = 0, phase ^= 1;
+    if (++sc == spt) {
+      // The tile's last stage: the consumer warps' partial sums meet in shared memory.
+      float* r = red + ((tl & 1) * CW + warp) * 128 + lane;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) r[q * 32] = acc[0][q];
+      asm volatile("bar.sync 1, %0;" ::"n"(32 * CW) : "memory");
+      if (warp == 0) {
+        const float* rr = red + (tl & 1) * CW * 128 + lane;
+        for (int w2 = 1; w2 < CW; ++w2)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[0][q] += rr[w2 * 128 + q * 32];
+        StoreTile<1>(acc, bias, y, m, n, tile0 + tl, tok0, g, t);
+      }
+      acc[0][0] = acc[0][1] = acc[0][2] = acc[0][3] = 0.0f;
+      sc = 0;
+      ++tl;
+    }
+  }
+#else
+  __trap();  // never launched below sm_90: LaunchStream runs decode8 there
+#endif
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// As BulkCopy, without an L2 cache hint.
+__device__ __forceinline__ void BulkCopyNoHint(uint32_t dst, const void* src, uint32_t bytes,
+                                               uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+#endif
+
+// EXPERIMENT (not yet run on a GPU; kStreamRR8, kStreamRR8NoHint): the streaming kernel without
+// the lockstep that run 16 suspects (tests/gpu/NOTES.md): stage i is consumed whole by consumer
+// warp i % CW, so a slot waits for one warp, not for the slowest of all; each warp keeps one
+// tile's fp32 sums and stores them to red[tile][warp] when its stages move to the next tile
+// (a warp's stages of one tile are consecutive in its sequence; red starts zeroed for warps that
+// see none of a tile), and after the block's last stage warp w adds tiles w, w + CW, ... in warp
+// order (deterministic) and writes y. No barrier per tile; one at the end. Shared memory: the
+// ring, the mbarriers, red [tiles_per_block][CW][4][32] fp32 (LaunchStreamRR falls back to the
+// lockstep kernel when that does not fit). NOHINT: bulk copies without the evict-first hint.
+template <int CW, int SP, int STAGES>
+struct StreamRRShape {
+  static constexpr int kWBytes = SP * 512, kZBytes = SP * 128;
+  static constexpr int kStageBytes = kWBytes + kZBytes;
+  static constexpr int kBarOffset = STAGES * kStageBytes;
+  static constexpr int kRedOffset = kBarOffset + 2 * STAGES * 8;
+  static constexpr int kRedBytesPerTile = CW * 4 * 32 * 4;
+  static constexpr int kThreads = 32 * (CW + 1);
+  static constexpr int kGroup = 4;  // pieces whose activations are loaded together
+  static_assert(SP % kGroup == 0 && SP % 2 == 0, "whole groups per stage; stages group-aligned");
+  // A slot is always consumed by the same warp, so that warp has seen the slot's previous phase
+  // complete before it waits on the next (an mbarrier wait tells phases apart by parity only).
+  static_assert(STAGES % CW == 0, "each slot belongs to one consumer warp");
+  static_assert(kRedOffset % 16 == 0, "red aligned");
+};
+
+template <int CW, int SP, int STAGES, bool NOHINT>
+__global__ void __launch_bounds__(32 * (CW + 1), 1)
+    W4A16StreamRRKernel(const __half* __restrict__ x, const uint4* __restrict__ qw,
+                        const uint32_t* __restrict__ zs, const float* __restrict__ bias,
+                        __half* __restrict__ y, int m, int n, int k, int n_tiles, int k_chunks,
+                        int groups_pad, int group_shift, int tiles_per_block, bool x_vec,
+                        bool fold_scale) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using S = StreamRRShape<CW, SP, STAGES>;
+  constexpr int kG = S::kGroup;
+  extern __shared__ __align__(128) unsigned char stream_smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int tile0 = blockIdx.x * tiles_per_block;
+  const int tiles = min(tiles_per_block, n_tiles - tile0);
+  const int spt = (k_chunks + SP - 1) / SP;
+  const int total = tiles * spt;
+  const uint32_t smem0 = SmemAddr(stream_smem);
+  const uint32_t full0 = smem0 + S::kBarOffset, empty0 = full0 + STAGES * 8;
+  float* red = reinterpret_cast<float*>(stream_smem + S::kRedOffset);
+  for (int i = threadIdx.x; i < tiles * CW * 128; i += blockDim.x) red[i] = 0.0f;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      MbarInit(full0 + 8 * s, 1);
+      MbarInit(empty0 + 8 * s, 32);  // the 32 threads of the one warp that consumes the stage
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == CW) {
+    if (lane != 0) return;
+    uint64_t policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    int tl = 0, sc = 0, slot = 0;
+    uint32_t phase = 0;
+    for (int i = 0; i < total; ++i) {
+      if (i >= STAGES) MbarWait(empty0 + 8 * slot, phase ^ 1);
+      const int c0 = sc * SP, np = min(SP, k_chunks - c0);
+      const int tile = tile0 + tl;
+      const int g0 = (c0 * 64) >> group_shift;
+      const int g1 = (((c0 + np) * 64 - 1) >> group_shift) + 1;
+      const uint32_t wbytes = np * 512, zbytes = (g1 - g0) * 64;
+      const uint32_t full = full0 + 8 * slot, dst = smem0 + slot * S::kStageBytes;
+      const uint4* wsrc = qw + (static_cast<size_t>(tile) * k_chunks + c0) * 32;
+      const uint32_t* zsrc = zs + (static_cast<size_t>(tile) * groups_pad + g0) * 16;
+      MbarExpectTx(full, wbytes + zbytes);
+      if (NOHINT) {
+        BulkCopyNoHint(dst, wsrc, wbytes, full);
+        BulkCopyNoHint(dst + S::kWBytes, zsrc, zbytes, full);
+      } else {
+        BulkCopy(dst, wsrc, wbytes, full, policy);
+        BulkCopy(dst + S::kWBytes, zsrc, zbytes, full, policy);
+      }
+      if (++sc == spt) sc = 0, ++tl;
+      if (++slot == STAGES) slot = 0, phase ^= 1;
+    }
+    return;
+  }
+
+  const int g = lane / 4, t = lane % 4;
+  const int tok0 = blockIdx.y * 8;
+  const int tok = tok0 + g;
+  const bool x_whole = x_vec && k % 64 == 0;
+  const __half* xrow = tok < m ? x + static_cast<size_t>(tok) * k + 16 * t : nullptr;
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  int cur = -1;  // the block-local tile acc belongs to
+  for (int i = warp; i < total; i += CW) {
+    const int tl = i / spt, c0 = (i - tl * spt) * SP, np = min(SP, k_chunks - c0);
+    const int slot = i % STAGES;
+    const uint32_t parity = (i / STAGES) & 1;
+    if (tl != cur) {
+      if (cur >= 0) {
+        float* r = red + (cur * CW + warp) * 128 + lane;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) r[q * 32] = acc[q];
+      }
+      acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+      cur = tl;
+    }
+    const unsigned char* st = stream_smem + slot * S::kStageBytes;
+    const uint4* ws = reinterpret_cast<const uint4*>(st);
+    const uint32_t* zsm = reinterpret_cast<const uint32_t*>(st + S::kWBytes);
+    const int g0 = (c0 * 64) >> group_shift;
+    for (int p0 = 0; p0 < np; p0 += kG) {
+      uint4 xa[kG], xb[kG];
+#pragma unroll
+      for (int j = 0; j < kG; ++j) {
+        const int p = p0 + j, c = c0 + p;
+        if (x_whole) {
+          xa[j] = xb[j] = make_uint4(0, 0, 0, 0);
+          if (xrow != nullptr && p < np) {
+            xa[j] = __ldg(reinterpret_cast<const uint4*>(xrow + 64 * c));
+            xb[j] = __ldg(reinterpret_cast<const uint4*>(xrow + 64 * c + 8));
+          }
+        } else {
+          LoadX16(x, tok, c * 64 + 16 * t, m, k, x_vec, xa[j], xb[j]);
+        }
+      }
+      if (p0 == 0) MbarWait(full0 + 8 * slot, parity);
+      uint4 w[kG];
+      uint32_t z0[kG], z1[kG];
+#pragma unroll
+      for (int j = 0; j < kG; ++j) {
+        const int p = p0 + j;
+        if (p < np) {
+          w[j] = ws[p * 32 + lane];
+          const int gi = (((c0 + p) * 64 + 16 * t) >> group_shift) - g0;
+          z0[j] = zsm[gi * 16 + g];
+          z1[j] = zsm[gi * 16 + g + 8];
+        } else {
+          w[j] = make_uint4(0, 0, 0, 0);
+          z0[j] = z1[j] = 0;
+        }
+      }
+      // The stage's last reads of this thread: release the slot.
+      if (p0 + kG >= np) MbarArrive(empty0 + 8 * slot);
+#pragma unroll
+      for (int j = 0; j < kG; ++j) {
+        if (p0 + j < np) {
+          const GroupConsts gc = MakeGroupConsts(z0[j], z1[j]);
+          uint32_t a[4][4];
+          if (fold_scale) {
+            DequantNoScale(w[j].x, gc, a[0]);
+            DequantNoScale(w[j].y, gc, a[1]);
+            DequantNoScale(w[j].z, gc, a[2]);
+            DequantNoScale(w[j].w, gc, a[3]);
+            const float s0 = __half2float(__low2half(gc.s0)), s1 = __half2float(__low2half(gc.s1));
+            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            MmaPiece(c, a, xa[j], xb[j]);
+            acc[0] = fmaf(s0, c[0], acc[0]);
+            acc[1] = fmaf(s0, c[1], acc[1]);
+            acc[2] = fmaf(s1, c[2], acc[2]);
+            acc[3] = fmaf(s1, c[3], acc[3]);
+          } else {
+            DequantPiece(w[j], gc, a);
+            MmaPiece(acc, a, xa[j], xb[j]);
+          }
+        }
+      }
+    }
+  }
+  if (cur >= 0) {
+    float* r = red + (cur * CW + warp) * 128 + lane;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) r[q * 32] = acc[q];
+  }
+  asm volatile("bar.sync 1, %0;" ::"n"(32 * CW) : "memory");
+  for (int tl = warp; tl < tiles; tl += CW) {
+    float sum[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+    const float* r = red + tl * CW * 128 + lane;
+    for (int w2 = 0; w2 < CW; ++w2)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) sum[0][q] += r[w2 * 128 + q * 32];
+    StoreTile<1>(sum, bias, y, m, n, tile0 + tl, tok0, g, t);
+  }
+#else
+  __trap();  // never launched below sm_90: LaunchStreamRR runs decode8 there
+#endif
+}
+
+
+template <int CW, int SP, int STAGES, bool PDL = false>
+cudaError_t LaunchStream(const W4A16Layout& l, const uint16_t* x, const uint32_t* qw,
+                         const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
+                         cudaStream_t stream) {
+  using S = StreamShape<CW, SP, STAGES>;
+  int device = 0;
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  const int64_t tok_blocks = (m + 7) / 8;
+  // Bulk copies and mbarrier transaction counts are sm_90; grid.y holds 65535 token blocks.
+  // Bulk copies need 16-byte aligned sources (the GEMM's cp.async needs the same of qw and zs).
+  const bool aligned =
+      reinterpret_cast<uintptr_t>(qw) % 16 == 0 && reinterpret_cast<uintptr_t>(zs) % 16 == 0;
+  if (DeviceMajor(device) < 9 || tok_blocks > 65535 || !aligned) {
+    return LaunchDecode<1, 4>(l, x, qw, zs, bias, y, m, stream);
+  }
+  // One block per SM: ask for more than half of an SM's 228 KB of shared memory, so that the
+  // block scheduler cannot put two of the grid's <= SMs blocks on one SM while another idles.
+  constexpr int kSmem = S::kSmem > 116 * 1024 ? S::kSmem : 116 * 1024;
+  auto* kernel = &W4A16StreamKernel<CW, SP, STAGES, PDL>;
+  {
+    // Once per device ordinal (< 8; others every call): shared memory above the 48 KB default.
+    static std::atomic<bool> done[8];
+    if (device < 0 || device >= 8 || !done[device].load(std::memory_order_relaxed)) {
+      NIBBLE_CUDA_RETURN_IF_ERROR(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+      if (device >= 0 && device < 8) done[device].store(true, std::memory_order_relaxed);
+    }
+  }
+  int sms = 0;
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int n_tiles = static_cast<int>(l.n_pad / 16);
+  const int k_chunks = static_cast<int>(l.k_pad / 64);
+  const int per = (n_tiles + sms - 1) / sms;  // whole tiles per block: one wave of <= sms blocks
+  const dim3 grid(static_cast<unsigned>((n_tiles + per - 1) / per), static_cast<unsigned>(tok_blocks));
+  const int group_shift = l.group == 32 ? 5 : l.group == 64 ? 6 : 7;
+  const bool x_vec = l.k % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const __half* xh = reinterpret_cast<const __half*>(x);
+  const uint4* q4 = reinterpret_cast<const uint4*>(qw);
+  __half* yh = reinterpret_cast<__half*>(y);
+  const int mi = static_cast<int>(m), ni = static_cast<int>(l.n), ki = static_cast<int>(l.k);
+  const int gp = static_cast<int>(l.groups_pad);
+  const bool fold = l.group >= 64;
+  if (PDL && stream != nullptr) {
+    // The programmatic launch (not on the legacy default stream, where it is not offered).
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = dim3(S::kThreads);
+    config.dynamicSmemBytes = kSmem;
+    config.stream = stream;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    NIBBLE_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, kernel, xh, q4, zs, bias, yh, mi, ni,
+                                                   ki, n_tiles, k_chunks, gp, group_shift, per,
+                                                   x_vec, fold));
+    return cudaSuccess;
+  }
+  kernel<<<grid, S::kThreads, kSmem, stream>>>(xh, q4, zs, bias, yh, mi, ni, ki, n_tiles,
+                                               k_chunks, gp, group_shift, per, x_vec, fold);
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return cudaSuccess;
+}
+
+// The EXPERIMENT's launch (not yet run on a GPU): as LaunchStream; the lockstep kernel when the
+// per-tile sums do not fit in shared memory with the ring.
+template <int CW, int SP, int STAGES, bool NOHINT>
+cudaError_t LaunchStreamRR(const W4A16Layout& l, const uint16_t* x, const uint32_t* qw,
+                           const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
+                           cudaStream_t stream) {
+  using S = StreamRRShape<CW, SP, STAGES>;
+  int device = 0;
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  const int64_t tok_blocks = (m + 7) / 8;
+  const bool aligned =
+      reinterpret_cast<uintptr_t>(qw) % 16 == 0 && reinterpret_cast<uintptr_t>(zs) % 16 == 0;
+  if (DeviceMajor(device) < 9 || tok_blocks > 65535 || !aligned) {
+    return LaunchDecode<1, 4>(l, x, qw, zs, bias, y, m, stream);
+  }
+  int sms = 0;
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int n_tiles = static_cast<int>(l.n_pad / 16);
+  const int k_chunks = static_cast<int>(l.k_pad / 64);
+  const int per = (n_tiles + sms - 1) / sms;
+  constexpr int kMaxSmem = 227 * 1024;  // sm_90's per-block limit
+  const int64_t need = S::kRedOffset + int64_t{per} * S::kRedBytesPerTile;
+  if (need > kMaxSmem) return LaunchStream<16, 32, 6>(l, x, qw, zs, bias, y, m, stream);
+  // One block per SM, as LaunchStream; the attribute set once per device to the maximum.
+  const int smem = std::max<int>(static_cast<int>(need), 116 * 1024);
+  auto* kernel = &W4A16StreamRRKernel<CW, SP, STAGES, NOHINT>;
+  {
+    static std::atomic<bool> done[8];
+    if (device < 0 || device >= 8 || !done[device].load(std::memory_order_relaxed)) {
+      NIBBLE_CUDA_RETURN_IF_ERROR(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
+      if (device >= 0 && device < 8) done[device].store(true, std::memory_order_relaxed);
+    }
+  }
+  const dim3 grid(static_cast<unsigned>((n_tiles + per - 1) / per), static_cast<unsigned>(tok_blocks));
+  const int group_shift = l.group == 32 ? 5 : l.group == 64 ? 6 : 7;
+  const bool x_vec = l.k % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  kernel<<<grid, S::kThreads, smem, stream>>>(
+      reinterpret_cast<const __half*>(x), reinterpret_cast<const uint4*>(qw), zs, bias,
+      reinterpret_cast<__half*>(y), static_cast<int>(m), static_cast<int>(l.n),
+      static_cast<int>(l.k), n_tiles, k_chunks, static_cast<int>(l.groups_pad), group_shift, per,
+      x_vec, l.group >= 64);
   NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return cudaSuccess;
 }
@@ -751,7 +1335,13 @@ W4A16Kernel ChooseW4A16Kernel(const W4A16Layout& layout, int64_t m, bool workspa
   // tokens on for >= 2^23 (1.8b.wqkv); the 64/128-token blocks were never the fastest (removed).
   // Unsplit (no workspace) the GEMM loses to decode16 up to 64 tokens.
   const int64_t values = layout.n * layout.k;
-  if (m <= 8) return W4A16Kernel::kDecode8;
+  // m <= 8: decode8, except for few feature tiles with a long k, where the streaming kernel's
+  // shared-memory depth wins: run 16 (H100) measured it only on 1.8b.w2 (n 2048, k 8192: 7.0 vs
+  // 8.7 us at m = 1..8); on 1.8b.wo (2048 x 2048) the two tie, on every 7B shape and on
+  // 1.8b.wqkv / w1w3 (n >= 4096) decode8 is 10-35 % faster. Below sm_90 stream8 runs decode8.
+  if (m <= 8) {
+    return layout.n <= 2048 && layout.k >= 8192 ? W4A16Kernel::kStream8 : W4A16Kernel::kDecode8;
+  }
   if (!workspace) return m <= 64 ? W4A16Kernel::kDecode16 : W4A16Kernel::kGemm32;
   if (m <= 32 && values < (int64_t{1} << 24)) return W4A16Kernel::kDecode16;
   if (m <= 64 && values <= (int64_t{1} << 22)) return W4A16Kernel::kDecode16;
@@ -781,6 +1371,18 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
       return LaunchDecode<1, 4>(layout, x, qw, zs, bias, y, m, stream);
     case W4A16Kernel::kDecode16:
       return LaunchDecode<2, 4>(layout, x, qw, zs, bias, y, m, stream);
+    // 16 consumer warps, stages of 32 chunks (16 KB + scale/zero), 6 stages: the fastest of the
+    // five shapes run 16 measured (8 or 16 warps x 8 or 16 KB stages x 64-128 KB rings).
+    case W4A16Kernel::kStream8:
+      return LaunchStream<16, 32, 6>(layout, x, qw, zs, bias, y, m, stream);
+    case W4A16Kernel::kStream8Pdl:
+      return LaunchStream<16, 32, 6, true>(layout, x, qw, zs, bias, y, m, stream);
+    case W4A16Kernel::kStreamRR8:
+      return LaunchStreamRR<8, 16, 16, false>(layout, x, qw, zs, bias, y, m, stream);
+    case W4A16Kernel::kStreamRR8NoHint:
+      return LaunchStreamRR<8, 16, 16, true>(layout, x, qw, zs, bias, y, m, stream);
+    case W4A16Kernel::kDecode8Pdl:
+      return LaunchDecode<1, 4, 4>(layout, x, qw, zs, bias, y, m, stream);
     case W4A16Kernel::kDecode8V0:
       return Launch<1, 1, 8>(layout, x, qw, zs, bias, y, m, stream);
     case W4A16Kernel::kDecode16V0:

@@ -41,11 +41,31 @@ namespace nibble::kernels::cuda {
 //    tokens. With a workspace the k range is split over blocks (enough blocks to fill the card
 //    twice) and a second kernel adds the fp32 partial sums (+ bias). They need k % 8 == 0 and x
 //    16-byte aligned; otherwise decode16 runs (tiled64 above 64 tokens).
-enum class W4A16Kernel { kAuto, kDecode8, kDecode16, kTiled64, kDecode8V0, kDecode16V0, kGemm16, kGemm32 };
+//  kStream8 (sm_90; elsewhere it runs decode8): 8 tokens per block row, the weight streamed
+//    through a shared-memory ring per block (6 stages of 32 chunks, 96 KB, filled by 1-D bulk
+//    copies on mbarriers: the depth costs no registers), one block per SM owning whole tiles,
+//    16 consumer warps. Faster than decode8 only where few tiles have long k (1.8b.w2), slower
+//    on the 7B shapes (tests/gpu/NOTES.md run 16); kAuto picks it only there.
+//  kStream8Pdl: kStream8 launched with programmatic dependent launch on a non-default stream:
+//    the next kernel may start while this one ends, and it fills its ring with the weight before
+//    waiting for the previous kernel (griddepcontrol.wait), so x and y are safe but qw and zs
+//    must not be written by the work before it. For benchmarks: back to back it hides ~2 us of
+//    launch and ramp per call; kAuto does not pick it (the engine's other kernels don't trigger
+//    their dependents early yet).
+enum class W4A16Kernel {
+  kAuto, kDecode8, kDecode16, kTiled64, kDecode8V0, kDecode16V0, kGemm16, kGemm32,
+  kStream8, kStream8Pdl,
+  // EXPERIMENTS, not yet run on a GPU (branch kernel2-next; tests/gpu/NOTES.md run 16, "Next"):
+  // the streaming kernel with whole stages per consumer warp (no lockstep), with and without
+  // the evict-first hint; decode8 with programmatic dependent launch (its first weight loads
+  // issued before waiting for the previous kernel; non-default streams only).
+  kStreamRR8, kStreamRR8NoHint, kDecode8Pdl
+};
 
 // kAuto's choice for m tokens on this weight, with or without a workspace (measured on the
-// H100, tests/gpu/NOTES.md runs 12-14): decode8 up to 8 tokens; decode16 for small weights up
-// to 32 or 64 tokens and for every weight up to 64 without a workspace; else gemm16 / gemm32.
+// H100, tests/gpu/NOTES.md runs 12-16): up to 8 tokens stream8 for n <= 2048 with k >= 8192,
+// else decode8; decode16 for small weights up to 32 or 64 tokens and for every weight up to 64
+// without a workspace; else gemm16 / gemm32.
 W4A16Kernel ChooseW4A16Kernel(const W4A16Layout& layout, int64_t m, bool workspace);
 
 cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint32_t* qw,

@@ -9,7 +9,7 @@
 //  - per launch: events around each launch, median of kReps after kWarmup (includes the gap
 //    between a launch and the event: a floor of several us at small sizes).
 // Random non-zero data. Prints CSV (one line per shape and m) to stdout and to argv[1], and the
-// decode variants' graph times (M <= 16) to argv[2].
+// decode variants' graph times (M <= 16) to argv[2]. argv[3] == --decode: only m = 1..8.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -108,9 +108,10 @@ void FillRandom(DeviceBuffer<T>& buf, std::mt19937& rng, T lo_mask, bool half) {
   buf.CopyFrom(host.data());
 }
 
-// --profile K N M: 5 launches of kDecode8 (m <= 8) or kDecode16, then 5 of kDecode8V0 on one
-// shape, for a profiler (ncu --launch-skip / --launch-count).
-int Profile(const char* k_str, const char* n_str, const char* m_str) {
+// --profile K N M [decode8|stream8|streamrr8|streamrr8nohint]: 5 launches of kAuto's unsplit choice (decode8 or stream8
+// for m <= 8, decode16 above), then 5 of kDecode8V0 or of the named kernel, on one shape, for a
+// profiler (ncu --launch-skip / --launch-count).
+int Profile(const char* k_str, const char* n_str, const char* m_str, const char* other) {
   const int64_t k = std::atoll(k_str), n = std::atoll(n_str), m = std::atoll(m_str);
   const cu::W4A16Layout l = cu::MakeW4A16Layout(n, k, 128);
   std::mt19937 rng(1);
@@ -124,7 +125,13 @@ int Profile(const char* k_str, const char* n_str, const char* m_str) {
   zs.CopyFrom(host.data());
   DeviceBuffer<uint16_t> x(m * k), y(m * n);
   FillRandom(x, rng, uint16_t{0}, true);
-  for (cu::W4A16Kernel kernel : {cu::ChooseW4A16Kernel(l, m, false), cu::W4A16Kernel::kDecode8V0}) {
+  cu::W4A16Kernel second = cu::W4A16Kernel::kDecode8V0;
+  const std::string name = other != nullptr ? other : "";
+  if (name == "decode8") second = cu::W4A16Kernel::kDecode8;
+  if (name == "stream8") second = cu::W4A16Kernel::kStream8;
+  if (name == "streamrr8") second = cu::W4A16Kernel::kStreamRR8;
+  if (name == "streamrr8nohint") second = cu::W4A16Kernel::kStreamRR8NoHint;
+  for (cu::W4A16Kernel kernel : {cu::ChooseW4A16Kernel(l, m, false), second}) {
     for (int i = 0; i < 5; ++i) {
       NIBBLE_TEST_CUDA_CHECK(
           cu::MatMulW4A16(l, x.get(), qw.get(), zs.get(), nullptr, y.get(), m, nullptr, kernel));
@@ -138,7 +145,9 @@ int Profile(const char* k_str, const char* n_str, const char* m_str) {
 
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
-  if (argc == 5 && std::string(argv[1]) == "--profile") return Profile(argv[2], argv[3], argv[4]);
+  if ((argc == 5 || argc == 6) && std::string(argv[1]) == "--profile") {
+    return Profile(argv[2], argv[3], argv[4], argc == 6 ? argv[5] : nullptr);
+  }
   FILE* csv = argc > 1 ? std::fopen(argv[1], "w") : nullptr;
   FILE* vcsv = argc > 2 ? std::fopen(argv[2], "w") : nullptr;
   std::mt19937 rng(std::random_device{}());
@@ -170,6 +179,11 @@ int main(int argc, char** argv) {
   CUBLAS_CHECK(cublasSetWorkspace(handle, cublas_ws.get(), cublas_ws.bytes()));
   struct Variant { const char* name; cu::W4A16Kernel kernel; };
   const Variant variants[] = {{"decode8", cu::W4A16Kernel::kDecode8},
+                              {"stream8", cu::W4A16Kernel::kStream8},
+                              {"stream8pdl", cu::W4A16Kernel::kStream8Pdl},
+                              {"streamrr8", cu::W4A16Kernel::kStreamRR8},
+                              {"streamrr8nohint", cu::W4A16Kernel::kStreamRR8NoHint},
+                              {"decode8pdl", cu::W4A16Kernel::kDecode8Pdl},
                               {"decode8v0", cu::W4A16Kernel::kDecode8V0},
                               {"decode16", cu::W4A16Kernel::kDecode16},
                               {"decode16v0", cu::W4A16Kernel::kDecode16V0}};
@@ -178,13 +192,90 @@ int main(int argc, char** argv) {
   const Variant gemm_variants[] = {{"decode16", cu::W4A16Kernel::kDecode16},
                                    {"gemm16", cu::W4A16Kernel::kGemm16},
                                    {"gemm32", cu::W4A16Kernel::kGemm32}};
+  // --decode (argv[3]): only m = 1, 2, 4, 8 (the decode kernels' range), to keep a run short.
+  const bool decode_only = argc > 3 && std::string(argv[3]) == "--decode";
+  // The programmatic-launch variant only if a graph can capture it (checked on a small weight,
+  // nothing fatal): otherwise it is left out rather than ending the run.
+  std::vector<Variant> decode_variants(std::begin(variants), std::end(variants));
+  {
+    const cu::W4A16Layout l = cu::MakeW4A16Layout(2112, 64, 128);
+    DeviceBuffer<uint32_t> q(l.qw_words()), z(l.zs_words());
+    DeviceBuffer<uint16_t> x(64), y(2112);
+    NIBBLE_TEST_CUDA_CHECK(cudaMemset(q.get(), 0, q.bytes()));
+    NIBBLE_TEST_CUDA_CHECK(cudaMemset(z.get(), 0, z.bytes()));
+    NIBBLE_TEST_CUDA_CHECK(cudaMemset(x.get(), 0, x.bytes()));
+    bool ok = cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
+    for (int i = 0; ok && i < 4; ++i) {
+      ok = cu::MatMulW4A16(l, x.get(), q.get(), z.get(), nullptr, y.get(), 1, stream,
+                           i < 2 ? cu::W4A16Kernel::kStream8Pdl
+                                 : cu::W4A16Kernel::kDecode8Pdl) == cudaSuccess;
+    }
+    cudaGraph_t graph = nullptr;
+    ok = cudaStreamEndCapture(stream, &graph) == cudaSuccess && ok;
+    cudaGraphExec_t exec = nullptr;
+    ok = ok && cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
+    ok = ok && cudaGraphLaunch(exec, stream) == cudaSuccess;
+    ok = cudaStreamSynchronize(stream) == cudaSuccess && ok;
+    if (exec != nullptr) (void)cudaGraphExecDestroy(exec);
+    if (graph != nullptr) (void)cudaGraphDestroy(graph);
+    (void)cudaGetLastError();
+    std::printf("programmatic launch in a graph: %s\n",
+                ok ? "yes" : "no (the PDL variants left out)");
+    if (!ok) {
+      decode_variants.erase(std::remove_if(decode_variants.begin(), decode_variants.end(),
+                                           [](const Variant& v) {
+                                             return v.kernel == cu::W4A16Kernel::kStream8Pdl ||
+                                                    v.kernel == cu::W4A16Kernel::kDecode8Pdl;
+                                           }),
+                            decode_variants.end());
+    }
+    if (decode_only) {  // the old kernels that kAuto never picks at m <= 8: not timed
+      decode_variants.erase(
+          std::remove_if(decode_variants.begin(), decode_variants.end(),
+                         [](const Variant& v) {
+                           return v.kernel == cu::W4A16Kernel::kDecode8V0 ||
+                                  v.kernel == cu::W4A16Kernel::kDecode16 ||
+                                  v.kernel == cu::W4A16Kernel::kDecode16V0;
+                         }),
+          decode_variants.end());
+    }
+  }
   if (vcsv) std::fprintf(vcsv, "shape,k,n,m,variant,graph_us\n");
+  // The floor of a graph-replayed launch: the decode kernels on near-empty weights (one 64-k
+  // chunk per 16-feature tile), one block (n = 8) and one block per SM (n = 16 x SMs).
+  {
+    const int64_t floor_n[] = {8, 16 * static_cast<int64_t>(prop.multiProcessorCount)};
+    for (const int64_t fn : floor_n) {
+      const cu::W4A16Layout l = cu::MakeW4A16Layout(fn, 64, 128);
+      std::vector<DeviceBuffer<uint32_t>> fq, fz;
+      for (int i = 0; i < 8; ++i) {
+        fq.emplace_back(l.qw_words());
+        fz.emplace_back(l.zs_words());
+        NIBBLE_TEST_CUDA_CHECK(cudaMemset(fq.back().get(), 0, fq.back().bytes()));
+        NIBBLE_TEST_CUDA_CHECK(cudaMemset(fz.back().get(), 0, fz.back().bytes()));
+      }
+      DeviceBuffer<uint16_t> x(64), y(fn);
+      NIBBLE_TEST_CUDA_CHECK(cudaMemset(x.get(), 0, x.bytes()));
+      for (const Variant& v : decode_variants) {
+        const double us = GraphUs(
+            [&](int b) {
+              NIBBLE_TEST_CUDA_CHECK(cu::MatMulW4A16(l, x.get(), fq[b].get(), fz[b].get(),
+                                                     nullptr, y.get(), 1, stream, v.kernel));
+            },
+            8, stream);
+        std::printf("floor n=%lld k=64 m=1 %s: %.2f us\n", (long long)fn, v.name, us);
+        if (vcsv) std::fprintf(vcsv, "floor,64,%lld,1,%s,%.2f\n", (long long)fn, v.name, us);
+      }
+    }
+  }
   struct Shape { const char* name; int64_t k, n; };
   const Shape shapes[] = {
       {"7b.wqkv", 4096, 6144},  {"7b.wo", 4096, 4096},   {"7b.w1w3", 4096, 14336},
+      {"7b.w13stacked", 4096, 28672},  // gate and up as the engine stacks them: one launch
       {"7b.w2", 14336, 4096},   {"1.8b.wqkv", 2048, 4096}, {"1.8b.wo", 2048, 2048},
       {"1.8b.w1w3", 2048, 8192}, {"1.8b.w2", 8192, 2048}};
-  const int64_t ms[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096};
+  const int64_t all_ms[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096};
+  const std::vector<int64_t> ms(all_ms, all_ms + (decode_only ? 4 : 11));
   // The engine's route (engine/cuda_backend.cc RunLinear): the W4A16 kernels below this many
   // tokens, DequantizeW4A16 into fp16 scratch + cuBLAS from it on.
   const int64_t kDequantizeRows = 257;  // engine/cuda_backend.cc
@@ -295,7 +386,7 @@ int main(int argc, char** argv) {
         }
       }
       if (m <= 16) {
-        for (const Variant& v : variants) {
+        for (const Variant& v : decode_variants) {
           const double us = GraphUs(ours_fn(v.kernel), nbuf_q, stream);
           std::printf("variant %s m=%lld %s: %.2f us\n", s.name, (long long)m, v.name, us);
           if (vcsv) std::fprintf(vcsv, "%s,%lld,%lld,%lld,%s,%.2f\n", s.name, (long long)s.k,

@@ -50,6 +50,11 @@ const char* KernelName(cu::W4A16Kernel k) {
     case cu::W4A16Kernel::kDecode16V0: return "decode16v0";
     case cu::W4A16Kernel::kGemm16: return "gemm16";
     case cu::W4A16Kernel::kGemm32: return "gemm32";
+    case cu::W4A16Kernel::kStream8: return "stream8";
+    case cu::W4A16Kernel::kStream8Pdl: return "stream8pdl";
+    case cu::W4A16Kernel::kStreamRR8: return "streamrr8";
+    case cu::W4A16Kernel::kStreamRR8NoHint: return "streamrr8nohint";
+    case cu::W4A16Kernel::kDecode8Pdl: return "decode8pdl";
   }
   return "?";
 }
@@ -127,15 +132,32 @@ int RunCase(const Case& c, std::mt19937& rng) {
       {cu::W4A16Kernel::kTiled64, false},   {cu::W4A16Kernel::kDecode8V0, false},
       {cu::W4A16Kernel::kDecode16V0, false}, {cu::W4A16Kernel::kGemm16, true},
       {cu::W4A16Kernel::kGemm32, true},     {cu::W4A16Kernel::kGemm16, false},
-      {cu::W4A16Kernel::kGemm32, false}};
+      {cu::W4A16Kernel::kGemm32, false},    {cu::W4A16Kernel::kStream8, false},
+      {cu::W4A16Kernel::kStream8Pdl, false}, {cu::W4A16Kernel::kStreamRR8, false},
+      {cu::W4A16Kernel::kStreamRR8NoHint, false}, {cu::W4A16Kernel::kDecode8Pdl, false}};
   for (const Choice& choice : choices) {
     const cu::W4A16Kernel kernel = choice.kernel;
     NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_y.get(), 0xff, d_y.bytes()));  // NaN poison
     if (choice.ws) NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_ws.get(), 0xff, d_ws.bytes()));
-    const cudaError_t err = cu::MatMulW4A16(
-        l, d_x.get(), d_qw.get(), d_zs.get(), c.bias ? d_bias.get() : nullptr, d_y.get(), c.m,
-        nullptr, kernel, choice.ws ? d_ws.get() : nullptr, choice.ws ? d_ws.bytes() : 0);
-    NIBBLE_TEST_CUDA_CHECK(err);
+    // The programmatic (PDL) launch is only made on a stream of its own: there twice in a row,
+    // the second overlapping the first's end (the same output both times).
+    const bool pdl =
+        kernel == cu::W4A16Kernel::kStream8Pdl || kernel == cu::W4A16Kernel::kDecode8Pdl;
+    cudaStream_t stream = nullptr;
+    if (pdl) {
+      NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());  // the poison is in place
+      NIBBLE_TEST_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    }
+    for (int rep = 0; rep < (pdl ? 2 : 1); ++rep) {
+      const cudaError_t err = cu::MatMulW4A16(
+          l, d_x.get(), d_qw.get(), d_zs.get(), c.bias ? d_bias.get() : nullptr, d_y.get(), c.m,
+          stream, kernel, choice.ws ? d_ws.get() : nullptr, choice.ws ? d_ws.bytes() : 0);
+      NIBBLE_TEST_CUDA_CHECK(err);
+    }
+    if (pdl) {
+      NIBBLE_TEST_CUDA_CHECK(cudaStreamSynchronize(stream));
+      NIBBLE_TEST_CUDA_CHECK(cudaStreamDestroy(stream));
+    }
     NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
     std::vector<uint16_t> y16(ref.size());
     d_y.CopyTo(y16.data());
@@ -189,6 +211,9 @@ int main(int argc, char** argv) {
       {32, 1000, 2112, 32, true},   {48, 4104, 4104, 128, false}, {128, 264, 8224, 64, true},
       {200, 2056, 1000, 128, true}, {96, 136, 4096, 32, false},   {33, 40, 172, 64, true},
       {256, 2048, 2048, 128, false}, {131, 8, 520, 32, true},
+      // The streaming kernel's blocks of several whole tiles (263 tiles: the last block has
+      // fewer), a partial last stage per tile (225 chunks), group 32's two groups per chunk.
+      {8, 4200, 14336 + 32, 32, true}, {4, 6144, 4096, 64, false},
   };
   int failures = 0;
   for (const Case& c : cases) failures += RunCase(c, rng);
