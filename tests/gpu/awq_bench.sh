@@ -12,7 +12,7 @@
 #   tests/gpu/awq_bench.sh [CONFIG.json]     after tests/gpu/run.sh --full (BUILD_DIR's nibble)
 #   NIBBLE_BENCH_LAYERS=N (default: the config's), NIBBLE_BENCH_SAMPLES=S (default 128),
 #   NIBBLE_BENCH_CALIB=NAME (default wikitext2), NIBBLE_BENCH_TIMEOUT=S (the job's limit, default
-#   500: the summary is printed even when the job is stopped there).
+#   540: the summary is printed even when the job is stopped there).
 # Logs: $OUT (else $WORK) awq_bench.log and smi.txt (nvidia-smi's samples).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -41,7 +41,7 @@ fp16_bytes=$(du -sb "$WORK/model" | cut -f1)
 smi=$!
 t1=$SECONDS
 rc=0
-timeout "${NIBBLE_BENCH_TIMEOUT:-500}" \
+timeout "${NIBBLE_BENCH_TIMEOUT:-540}" \
   "$BUILD/bin/nibble" quantize "$WORK/model" --work-dir "$WORK/awq" --device cuda \
   --calib-dataset "${NIBBLE_BENCH_CALIB:-wikitext2}" --datasets-dir "$DATA/datasets" --calib-samples "$SAMPLES" \
   --calib-seqlen 2048 --eval-dataset none >> "$log" 2>&1 || rc=$?
@@ -54,6 +54,17 @@ echo "model: $(basename "$CONFIG") ${NIBBLE_BENCH_LAYERS:-all} layers, fp16 size
 echo "calibration: ${NIBBLE_BENCH_CALIB:-wikitext2}, $SAMPLES x 2048 tokens"
 echo "quantize: exit $rc, $job_s s wall"
 grep -E "^calibration|^wrote|^search:|error|layer done" "$log" | tail -12 || true
+# Each search step's time: from its progress line to the next line (per layer, averaged).
+awk '/^\[[0-9]+\/[0-9]+\] layer [0-9]+: / {
+       match($0, /elapsed [0-9.]+s/); t = substr($0, RSTART + 8, RLENGTH - 9) + 0
+       if (step != "") { sum[step] += t - last; n[step]++ }
+       sub(/^\[[0-9]+\/[0-9]+\] layer [0-9]+: /, ""); sub(/  elapsed.*/, ""); step = $0; last = t
+       if (first == "") first = t
+       next }
+     step != "" && /elapsed/ { match($0, /elapsed [0-9.]+s/); t = substr($0, RSTART + 8, RLENGTH - 9) + 0
+       sum[step] += t - last; n[step]++; step = "" }
+     END { if (first != "") printf "before the first layer: %.1f s\n", first
+           for (s in sum) printf "per layer, %s: %.2f s (%d layers)\n", s, sum[s] / n[s], n[s] }' "$log" || true
 echo "nvidia-smi peak memory.used: ${smi_peak:-?} MiB"
 if [[ -f "$WORK/awq/nibble_manifest.json" ]]; then
   python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print('phases (s):', m['report']['seconds'])" \
