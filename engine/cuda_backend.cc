@@ -407,6 +407,9 @@ class CudaBackend final : public Backend {
     // NIBBLE_CUDA_DEVICE_SAMPLING=0 (for comparisons), or a vocabulary past the kernel's
     // limit, only plain greedy spans stay on the device (ArgMaxRows) and the others take the
     // host's rule over their logits row.
+    // NIBBLE_CUDA_PDL=0 launches the decode products plainly (for comparisons).
+    const char* dependent_launch = std::getenv("NIBBLE_CUDA_PDL");
+    dependent_launch_ = dependent_launch == nullptr || std::string(dependent_launch) != "0";
     const char* device_sampling = std::getenv("NIBBLE_CUDA_DEVICE_SAMPLING");
     device_sampling_ = (device_sampling == nullptr || std::string(device_sampling) != "0") &&
                        config_.vocab_size <= kc::kSampleRowsMaxVocab;
@@ -441,11 +444,18 @@ class CudaBackend final : public Backend {
   // cuBLAS, whose wgmma tiles outrun mma.sync there.
   absl::Status RunLinear(const DeviceLinear& linear, const uint16_t* x, int64_t m, uint16_t* y) {
     if (linear.int4 && m < kDequantizeRows) {
+      // The decode kernel with programmatic dependent launch: it starts, and loads its first
+      // weights, while the norm, attention or SiLU before it ends (those allow it:
+      // kernels/cuda/dependent_launch.h). kDecode8Pdl runs plain decode8 before sm_90.
+      kc::W4A16Kernel kernel = kc::ChooseW4A16Kernel(linear.layout, m, true);
+      if (dependent_launch_ && kernel == kc::W4A16Kernel::kDecode8) {
+        kernel = kc::W4A16Kernel::kDecode8Pdl;
+      }
       // The dequantize scratch (idle on this path) is the kernels' split-k workspace.
       NIBBLE_CUDA_OR_RETURN(kc::MatMulW4A16(linear.layout, x, linear.qw.as<uint32_t>(),
                                             linear.zs.as<uint32_t>(), linear.bias.as<float>(), y,
-                                            m, stream_, kc::W4A16Kernel::kAuto,
-                                            dequantized_.as<void>(), dequantized_.bytes()),
+                                            m, stream_, kernel, dequantized_.as<void>(),
+                                            dequantized_.bytes()),
                             "the W4A16 matrix multiply");
       return absl::OkStatus();
     }
@@ -893,6 +903,7 @@ class CudaBackend final : public Backend {
   uint64_t graphs_generation_ = 0;   // the generation the graphs were captured in
   bool use_graphs_ = true;
   bool device_sampling_ = false;  // every `sample` span on the device (Init)
+  bool dependent_launch_ = true;  // decode products as kDecode8Pdl (Init)
   // Decode-step graphs by (batch size, block-table width, spans sampled on the device).
   std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<GraphExec>> graphs_;
   PinnedBuffer host_meta_;

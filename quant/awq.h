@@ -45,9 +45,10 @@ struct AwqOptions {
 
 // Where the search is, reported at each step: `step` is "calibrate" (the original layer runs
 // over the calibration samples), "search scales", "search clipping", "checkpoint" (its files
-// are being written; only with a checkpoint_dir), "layer done" (the layer
-// is finished and checkpointed: layers_done = layer + 1) or "resumed from the checkpoint"
-// (before the first layer of a run that resumed).
+// are prepared and, on the CPU, written; only with a checkpoint_dir), "layer done" (the layer
+// is finished and checkpointed: layers_done = layer + 1; on the GPU its files are written
+// while the next layer is searched, so this comes during that layer's "checkpoint" step) or
+// "resumed from the checkpoint" (before the first layer of a run that resumed).
 struct AwqProgress {
   int64_t layer = 0;        // 0-based
   int64_t layers = 0;

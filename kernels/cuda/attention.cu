@@ -26,6 +26,7 @@
 #include <cuda_fp16.h>
 
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/dependent_launch.h"
 #include "kernels/cuda/half8.h"
 
 namespace nibble::kernels::cuda {
@@ -47,6 +48,7 @@ __global__ void __launch_bounds__(kThreads, 4)
                       int split_tokens, int max_splits, int max_seq_len, float scale,
                       float* __restrict__ ws_acc, float2* __restrict__ ws_ml,
                       __half* __restrict__ out) {
+  AllowDependentLaunch();  // the o projection after it (kernels/cuda/dependent_launch.h)
   constexpr int LPT = D / 8;     // lanes per position row
   constexpr int TPW = 32 / LPT;  // positions per warp per load
   constexpr int TPB = kWarps * TPW;
@@ -229,6 +231,7 @@ __global__ void DecodeCombineKernel(const float* __restrict__ ws_acc,
                                     const int32_t* __restrict__ seq_lens, int heads, int head_dim,
                                     int split_tokens, int max_splits, int max_seq_len,
                                     __half* __restrict__ out) {
+  AllowDependentLaunch();
   extern __shared__ float weight[];  // [max_splits]
   const int h = blockIdx.x, seq = blockIdx.y;
   const int64_t row = static_cast<int64_t>(seq) * heads + h;

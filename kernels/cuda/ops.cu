@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/dependent_launch.h"
 #include "kernels/cuda/half8.h"
 
 namespace nibble::kernels::cuda {
@@ -63,6 +64,7 @@ template <bool kAdd, int V>
 __global__ void RmsNormKernel(__half* x, const __half* __restrict__ residual,
                               const __half* __restrict__ weight, int64_t rows, int dim,
                               float eps, __half* y) {
+  AllowDependentLaunch();  // the products after the norms (kernels/cuda/dependent_launch.h)
   const int nv = dim / V;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     __half* xr = x + row * dim;
@@ -123,6 +125,7 @@ template <int V>
 __global__ void SiluMulKernel(const __half* gate, int64_t gate_stride, const __half* up,
                               int64_t up_stride, int64_t rows, int cols, __half* out,
                               int64_t out_stride) {
+  AllowDependentLaunch();  // the down projection after it
   const int i = (blockIdx.x * blockDim.x + threadIdx.x) * V;
   if (i >= cols) return;
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {

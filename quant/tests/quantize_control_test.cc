@@ -116,7 +116,9 @@ TEST_F(QuantizeControlTest, StopBetweenLayersResumesToTheSameBytes) {
   EXPECT_TRUE(events.front().resumed);
   EXPECT_EQ(events.front().layers_done, 2);  // it did not start over
   for (const QuantizeProgress& p : events) {
-    if (p.phase == "calibrate") EXPECT_GE(p.layer, 2);
+    if (p.phase == "calibrate") {
+      EXPECT_GE(p.layer, 2);
+    }
   }
   for (const char* file : {"model.safetensors", "config.json", "tokenizer.model"}) {
     EXPECT_EQ(ReadAll(whole + "/" + file), ReadAll(work + "/" + file)) << file;
