@@ -793,7 +793,6 @@ cudaError_t LaunchDecode(const W4A16Layout& l, const uint16_t* x, const uint32_t
   return cudaSuccess;
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // The streaming decode kernel (W4A16StreamKernel, sm_90; kStream8, kStream8Pdl): register-free
 // memory depth.
@@ -1017,205 +1016,6 @@ __global__ void __launch_bounds__(32 * (CW + 1), 1)
 #endif
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-// As BulkCopy, without an L2 cache hint.
-__device__ __forceinline__ void BulkCopyNoHint(uint32_t dst, const void* src, uint32_t bytes,
-                                               uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
-          "r"(dst),
-      "l"(src), "r"(bytes), "r"(bar)
-      : "memory");
-}
-#endif
-
-// EXPERIMENT (not yet run on a GPU; kStreamRR8, kStreamRR8NoHint): the streaming kernel without
-// the lockstep that run 16 suspects (tests/gpu/NOTES.md): stage i is consumed whole by consumer
-// warp i % CW, so a slot waits for one warp, not for the slowest of all; each warp keeps one
-// tile's fp32 sums and stores them to red[tile][warp] when its stages move to the next tile
-// (a warp's stages of one tile are consecutive in its sequence; red starts zeroed for warps that
-// see none of a tile), and after the block's last stage warp w adds tiles w, w + CW, ... in warp
-// order (deterministic) and writes y. No barrier per tile; one at the end. Shared memory: the
-// ring, the mbarriers, red [tiles_per_block][CW][4][32] fp32 (LaunchStreamRR falls back to the
-// lockstep kernel when that does not fit). NOHINT: bulk copies without the evict-first hint.
-template <int CW, int SP, int STAGES>
-struct StreamRRShape {
-  static constexpr int kWBytes = SP * 512, kZBytes = SP * 128;
-  static constexpr int kStageBytes = kWBytes + kZBytes;
-  static constexpr int kBarOffset = STAGES * kStageBytes;
-  static constexpr int kRedOffset = kBarOffset + 2 * STAGES * 8;
-  static constexpr int kRedBytesPerTile = CW * 4 * 32 * 4;
-  static constexpr int kThreads = 32 * (CW + 1);
-  static constexpr int kGroup = 4;  // pieces whose activations are loaded together
-  static_assert(SP % kGroup == 0 && SP % 2 == 0, "whole groups per stage; stages group-aligned");
-  // A slot is always consumed by the same warp, so that warp has seen the slot's previous phase
-  // complete before it waits on the next (an mbarrier wait tells phases apart by parity only).
-  static_assert(STAGES % CW == 0, "each slot belongs to one consumer warp");
-  static_assert(kRedOffset % 16 == 0, "red aligned");
-};
-
-template <int CW, int SP, int STAGES, bool NOHINT>
-__global__ void __launch_bounds__(32 * (CW + 1), 1)
-    W4A16StreamRRKernel(const __half* __restrict__ x, const uint4* __restrict__ qw,
-                        const uint32_t* __restrict__ zs, const float* __restrict__ bias,
-                        __half* __restrict__ y, int m, int n, int k, int n_tiles, int k_chunks,
-                        int groups_pad, int group_shift, int tiles_per_block, bool x_vec,
-                        bool fold_scale) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using S = StreamRRShape<CW, SP, STAGES>;
-  constexpr int kG = S::kGroup;
-  extern __shared__ __align__(128) unsigned char stream_smem[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int tile0 = blockIdx.x * tiles_per_block;
-  const int tiles = min(tiles_per_block, n_tiles - tile0);
-  const int spt = (k_chunks + SP - 1) / SP;
-  const int total = tiles * spt;
-  const uint32_t smem0 = SmemAddr(stream_smem);
-  const uint32_t full0 = smem0 + S::kBarOffset, empty0 = full0 + STAGES * 8;
-  float* red = reinterpret_cast<float*>(stream_smem + S::kRedOffset);
-  for (int i = threadIdx.x; i < tiles * CW * 128; i += blockDim.x) red[i] = 0.0f;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      MbarInit(full0 + 8 * s, 1);
-      MbarInit(empty0 + 8 * s, 32);  // the 32 threads of the one warp that consumes the stage
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-  }
-  __syncthreads();
-
-  if (warp == CW) {
-    if (lane != 0) return;
-    uint64_t policy;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-    int tl = 0, sc = 0, slot = 0;
-    uint32_t phase = 0;
-    for (int i = 0; i < total; ++i) {
-      if (i >= STAGES) MbarWait(empty0 + 8 * slot, phase ^ 1);
-      const int c0 = sc * SP, np = min(SP, k_chunks - c0);
-      const int tile = tile0 + tl;
-      const int g0 = (c0 * 64) >> group_shift;
-      const int g1 = (((c0 + np) * 64 - 1) >> group_shift) + 1;
-      const uint32_t wbytes = np * 512, zbytes = (g1 - g0) * 64;
-      const uint32_t full = full0 + 8 * slot, dst = smem0 + slot * S::kStageBytes;
-      const uint4* wsrc = qw + (static_cast<size_t>(tile) * k_chunks + c0) * 32;
-      const uint32_t* zsrc = zs + (static_cast<size_t>(tile) * groups_pad + g0) * 16;
-      MbarExpectTx(full, wbytes + zbytes);
-      if (NOHINT) {
-        BulkCopyNoHint(dst, wsrc, wbytes, full);
-        BulkCopyNoHint(dst + S::kWBytes, zsrc, zbytes, full);
-      } else {
-        BulkCopy(dst, wsrc, wbytes, full, policy);
-        BulkCopy(dst + S::kWBytes, zsrc, zbytes, full, policy);
-      }
-      if (++sc == spt) sc = 0, ++tl;
-      if (++slot == STAGES) slot = 0, phase ^= 1;
-    }
-    return;
-  }
-
-  const int g = lane / 4, t = lane % 4;
-  const int tok0 = blockIdx.y * 8;
-  const int tok = tok0 + g;
-  const bool x_whole = x_vec && k % 64 == 0;
-  const __half* xrow = tok < m ? x + static_cast<size_t>(tok) * k + 16 * t : nullptr;
-  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  int cur = -1;  // the block-local tile acc belongs to
-  for (int i = warp; i < total; i += CW) {
-    const int tl = i / spt, c0 = (i - tl * spt) * SP, np = min(SP, k_chunks - c0);
-    const int slot = i % STAGES;
-    const uint32_t parity = (i / STAGES) & 1;
-    if (tl != cur) {
-      if (cur >= 0) {
-        float* r = red + (cur * CW + warp) * 128 + lane;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) r[q * 32] = acc[q];
-      }
-      acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
-      cur = tl;
-    }
-    const unsigned char* st = stream_smem + slot * S::kStageBytes;
-    const uint4* ws = reinterpret_cast<const uint4*>(st);
-    const uint32_t* zsm = reinterpret_cast<const uint32_t*>(st + S::kWBytes);
-    const int g0 = (c0 * 64) >> group_shift;
-    for (int p0 = 0; p0 < np; p0 += kG) {
-      uint4 xa[kG], xb[kG];
-#pragma unroll
-      for (int j = 0; j < kG; ++j) {
-        const int p = p0 + j, c = c0 + p;
-        if (x_whole) {
-          xa[j] = xb[j] = make_uint4(0, 0, 0, 0);
-          if (xrow != nullptr && p < np) {
-            xa[j] = __ldg(reinterpret_cast<const uint4*>(xrow + 64 * c));
-            xb[j] = __ldg(reinterpret_cast<const uint4*>(xrow + 64 * c + 8));
-          }
-        } else {
-          LoadX16(x, tok, c * 64 + 16 * t, m, k, x_vec, xa[j], xb[j]);
-        }
-      }
-      if (p0 == 0) MbarWait(full0 + 8 * slot, parity);
-      uint4 w[kG];
-      uint32_t z0[kG], z1[kG];
-#pragma unroll
-      for (int j = 0; j < kG; ++j) {
-        const int p = p0 + j;
-        if (p < np) {
-          w[j] = ws[p * 32 + lane];
-          const int gi = (((c0 + p) * 64 + 16 * t) >> group_shift) - g0;
-          z0[j] = zsm[gi * 16 + g];
-          z1[j] = zsm[gi * 16 + g + 8];
-        } else {
-          w[j] = make_uint4(0, 0, 0, 0);
-          z0[j] = z1[j] = 0;
-        }
-      }
-      // The stage's last reads of this thread: release the slot.
-      if (p0 + kG >= np) MbarArrive(empty0 + 8 * slot);
-#pragma unroll
-      for (int j = 0; j < kG; ++j) {
-        if (p0 + j < np) {
-          const GroupConsts gc = MakeGroupConsts(z0[j], z1[j]);
-          uint32_t a[4][4];
-          if (fold_scale) {
-            DequantNoScale(w[j].x, gc, a[0]);
-            DequantNoScale(w[j].y, gc, a[1]);
-            DequantNoScale(w[j].z, gc, a[2]);
-            DequantNoScale(w[j].w, gc, a[3]);
-            const float s0 = __half2float(__low2half(gc.s0)), s1 = __half2float(__low2half(gc.s1));
-            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            MmaPiece(c, a, xa[j], xb[j]);
-            acc[0] = fmaf(s0, c[0], acc[0]);
-            acc[1] = fmaf(s0, c[1], acc[1]);
-            acc[2] = fmaf(s1, c[2], acc[2]);
-            acc[3] = fmaf(s1, c[3], acc[3]);
-          } else {
-            DequantPiece(w[j], gc, a);
-            MmaPiece(acc, a, xa[j], xb[j]);
-          }
-        }
-      }
-    }
-  }
-  if (cur >= 0) {
-    float* r = red + (cur * CW + warp) * 128 + lane;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) r[q * 32] = acc[q];
-  }
-  asm volatile("bar.sync 1, %0;" ::"n"(32 * CW) : "memory");
-  for (int tl = warp; tl < tiles; tl += CW) {
-    float sum[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
-    const float* r = red + tl * CW * 128 + lane;
-    for (int w2 = 0; w2 < CW; ++w2)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) sum[0][q] += r[w2 * 128 + q * 32];
-    StoreTile<1>(sum, bias, y, m, n, tile0 + tl, tok0, g, t);
-  }
-#else
-  __trap();  // never launched below sm_90: LaunchStreamRR runs decode8 there
-#endif
-}
-
-
 template <int CW, int SP, int STAGES, bool PDL = false>
 cudaError_t LaunchStream(const W4A16Layout& l, const uint16_t* x, const uint32_t* qw,
                          const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
@@ -1281,52 +1081,6 @@ cudaError_t LaunchStream(const W4A16Layout& l, const uint16_t* x, const uint32_t
   return cudaSuccess;
 }
 
-// The EXPERIMENT's launch (not yet run on a GPU): as LaunchStream; the lockstep kernel when the
-// per-tile sums do not fit in shared memory with the ring.
-template <int CW, int SP, int STAGES, bool NOHINT>
-cudaError_t LaunchStreamRR(const W4A16Layout& l, const uint16_t* x, const uint32_t* qw,
-                           const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
-                           cudaStream_t stream) {
-  using S = StreamRRShape<CW, SP, STAGES>;
-  int device = 0;
-  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  const int64_t tok_blocks = (m + 7) / 8;
-  const bool aligned =
-      reinterpret_cast<uintptr_t>(qw) % 16 == 0 && reinterpret_cast<uintptr_t>(zs) % 16 == 0;
-  if (DeviceMajor(device) < 9 || tok_blocks > 65535 || !aligned) {
-    return LaunchDecode<1, 4>(l, x, qw, zs, bias, y, m, stream);
-  }
-  int sms = 0;
-  NIBBLE_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int n_tiles = static_cast<int>(l.n_pad / 16);
-  const int k_chunks = static_cast<int>(l.k_pad / 64);
-  const int per = (n_tiles + sms - 1) / sms;
-  constexpr int kMaxSmem = 227 * 1024;  // sm_90's per-block limit
-  const int64_t need = S::kRedOffset + int64_t{per} * S::kRedBytesPerTile;
-  if (need > kMaxSmem) return LaunchStream<16, 32, 6>(l, x, qw, zs, bias, y, m, stream);
-  // One block per SM, as LaunchStream; the attribute set once per device to the maximum.
-  const int smem = std::max<int>(static_cast<int>(need), 116 * 1024);
-  auto* kernel = &W4A16StreamRRKernel<CW, SP, STAGES, NOHINT>;
-  {
-    static std::atomic<bool> done[8];
-    if (device < 0 || device >= 8 || !done[device].load(std::memory_order_relaxed)) {
-      NIBBLE_CUDA_RETURN_IF_ERROR(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
-      if (device >= 0 && device < 8) done[device].store(true, std::memory_order_relaxed);
-    }
-  }
-  const dim3 grid(static_cast<unsigned>((n_tiles + per - 1) / per), static_cast<unsigned>(tok_blocks));
-  const int group_shift = l.group == 32 ? 5 : l.group == 64 ? 6 : 7;
-  const bool x_vec = l.k % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  kernel<<<grid, S::kThreads, smem, stream>>>(
-      reinterpret_cast<const __half*>(x), reinterpret_cast<const uint4*>(qw), zs, bias,
-      reinterpret_cast<__half*>(y), static_cast<int>(m), static_cast<int>(l.n),
-      static_cast<int>(l.k), n_tiles, k_chunks, static_cast<int>(l.groups_pad), group_shift, per,
-      x_vec, l.group >= 64);
-  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  return cudaSuccess;
-}
-
 }  // namespace
 
 W4A16Kernel ChooseW4A16Kernel(const W4A16Layout& layout, int64_t m, bool workspace) {
@@ -1377,10 +1131,6 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
       return LaunchStream<16, 32, 6>(layout, x, qw, zs, bias, y, m, stream);
     case W4A16Kernel::kStream8Pdl:
       return LaunchStream<16, 32, 6, true>(layout, x, qw, zs, bias, y, m, stream);
-    case W4A16Kernel::kStreamRR8:
-      return LaunchStreamRR<8, 16, 16, false>(layout, x, qw, zs, bias, y, m, stream);
-    case W4A16Kernel::kStreamRR8NoHint:
-      return LaunchStreamRR<8, 16, 16, true>(layout, x, qw, zs, bias, y, m, stream);
     case W4A16Kernel::kDecode8Pdl:
       return LaunchDecode<1, 4, 4>(layout, x, qw, zs, bias, y, m, stream);
     case W4A16Kernel::kDecode8V0:

@@ -55,9 +55,6 @@ namespace nibble::kernels::cuda {
 enum class W4A16Kernel {
   kAuto, kDecode8, kDecode16, kTiled64, kDecode8V0, kDecode16V0, kGemm16, kGemm32,
   kStream8, kStream8Pdl,
-  // EXPERIMENTS (tests/gpu/NOTES.md run 16, "Next"): the streaming kernel with whole stages per
-  // consumer warp (no lockstep), with and without the evict-first hint.
-  kStreamRR8, kStreamRR8NoHint,
   // decode8 with programmatic dependent launch on sm_90 and a non-default stream (elsewhere
   // plain decode8): it may start while the kernel before it ends (if that one allows it,
   // kernels/cuda/dependent_launch.h), issues its first weight loads, then waits for it

@@ -108,7 +108,7 @@ void FillRandom(DeviceBuffer<T>& buf, std::mt19937& rng, T lo_mask, bool half) {
   buf.CopyFrom(host.data());
 }
 
-// --profile K N M [decode8|stream8|streamrr8|streamrr8nohint]: 5 launches of kAuto's unsplit choice (decode8 or stream8
+// --profile K N M [decode8|stream8]: 5 launches of kAuto's unsplit choice (decode8 or stream8
 // for m <= 8, decode16 above), then 5 of kDecode8V0 or of the named kernel, on one shape, for a
 // profiler (ncu --launch-skip / --launch-count).
 int Profile(const char* k_str, const char* n_str, const char* m_str, const char* other) {
@@ -129,8 +129,6 @@ int Profile(const char* k_str, const char* n_str, const char* m_str, const char*
   const std::string name = other != nullptr ? other : "";
   if (name == "decode8") second = cu::W4A16Kernel::kDecode8;
   if (name == "stream8") second = cu::W4A16Kernel::kStream8;
-  if (name == "streamrr8") second = cu::W4A16Kernel::kStreamRR8;
-  if (name == "streamrr8nohint") second = cu::W4A16Kernel::kStreamRR8NoHint;
   for (cu::W4A16Kernel kernel : {cu::ChooseW4A16Kernel(l, m, false), second}) {
     for (int i = 0; i < 5; ++i) {
       NIBBLE_TEST_CUDA_CHECK(
@@ -181,8 +179,6 @@ int main(int argc, char** argv) {
   const Variant variants[] = {{"decode8", cu::W4A16Kernel::kDecode8},
                               {"stream8", cu::W4A16Kernel::kStream8},
                               {"stream8pdl", cu::W4A16Kernel::kStream8Pdl},
-                              {"streamrr8", cu::W4A16Kernel::kStreamRR8},
-                              {"streamrr8nohint", cu::W4A16Kernel::kStreamRR8NoHint},
                               {"decode8pdl", cu::W4A16Kernel::kDecode8Pdl},
                               {"decode8v0", cu::W4A16Kernel::kDecode8V0},
                               {"decode16", cu::W4A16Kernel::kDecode16},

@@ -52,8 +52,6 @@ const char* KernelName(cu::W4A16Kernel k) {
     case cu::W4A16Kernel::kGemm32: return "gemm32";
     case cu::W4A16Kernel::kStream8: return "stream8";
     case cu::W4A16Kernel::kStream8Pdl: return "stream8pdl";
-    case cu::W4A16Kernel::kStreamRR8: return "streamrr8";
-    case cu::W4A16Kernel::kStreamRR8NoHint: return "streamrr8nohint";
     case cu::W4A16Kernel::kDecode8Pdl: return "decode8pdl";
   }
   return "?";
@@ -133,8 +131,7 @@ int RunCase(const Case& c, std::mt19937& rng) {
       {cu::W4A16Kernel::kDecode16V0, false}, {cu::W4A16Kernel::kGemm16, true},
       {cu::W4A16Kernel::kGemm32, true},     {cu::W4A16Kernel::kGemm16, false},
       {cu::W4A16Kernel::kGemm32, false},    {cu::W4A16Kernel::kStream8, false},
-      {cu::W4A16Kernel::kStream8Pdl, false}, {cu::W4A16Kernel::kStreamRR8, false},
-      {cu::W4A16Kernel::kStreamRR8NoHint, false}, {cu::W4A16Kernel::kDecode8Pdl, false}};
+      {cu::W4A16Kernel::kStream8Pdl, false}, {cu::W4A16Kernel::kDecode8Pdl, false}};
   for (const Choice& choice : choices) {
     const cu::W4A16Kernel kernel = choice.kernel;
     NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_y.get(), 0xff, d_y.bytes()));  // NaN poison
