@@ -784,20 +784,21 @@ class CudaBackend final : public Backend {
       const DeviceLayer& layer = layers_[l];
       Part qkv[3];
       NIBBLE_RETURN_IF_ERROR(RunGroup(layer.qkv, qkv_out, 3, normed, n, qkv_.as<uint16_t>(), qkv));
+      // RoPE on q in place; the rotated keys and the values straight into the paged cache.
+      uint16_t* keys = kv.base + 2 * l * kv.block_seq_len * kv_dim;
+      uint16_t* values = keys + kv.block_seq_len * kv_dim;
+      const kc::RopeKvStore store{qkv[2].data, qkv[2].stride,   meta.slots,
+                                  keys,        values,          kv.block_stride,
+                                  static_cast<int32_t>(kv.block_seq_len)};
       NIBBLE_CUDA_OR_RETURN(kc::RopeRotateHalf(qkv[0].data, qkv[0].stride, config_.num_heads,
                                                qkv[1].data, qkv[1].stride, config_.num_kv_heads,
                                                d, n, meta.positions, meta.inv_freq,
-                                               meta.freq_index, stream_),
-                            "RoPE");
-      uint16_t* keys = kv.base + 2 * l * kv.block_seq_len * kv_dim;
-      uint16_t* values = keys + kv.block_seq_len * kv_dim;
-      NIBBLE_CUDA_OR_RETURN(kc::StorePagedKv(qkv[1].data, qkv[1].stride, qkv[2].data,
-                                             qkv[2].stride, n, kv_dim, meta.slots, keys, values,
-                                             kv.block_stride,
-                                             static_cast<int32_t>(kv.block_seq_len), stream_),
-                            "storing keys and values");
+                                               meta.freq_index, stream_, &store),
+                            "RoPE and storing keys and values");
       const uint16_t* q = qkv[0].data;
-      if (qkv[0].stride != q_dim) {  // attention reads q as [n, heads, head_dim] contiguous
+      // Attention reads q as [n, heads, head_dim] contiguous: the stacked q/k/v output's q
+      // rows are gathered, except for one row (a batch-1 decode step), which is that already.
+      if (qkv[0].stride != q_dim && n > 1) {
         NIBBLE_CUDA_OR_RETURN(cudaMemcpy2DAsync(q_.as<uint16_t>(), q_dim * 2, qkv[0].data,
                                                 qkv[0].stride * 2, q_dim * 2, n,
                                                 cudaMemcpyDeviceToDevice, stream_),

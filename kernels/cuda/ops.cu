@@ -148,40 +148,74 @@ __device__ __forceinline__ void RopeCosSin(int position, float inv_freq, float* 
   sincosf(static_cast<float>(r), s, c);
 }
 
+// Where RopeKernel<kStore = true> writes a token's keys and values (ops.h RopeKvStore).
+struct KvTarget {
+  const __half* v;
+  int64_t v_stride;
+  const int32_t* slots;
+  __half* keys;
+  __half* values;
+  int64_t block_stride;
+  int block_seq_len;
+};
+
 // One block per token (grid-stride): the half = head_dim / 2 cos/sin pairs into shared memory,
 // then every (head, pair) of q and k. kPair: two adjacent i per thread (half2 accesses).
-template <bool kPair>
+// kStore: k's rotated pairs go to the token's row of the paged keys instead of back into k,
+// and the v row is copied to the values (RopeRotateHalf with a RopeKvStore).
+template <bool kPair, bool kStore>
 __global__ void RopeKernel(__half* q, int64_t q_stride, int heads, __half* k, int64_t k_stride,
                            int kv_heads, int head_dim, int64_t tokens,
                            const int32_t* __restrict__ positions,
                            const float* __restrict__ inv_freq,
-                           const int32_t* __restrict__ freq_index) {
+                           const int32_t* __restrict__ freq_index, KvTarget store) {
   extern __shared__ float cs[];  // cos[half], sin[half]
   const int half = head_dim / 2;
   constexpr int P = kPair ? 2 : 1;
   const int per_head = half / P;
   const int total = (heads + kv_heads) * per_head;
+  const int kv_dim = kv_heads * head_dim;
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
     const int position = positions[t];
     const float* f = inv_freq + (freq_index != nullptr ? static_cast<int64_t>(freq_index[t]) * half : 0);
     for (int i = threadIdx.x; i < half; i += blockDim.x) RopeCosSin(position, f[i], &cs[i], &cs[half + i]);
+    int64_t row = 0;  // the token's row in the paged keys / values (kStore)
+    if constexpr (kStore) {
+      const int32_t slot = store.slots[t];
+      row = static_cast<int64_t>(slot / store.block_seq_len) * store.block_stride +
+            static_cast<int64_t>(slot % store.block_seq_len) * kv_dim;
+      const __half* v = store.v + t * store.v_stride;
+      for (int i = threadIdx.x * P; i < kv_dim; i += blockDim.x * P) {
+        if constexpr (kPair) {
+          *reinterpret_cast<__half2*>(store.values + row + i) =
+              *reinterpret_cast<const __half2*>(v + i);
+        } else {
+          store.values[row + i] = v[i];
+        }
+      }
+    }
     __syncthreads();
     for (int p = threadIdx.x; p < total; p += blockDim.x) {
       const int head = p / per_head, i = (p % per_head) * P;
-      __half* h = head < heads ? q + t * q_stride + static_cast<int64_t>(head) * head_dim
-                               : k + t * k_stride + static_cast<int64_t>(head - heads) * head_dim;
+      const bool is_q = head < heads;
+      const __half* h = is_q ? q + t * q_stride + static_cast<int64_t>(head) * head_dim
+                             : k + t * k_stride + static_cast<int64_t>(head - heads) * head_dim;
+      __half* out = const_cast<__half*>(h);
+      if constexpr (kStore) {
+        if (!is_q) out = store.keys + row + static_cast<int64_t>(head - heads) * head_dim;
+      }
       if constexpr (kPair) {
         const float2 a = __half22float2(*reinterpret_cast<const __half2*>(h + i));
         const float2 b = __half22float2(*reinterpret_cast<const __half2*>(h + half + i));
         const float c0 = cs[i], c1 = cs[i + 1], s0 = cs[half + i], s1 = cs[half + i + 1];
-        *reinterpret_cast<__half2*>(h + i) = __floats2half2_rn(a.x * c0 - b.x * s0, a.y * c1 - b.y * s1);
-        *reinterpret_cast<__half2*>(h + half + i) =
+        *reinterpret_cast<__half2*>(out + i) = __floats2half2_rn(a.x * c0 - b.x * s0, a.y * c1 - b.y * s1);
+        *reinterpret_cast<__half2*>(out + half + i) =
             __floats2half2_rn(b.x * c0 + a.x * s0, b.y * c1 + a.y * s1);
       } else {
         const float a = __half2float(h[i]), b = __half2float(h[half + i]);
         const float c = cs[i], s = cs[half + i];
-        h[i] = __float2half_rn(a * c - b * s);
-        h[half + i] = __float2half_rn(b * c + a * s);
+        out[i] = __float2half_rn(a * c - b * s);
+        out[half + i] = __float2half_rn(b * c + a * s);
       }
     }
     __syncthreads();  // cs is rewritten for the next token
@@ -253,29 +287,54 @@ cudaError_t SiluMul(const uint16_t* gate, int64_t gate_stride, const uint16_t* u
 cudaError_t RopeRotateHalf(uint16_t* q, int64_t q_stride, int64_t heads, uint16_t* k,
                            int64_t k_stride, int64_t kv_heads, int64_t head_dim, int64_t tokens,
                            const int32_t* positions, const float* inv_freq,
-                           const int32_t* freq_index, cudaStream_t stream) {
+                           const int32_t* freq_index, cudaStream_t stream,
+                           const RopeKvStore* store) {
   if (k == nullptr) kv_heads = 0;
   if (tokens < 0 || heads < 0 || kv_heads < 0 || head_dim <= 0 || head_dim % 2 != 0 ||
       head_dim > 1024 || q_stride < heads * head_dim || (kv_heads > 0 && k_stride < kv_heads * head_dim) ||
       (heads + kv_heads) * head_dim > (int64_t{1} << 30)) {
     return cudaErrorInvalidValue;
   }
+  const int64_t kv_dim = kv_heads * head_dim;
+  if (store != nullptr &&
+      (kv_heads == 0 || store->v == nullptr || store->v_stride < kv_dim || store->slots == nullptr ||
+       store->keys == nullptr || store->values == nullptr || store->block_seq_len <= 0 ||
+       store->block_stride < 2 * static_cast<int64_t>(store->block_seq_len) * kv_dim)) {
+    return cudaErrorInvalidValue;
+  }
   if (tokens == 0 || heads + kv_heads == 0) return cudaSuccess;
   const auto even = [](int64_t v) { return v % 2 == 0; };
-  const bool pair = head_dim % 4 == 0 && even(q_stride) && reinterpret_cast<uintptr_t>(q) % 4 == 0 &&
-                    (kv_heads == 0 || (even(k_stride) && reinterpret_cast<uintptr_t>(k) % 4 == 0));
+  const auto aligned4 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 4 == 0; };
+  const bool pair = head_dim % 4 == 0 && even(q_stride) && aligned4(q) &&
+                    (kv_heads == 0 || (even(k_stride) && aligned4(k))) &&
+                    (store == nullptr || (even(store->v_stride) && even(store->block_stride) &&
+                                          aligned4(store->v) && aligned4(store->keys) &&
+                                          aligned4(store->values)));
   const int64_t items = (heads + kv_heads) * head_dim / (pair ? 4 : 2);
   const int threads = static_cast<int>(std::clamp<int64_t>((items + 31) / 32 * 32, 32, 256));
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tokens, 1 << 30));
   const size_t smem = static_cast<size_t>(head_dim) * sizeof(float);
   auto* qh = reinterpret_cast<__half*>(q);
   auto* kh = reinterpret_cast<__half*>(k);
-  if (pair) {
-    RopeKernel<true><<<grid, threads, smem, stream>>>(qh, q_stride, static_cast<int>(heads), kh, k_stride,
-        static_cast<int>(kv_heads), static_cast<int>(head_dim), tokens, positions, inv_freq, freq_index);
+  KvTarget target{};
+  if (store != nullptr) {
+    target = {reinterpret_cast<const __half*>(store->v), store->v_stride, store->slots,
+              reinterpret_cast<__half*>(store->keys), reinterpret_cast<__half*>(store->values),
+              store->block_stride, store->block_seq_len};
+  }
+  const int h = static_cast<int>(heads), kvh = static_cast<int>(kv_heads), d = static_cast<int>(head_dim);
+  if (pair && store != nullptr) {
+    RopeKernel<true, true><<<grid, threads, smem, stream>>>(qh, q_stride, h, kh, k_stride, kvh, d,
+        tokens, positions, inv_freq, freq_index, target);
+  } else if (pair) {
+    RopeKernel<true, false><<<grid, threads, smem, stream>>>(qh, q_stride, h, kh, k_stride, kvh, d,
+        tokens, positions, inv_freq, freq_index, target);
+  } else if (store != nullptr) {
+    RopeKernel<false, true><<<grid, threads, smem, stream>>>(qh, q_stride, h, kh, k_stride, kvh, d,
+        tokens, positions, inv_freq, freq_index, target);
   } else {
-    RopeKernel<false><<<grid, threads, smem, stream>>>(qh, q_stride, static_cast<int>(heads), kh, k_stride,
-        static_cast<int>(kv_heads), static_cast<int>(head_dim), tokens, positions, inv_freq, freq_index);
+    RopeKernel<false, false><<<grid, threads, smem, stream>>>(qh, q_stride, h, kh, k_stride, kvh, d,
+        tokens, positions, inv_freq, freq_index, target);
   }
   NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return cudaSuccess;

@@ -46,10 +46,26 @@ cudaError_t SiluMul(const uint16_t* gate, int64_t gate_stride, const uint16_t* u
 // every token. The angle position * inv_freq is formed exactly in double and reduced modulo
 // 2 pi there (positions beyond 32k keep their phase, as the CPU reference's double angle), then
 // sincosf on the reduced angle. head_dim even, <= 1024.
+//
+// With `store` (k not null): the keys and values also go into the paged KV pool in the same
+// kernel (one launch a layer instead of two: what StorePagedKv in attention.h does, with the
+// same layout and slots): token t's rotated k row and its v row (kv_heads * head_dim halves at
+// store->v + t * store->v_stride) are written to position slots[t] of the layer's keys /
+// values; k itself is then left as it was (only q is rotated in place).
+struct RopeKvStore {
+  const uint16_t* v = nullptr;
+  int64_t v_stride = 0;
+  const int32_t* slots = nullptr;  // device, one per token, checked by the caller
+  uint16_t* keys = nullptr;        // this layer's keys / values of block 0 (attention.h)
+  uint16_t* values = nullptr;
+  int64_t block_stride = 0;        // halves from one block to the next
+  int32_t block_seq_len = 0;       // positions per block
+};
 cudaError_t RopeRotateHalf(uint16_t* q, int64_t q_stride, int64_t heads, uint16_t* k,
                            int64_t k_stride, int64_t kv_heads, int64_t head_dim, int64_t tokens,
                            const int32_t* positions, const float* inv_freq,
-                           const int32_t* freq_index, cudaStream_t stream);
+                           const int32_t* freq_index, cudaStream_t stream,
+                           const RopeKvStore* store = nullptr);
 
 // cudaErrorInvalidValue (and a message) if any host_ids[i] is outside [0, vocab).
 cudaError_t CheckTokenIds(const int32_t* host_ids, int64_t n, int64_t vocab);

@@ -126,7 +126,12 @@ int TestSiluMul(std::mt19937& rng, int64_t rows, int64_t cols) {
 // q, k and v of `tokens` tokens in one fused qkv buffer; tokens grouped into spans, each with
 // its own dynamic-NTK inverse frequencies (base from the span's length, as
 // ModelConfig::RopeBaseForLength), positions spread up to ~40k.
-int TestRope(std::mt19937& rng, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t d) {
+// With `store`, RopeRotateHalf also writes the rotated keys and the values into a paged pool
+// (RopeKvStore: blocks of 5 positions, 2 layers, this the second; the tokens at distinct
+// shuffled slots): the pool, poisoned first, must hold exactly the reference's k and v rows
+// at those slots and nothing else; q is rotated in place and the qkv buffer's k and v stay.
+int TestRope(std::mt19937& rng, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t d,
+             bool store = false) {
   const int64_t q_dim = heads * d, kv_dim = kv_heads * d, stride = q_dim + 2 * kv_dim;
   const int64_t half = d / 2;
   const auto qkv = RandomHalf(rng, tokens * stride, -2.0f, 2.0f);
@@ -160,6 +165,61 @@ int TestRope(std::mt19937& rng, int64_t tokens, int64_t heads, int64_t kv_heads,
   dpos.CopyFrom(positions.data());
   didx.CopyFrom(freq_index.data());
   dfreq.CopyFrom(inv_freq.data());
+  const std::string name = std::string(store ? "rope+store" : "rope") + " tokens=" +
+                           std::to_string(tokens) + " heads=" + std::to_string(heads) + "/" +
+                           std::to_string(kv_heads) + " d=" + std::to_string(d);
+  if (store) {
+    constexpr int32_t kBlock = 5;
+    const int64_t blocks = tokens / kBlock + 2, layer_halves = 2 * kBlock * kv_dim;
+    const int64_t block_stride = 2 * layer_halves;  // two layers; this one is the second
+    std::vector<int32_t> slots(blocks * kBlock);
+    for (size_t i = 0; i < slots.size(); ++i) slots[i] = static_cast<int32_t>(i);
+    std::shuffle(slots.begin(), slots.end(), rng);
+    slots.resize(tokens);
+    DeviceBuffer<int32_t> dslots(tokens);
+    dslots.CopyFrom(slots.data());
+    std::vector<uint16_t> pool(blocks * block_stride, nibble::testing::kHalfNaN);
+    auto dpool = Upload(pool);
+    uint16_t* keys = dpool.get() + layer_halves;
+    uint16_t* values = keys + kBlock * kv_dim;
+    const cu::RopeKvStore kv{dqkv.get() + q_dim + kv_dim, stride, dslots.get(), keys, values,
+                             block_stride, kBlock};
+    NIBBLE_TEST_CUDA_CHECK(cu::RopeRotateHalf(dqkv.get(), stride, heads, dqkv.get() + q_dim,
+                                              stride, kv_heads, d, tokens, dpos.get(),
+                                              dfreq.get(), didx.get(), nullptr, &kv));
+    NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
+    const auto got = Download(dqkv);
+    const auto got_pool = Download(dpool);
+    // Expected: q rotated in place, k and v of the buffer as they were; the pool's slot rows.
+    std::vector<uint16_t> got_rot;
+    std::vector<float> ref_rot;
+    size_t kv_changed = 0, stray = 0;
+    std::vector<char> written(pool.size(), 0);
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int64_t i = 0; i < q_dim; ++i) {
+        got_rot.push_back(got[t * stride + i]);
+        ref_rot.push_back(ref[t * stride + i]);
+      }
+      for (int64_t i = q_dim; i < stride; ++i) kv_changed += got[t * stride + i] != qkv[t * stride + i];
+      const int64_t row = layer_halves + (slots[t] / kBlock) * block_stride +
+                          (slots[t] % kBlock) * kv_dim;
+      for (int64_t i = 0; i < kv_dim; ++i) {
+        got_rot.push_back(got_pool[row + i]);  // the rotated key
+        ref_rot.push_back(ref[t * stride + q_dim + i]);
+        written[row + i] = 1;
+        const int64_t vrow = row + kBlock * kv_dim;
+        kv_changed += got_pool[vrow + i] != qkv[t * stride + q_dim + kv_dim + i];  // v, exact
+        written[vrow + i] = 1;
+      }
+    }
+    for (size_t i = 0; i < pool.size(); ++i) stray += !written[i] && got_pool[i] != pool[i];
+    if (kv_changed != 0 || stray != 0) {
+      std::printf("FAIL %s: %zu k/v values of the buffer changed or values copied wrongly, %zu "
+                  "pool values outside the slots written\n", name.c_str(), kv_changed, stray);
+      return 1;
+    }
+    return CheckClose(name, got_rot, ref_rot, kRel, kAbsRms);
+  }
   NIBBLE_TEST_CUDA_CHECK(cu::RopeRotateHalf(dqkv.get(), stride, heads, dqkv.get() + q_dim, stride,
                                             kv_heads, d, tokens, dpos.get(), dfreq.get(),
                                             didx.get(), nullptr));
@@ -178,9 +238,6 @@ int TestRope(std::mt19937& rng, int64_t tokens, int64_t heads, int64_t kv_heads,
       }
     }
   }
-  const std::string name = "rope tokens=" + std::to_string(tokens) + " heads=" +
-                           std::to_string(heads) + "/" + std::to_string(kv_heads) +
-                           " d=" + std::to_string(d);
   if (v_changed != 0) {
     std::printf("FAIL %s: %zu values of the v part changed\n", name.c_str(), v_changed);
     return 1;
@@ -288,6 +345,9 @@ int main(int argc, char** argv) {
     fails += TestRope(rng, rows, 12, 4, 64);
     fails += TestRope(rng, rows, 8, 4, 8);     // stories260K
     fails += TestRope(rng, rows, 5, 1, 6);     // head_dim % 4 != 0: the scalar path
+    fails += TestRope(rng, rows, 32, 8, 128, true);  // RoPE with the keys and values stored
+    fails += TestRope(rng, rows, 8, 4, 8, true);
+    fails += TestRope(rng, rows, 5, 1, 6, true);
     for (int64_t hidden : {64, 2048, 4160, 100}) fails += TestEmbedding(rng, 1000, hidden, rows);
   }
   fails += TestRmsNorm(rng, 300, 4096);  // more rows than one block wave
