@@ -13,7 +13,7 @@ namespace nibble::engine {
 
 std::vector<uint16_t> ToHalf(const std::vector<float>& values) {
   std::vector<uint16_t> half(values.size());
-  kernels::cpu::FloatToHalf(values.data(), values.size(), half.data());
+  kernels::cpu::FloatToHalfBulk(values.data(), values.size(), half.data());
   return half;
 }
 

@@ -42,7 +42,7 @@ class DenseF16Linear final : public LinearWeight {
   DenseF16Linear(int64_t in, int64_t out, const std::vector<float>& weight,
                  std::vector<float> bias)
       : LinearWeight(in, out), owned_(weight.size()), bias_(std::move(bias)) {
-    kernels::cpu::FloatToHalf(weight.data(), weight.size(), owned_.data());
+    kernels::cpu::FloatToHalfBulk(weight.data(), weight.size(), owned_.data());
     weight_ = owned_.data();
   }
   DenseF16Linear(int64_t in, int64_t out, std::shared_ptr<const void> owner,
@@ -59,7 +59,7 @@ class DenseF16Linear final : public LinearWeight {
   }
   std::vector<float> DequantizedWeight() const override {
     std::vector<float> out(static_cast<size_t>(in_features() * out_features()));
-    kernels::cpu::HalfToFloat(weight_, out.size(), out.data());
+    kernels::cpu::HalfToFloatBulk(weight_, out.size(), out.data());
     return out;
   }
   const std::vector<float>& bias() const override { return bias_; }

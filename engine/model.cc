@@ -109,7 +109,9 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
         ": this nibble was built without CUDA (no nvcc at configure time); use device cpu"));
   }
 #endif
-  NIBBLE_ASSIGN_OR_RETURN(ModelWeights weights, LoadModelWeights(*store, config, storage));
+  // The GPU backend uploads each weight once: fp16 ones are read in place from the file.
+  NIBBLE_ASSIGN_OR_RETURN(ModelWeights weights,
+                          LoadModelWeights(*store, config, storage, /*f16_in_place=*/on_gpu));
   store->ReleaseResidentPages();  // the weights are copied or repacked, or read in place
   const size_t weight_bytes = weights.StorageBytes();
   std::unique_ptr<Backend> backend;

@@ -58,8 +58,9 @@ std::string BiasName(const std::string& weight_name) {
 
 class WeightReader {
  public:
-  WeightReader(const TensorStore& store, const ModelConfig& config, WeightStorage storage)
-      : store_(store), config_(config), storage_(storage) {}
+  WeightReader(const TensorStore& store, const ModelConfig& config, WeightStorage storage,
+               bool f16_in_place)
+      : store_(store), config_(config), storage_(storage), f16_in_place_(f16_in_place) {}
 
   absl::StatusOr<std::vector<float>> Vector(const std::string& name, int64_t size) {
     return store_.ReadF32(name, {size});
@@ -75,7 +76,7 @@ class WeightReader {
     }
     NIBBLE_ASSIGN_OR_RETURN(std::optional<Int4Weight> int4, ReadInt4(name, in, out));
     if (int4) return MakeInt4Linear(*int4, std::move(bias));
-    if (storage_ == WeightStorage::kF16 && !with_bias) {
+    if (storage_ == WeightStorage::kF16 && f16_in_place_ && !with_bias) {
       // fp16 in the file and in memory: used in place in the file's mapping, as the embedding
       // is (no copy: widening and narrowing a 7B model's weights took most of a minute).
       // Another dtype, or a misaligned tensor, is read and converted below.
@@ -149,6 +150,7 @@ class WeightReader {
   const TensorStore& store_;
   const ModelConfig& config_;
   WeightStorage storage_;
+  bool f16_in_place_;
 };
 
 }  // namespace
@@ -203,11 +205,11 @@ size_t ModelWeights::StorageBytes() const {
 
 absl::StatusOr<ModelWeights> LoadModelWeights(const TensorStore& store,
                                               const ModelConfig& config,
-                                              WeightStorage storage) {
+                                              WeightStorage storage, bool f16_in_place) {
   const int64_t hidden = config.hidden_size;
   const int64_t ffn = config.intermediate_size;
   const bool internlm2 = config.architecture == Architecture::kInternLM2;
-  WeightReader reader(store, config, storage);
+  WeightReader reader(store, config, storage, f16_in_place);
   ModelWeights weights;
 
   const std::string embed_name = EmbeddingName(config.architecture);

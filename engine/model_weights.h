@@ -61,8 +61,12 @@ std::vector<CheckpointTensor> CheckpointTensors(const ModelConfig& config);
 
 // Reads every tensor the architecture needs from `store`, checking each shape against
 // `config`. Errors name the tensor, the file and what is wrong (missing, shape, dtype).
+// `f16_in_place` (with kF16 storage): dense fp16 weights without a bias are used in the file's
+// mapping instead of copied — for a caller that reads each once (the GPU backend's upload, the
+// GPU's AWQ search: no copy, no conversion). A CPU engine serving from them keeps copies:
+// file pages could be evicted and read back from disk mid-request.
 absl::StatusOr<ModelWeights> LoadModelWeights(const TensorStore& store,
                                               const ModelConfig& config,
-                                              WeightStorage storage);
+                                              WeightStorage storage, bool f16_in_place = false);
 
 }  // namespace nibble::engine

@@ -189,9 +189,9 @@ absl::StatusOr<std::vector<float>> TensorStore::ReadF32(
       std::vector<uint16_t> raw(n);
       std::memcpy(raw.data(), data, n * sizeof(uint16_t));  // the mapping may be unaligned
       if (ref.info->dtype == DType::kF16) {
-        kernels::cpu::HalfToFloat(raw.data(), n, out.data());
+        kernels::cpu::HalfToFloatBulk(raw.data(), n, out.data());
       } else {
-        kernels::cpu::Bf16ToFloat(raw.data(), n, out.data());
+        kernels::cpu::Bf16ToFloatBulk(raw.data(), n, out.data());
       }
       break;
     }

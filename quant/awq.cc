@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <future>
 #include <memory>
+#include <system_error>
 
 #include <nlohmann/json.hpp>
 
@@ -229,10 +230,13 @@ absl::Status AddF32(engine::SafetensorsWriter& writer, const std::string& name, 
                     {reinterpret_cast<const uint8_t*>(t.data()), t.size() * sizeof(float)});
 }
 
-// One layer's checkpoint, made on the searching thread and written by Write (on any thread).
-// It refers to the layer's tensors in the result (final once the layer is done) and either
-// copies the states (as F16) or refers to them (as F32: Write must then finish before the
-// next layer changes them).
+// One layer's checkpoint, made on the searching thread and written by Write (on any thread):
+// the writers hold copies of the layer's tensors and of the states (F32, or F16 for the GPU),
+// so the search may go on while it is written. The states file names the layers it follows
+// (metadata "completed_layers"): a crash between its rename and progress.json's is detected,
+// and resumed from, on load.
+constexpr char kStatesLayersKey[] = "completed_layers";
+
 class LayerCheckpoint {
  public:
   static absl::StatusOr<std::unique_ptr<LayerCheckpoint>> Make(
@@ -252,19 +256,19 @@ class LayerCheckpoint {
                         {"loss_awq", s.loss_awq}});
     }
     c->layer_writer_.SetMetadata("scales", scales.dump());
-    c->halves_.resize(states_as_f16 ? states.size() : 0);
+    c->states_writer_.SetMetadata(kStatesLayersKey, absl::StrCat(layer + 1));
+    std::vector<uint16_t> half;
     for (size_t i = 0; i < states.size(); ++i) {
       const std::string name = absl::StrCat("state.", i);
       if (!states_as_f16) {
         NIBBLE_RETURN_IF_ERROR(AddF32(c->states_writer_, name, states[i]));
         continue;
       }
-      std::vector<uint16_t>& h = c->halves_[i];
-      h.resize(states[i].size());
-      kernels::cpu::FloatToHalf(states[i].data(), states[i].size(), h.data());
+      half.resize(states[i].size());
+      kernels::cpu::FloatToHalfBulk(states[i].data(), states[i].size(), half.data());
       NIBBLE_RETURN_IF_ERROR(c->states_writer_.Add(
-          name, engine::DType::kF16, {static_cast<int64_t>(h.size())},
-          {reinterpret_cast<const uint8_t*>(h.data()), h.size() * sizeof(uint16_t)}));
+          name, engine::DType::kF16, {static_cast<int64_t>(half.size())},
+          {reinterpret_cast<const uint8_t*>(half.data()), half.size() * sizeof(uint16_t)}));
     }
     return c;
   }
@@ -285,7 +289,6 @@ class LayerCheckpoint {
   std::string dir_;
   int64_t layer_;
   engine::SafetensorsWriter layer_writer_, states_writer_;
-  std::vector<std::vector<uint16_t>> halves_;  // the states as F16, when so saved
 };
 
 // Reads a checkpoint into `result` and `states`; returns the number of finished layers
@@ -294,14 +297,33 @@ absl::StatusOr<int64_t> LoadCheckpoint(const std::string& dir, int64_t layers, A
                                        std::vector<Tensor>& states) {
   std::error_code ec;
   const std::string progress_path = dir + "/progress.json";
-  if (!std::filesystem::exists(progress_path, ec)) return int64_t{0};
-  NIBBLE_ASSIGN_OR_RETURN(std::string text, engine::ReadFileToString(progress_path));
-  const auto progress = nlohmann::json::parse(text, nullptr, false);
-  if (progress.is_discarded() || !progress.contains("completed_layers") ||
-      !progress["completed_layers"].is_number_integer()) {
-    return absl::DataLossError(absl::StrCat(progress_path, ": unreadable checkpoint progress"));
+  const std::string states_path = dir + "/states.safetensors";
+  int64_t done = 0;
+  if (std::filesystem::exists(progress_path, ec)) {
+    NIBBLE_ASSIGN_OR_RETURN(std::string text, engine::ReadFileToString(progress_path));
+    const auto progress = nlohmann::json::parse(text, nullptr, false);
+    if (progress.is_discarded() || !progress.contains("completed_layers") ||
+        !progress["completed_layers"].is_number_integer()) {
+      return absl::DataLossError(absl::StrCat(progress_path, ": unreadable checkpoint progress"));
+    }
+    done = progress["completed_layers"].get<int64_t>();
   }
-  const int64_t done = progress["completed_layers"].get<int64_t>();
+  // The states name the layers they follow. One more than the progress: the run stopped
+  // between the two renames, after the layer's own file: that layer is done too.
+  std::unique_ptr<engine::SafetensorsFile> states_file;
+  if (std::filesystem::exists(states_path, ec)) {
+    NIBBLE_ASSIGN_OR_RETURN(states_file, engine::SafetensorsFile::Open(states_path));
+    const auto& metadata = states_file->header().metadata;
+    if (auto it = metadata.find(kStatesLayersKey); it != metadata.end()) {
+      const int64_t follows = std::atoll(it->second.c_str());
+      if (follows == done + 1) {
+        done = follows;
+      } else if (follows != done) {
+        return absl::DataLossError(absl::StrCat(states_path, ": states after ", follows,
+                                                " layers, but ", progress_path, " says ", done));
+      }
+    }
+  }
   if (done < 0 || done > layers) {
     return absl::DataLossError(absl::StrCat(progress_path, ": ", done, " layers done of ", layers));
   }
@@ -318,7 +340,7 @@ absl::StatusOr<int64_t> LoadCheckpoint(const std::string& dir, int64_t layers, A
         std::vector<uint16_t> halves(bytes.size() / sizeof(uint16_t));
         std::memcpy(halves.data(), bytes.data(), bytes.size());
         values.resize(halves.size());
-        kernels::cpu::HalfToFloat(halves.data(), halves.size(), values.data());
+        kernels::cpu::HalfToFloatBulk(halves.data(), halves.size(), values.data());
       } else {
         return absl::DataLossError(absl::StrCat(file.path(), ": ", info.name, " is not F32"));
       }
@@ -345,7 +367,8 @@ absl::StatusOr<int64_t> LoadCheckpoint(const std::string& dir, int64_t layers, A
     }
   }
   if (done > 0) {
-    NIBBLE_ASSIGN_OR_RETURN(auto file, engine::SafetensorsFile::Open(dir + "/states.safetensors"));
+    if (!states_file) return absl::DataLossError(absl::StrCat(states_path, ": missing"));
+    const engine::SafetensorsFile* file = states_file.get();
     NIBBLE_RETURN_IF_ERROR(read_all(*file, true, [&](const std::string& name, Tensor values) {
       const size_t i = static_cast<size_t>(std::atoll(name.c_str() + 6));  // "state.<i>"
       if (i >= states.size() || states[i].size() != values.size()) {
@@ -416,7 +439,8 @@ absl::StatusOr<AwqResult> SearchAwq(
   NIBBLE_ASSIGN_OR_RETURN(
       engine::ModelWeights weights,
       engine::LoadModelWeights(store, config,
-                               on_gpu ? engine::WeightStorage::kF16 : engine::WeightStorage::kF32));
+                               on_gpu ? engine::WeightStorage::kF16 : engine::WeightStorage::kF32,
+                               /*f16_in_place=*/on_gpu));
   const int64_t hidden = config.hidden_size;
   const int64_t ffn = config.intermediate_size;
   const int64_t q_dim = config.q_dim();
@@ -468,8 +492,8 @@ absl::StatusOr<AwqResult> SearchAwq(
   // On the GPU a layer's checkpoint is written while the next layer is searched (the files
   // take longer than the search: 6.9 s against 5.3 s a layer at 7B on the H100's disk,
   // tests/gpu/RESULTS.md), one at a time, in order. The layer counts as done, and is reported
-  // so, once its files are written. Declared after `result` and `states`: a write still in
-  // flight on an early return is waited for (std::async's future) before they go.
+  // so, once its files are written. On an early return a write still in flight is waited for
+  // (std::async's future) before the function's locals go.
   std::future<absl::Status> writing;
   int64_t writing_layer = -1;
   auto finish_writing = [&]() -> absl::Status {
@@ -591,12 +615,18 @@ absl::StatusOr<AwqResult> SearchAwq(
     }
     if (!options.checkpoint_dir.empty()) {
       report(l, "checkpoint");
+      // The previous layer's write first: one checkpoint's copies in memory at a time.
+      NIBBLE_RETURN_IF_ERROR(finish_writing());
       NIBBLE_ASSIGN_OR_RETURN(std::unique_ptr<LayerCheckpoint> checkpoint,
                               LayerCheckpoint::Make(options.checkpoint_dir, l, result,
                                                     first_scale, states, on_gpu));
-      NIBBLE_RETURN_IF_ERROR(finish_writing());  // the previous layer's, first
-      if (on_gpu) {  // the states are copied: the next layer may change them meanwhile
-        writing = std::async(std::launch::async, [c = std::move(checkpoint)] { return c->Write(); });
+      if (on_gpu) {  // the writers hold copies: the next layer may change the states meanwhile
+        try {
+          writing = std::async(std::launch::async, [c = std::move(checkpoint)] { return c->Write(); });
+        } catch (const std::system_error& e) {
+          return absl::ResourceExhaustedError(
+              absl::StrCat("no thread to write the checkpoint of layer ", l, ": ", e.what()));
+        }
         writing_layer = l;
         continue;
       }

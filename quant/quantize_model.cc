@@ -273,7 +273,7 @@ absl::StatusOr<QuantizeReport> QuantizeModelDirectory(const std::string& model_d
           absl::StrCat(module, " (", out, " output features, not a multiple of 8)"));
     }
     std::vector<uint16_t> half(values.size());
-    kernels::cpu::FloatToHalf(values.data(), values.size(), half.data());
+    kernels::cpu::FloatToHalfBulk(values.data(), values.size(), half.data());
     NIBBLE_RETURN_IF_ERROR(writer.Add(name, engine::DType::kF16, shape, AsBytes(half)));
     tensor_written(name);
   }

@@ -1,15 +1,14 @@
 #include "kernels/cpu/half.h"
 
+#include <omp.h>
+
+#include <algorithm>
 #include <cstring>
 
 #include "kernels/cpu/simd.h"
 
 namespace nibble::kernels::cpu {
 namespace {
-
-// Whole tensors (a model's weights at load, the GPU's uploads) are converted on every core;
-// a row of a product stays on its caller's thread. Element-wise: the same bits either way.
-constexpr size_t kParallelConversion = size_t{1} << 20;
 
 uint32_t FloatBits(float f) {
   uint32_t u;
@@ -78,7 +77,6 @@ NIBBLE_SIMD_CLONES
 void HalfToFloat(const uint16_t* in, size_t n, float* out) {
   constexpr uint32_t kExponentMask = 0x7c00u << 13;
   constexpr uint32_t kRebias = (127 - 15) << 23;
-#pragma omp parallel for schedule(static) if (n >= kParallelConversion)
   for (size_t i = 0; i < n; ++i) {
     const uint32_t h = in[i];
     const uint32_t shifted = (h & 0x7fffu) << 13;
@@ -93,13 +91,45 @@ void HalfToFloat(const uint16_t* in, size_t n, float* out) {
 }
 
 void FloatToHalf(const float* in, size_t n, uint16_t* out) {
-#pragma omp parallel for schedule(static) if (n >= kParallelConversion)
   for (size_t i = 0; i < n; ++i) out[i] = FloatToHalf(in[i]);
 }
 
 void Bf16ToFloat(const uint16_t* in, size_t n, float* out) {
-#pragma omp parallel for schedule(static) if (n >= kParallelConversion)
   for (size_t i = 0; i < n; ++i) out[i] = Bf16ToFloat(in[i]);
+}
+
+namespace {
+
+// An element-wise conversion of n values in chunks over the cores (the same bits as one
+// call). The pragma's own `if` clause would still enter the OpenMP runtime on every call, so
+// small and nested calls are kept out of it here.
+template <typename In, typename Out, typename Convert>
+void ConvertBulk(const In* in, size_t n, Out* out, Convert convert) {
+  constexpr size_t kChunk = size_t{1} << 16;
+  if (n < (size_t{1} << 20) || omp_in_parallel()) {
+    convert(in, n, out);
+    return;
+  }
+  const size_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static)
+  for (size_t c = 0; c < chunks; ++c) {
+    const size_t begin = c * kChunk;
+    convert(in + begin, std::min(kChunk, n - begin), out + begin);
+  }
+}
+
+}  // namespace
+
+void HalfToFloatBulk(const uint16_t* in, size_t n, float* out) {
+  ConvertBulk(in, n, out, [](const uint16_t* i, size_t m, float* o) { HalfToFloat(i, m, o); });
+}
+
+void FloatToHalfBulk(const float* in, size_t n, uint16_t* out) {
+  ConvertBulk(in, n, out, [](const float* i, size_t m, uint16_t* o) { FloatToHalf(i, m, o); });
+}
+
+void Bf16ToFloatBulk(const uint16_t* in, size_t n, float* out) {
+  ConvertBulk(in, n, out, [](const uint16_t* i, size_t m, float* o) { Bf16ToFloat(i, m, o); });
 }
 
 }  // namespace nibble::kernels::cpu

@@ -126,6 +126,49 @@ TEST_F(QuantizeControlTest, StopBetweenLayersResumesToTheSameBytes) {
   EXPECT_TRUE(VerifyArtifact(work).ok());
 }
 
+// A crash after a layer's states file was renamed into place but before progress.json was
+// (the state a stop after 3 layers leaves, with progress.json put back to 2): the states name
+// the layers they follow, so the resume counts layer 3 as done and still writes the bytes of
+// an uninterrupted run. States that fit neither count are refused by name.
+TEST_F(QuantizeControlTest, CrashBetweenStatesAndProgressResumesToTheSameBytes) {
+  const std::string whole = (tmp_ / "whole").string();
+  ASSERT_TRUE(QuantizeModelDirectory(model_, whole, options_, QuantizeControl{}).ok());
+  auto stop_after = [&](const std::string& work, int64_t layers) {
+    bool stop = false;
+    QuantizeControl control;
+    control.progress = [&](const QuantizeProgress& p) {
+      if (p.step == "layer done" && p.layers_done == layers) stop = true;
+    };
+    control.stop_requested = [&] { return stop; };
+    return QuantizeModelDirectory(model_, work, options_, control).status();
+  };
+  auto set_progress = [](const std::string& work, int64_t layers) {
+    std::ofstream(work + "/.nibble-job/progress.json", std::ios::trunc)
+        << "{\"completed_layers\":" << layers << "}";
+  };
+
+  const std::string work = (tmp_ / "crashed").string();
+  ASSERT_EQ(stop_after(work, 3).code(), absl::StatusCode::kCancelled);
+  set_progress(work, 2);
+  std::vector<QuantizeProgress> events;
+  QuantizeControl resume;
+  resume.progress = [&](const QuantizeProgress& p) { events.push_back(p); };
+  ASSERT_TRUE(QuantizeModelDirectory(model_, work, options_, resume).ok());
+  ASSERT_FALSE(events.empty());
+  EXPECT_TRUE(events.front().resumed);
+  EXPECT_EQ(events.front().layers_done, 3);
+  for (const char* file : {"model.safetensors", "config.json", "tokenizer.model"}) {
+    EXPECT_EQ(ReadAll(whole + "/" + file), ReadAll(work + "/" + file)) << file;
+  }
+
+  const std::string torn = (tmp_ / "torn").string();
+  ASSERT_EQ(stop_after(torn, 3).code(), absl::StatusCode::kCancelled);
+  set_progress(torn, 1);
+  const absl::Status refused = QuantizeModelDirectory(model_, torn, options_, QuantizeControl{}).status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kDataLoss) << refused;
+  EXPECT_NE(refused.message().find("states after 3 layers"), std::string::npos) << refused;
+}
+
 TEST_F(QuantizeControlTest, StopWhilePackingLeavesNoArtifact) {
   options_.method = QuantMethod::kRtn;
   options_.calibration_samples.clear();
