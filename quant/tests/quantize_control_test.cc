@@ -45,6 +45,28 @@ class QuantizeControlTest : public ::testing::Test {
   }
   void TearDown() override { fs::remove_all(tmp_); }
 
+  // Runs the job again in `work` and expects it to resume after `layers_done` layers (never
+  // calibrating an earlier one) and to write the bytes of the uninterrupted run in `whole`.
+  void ExpectResumedToSameBytes(const std::string& work, const std::string& whole,
+                                int64_t layers_done) {
+    std::vector<QuantizeProgress> events;
+    QuantizeControl resume;
+    resume.progress = [&](const QuantizeProgress& p) { events.push_back(p); };
+    ASSERT_TRUE(QuantizeModelDirectory(model_, work, options_, resume).ok());
+    ASSERT_FALSE(events.empty());
+    EXPECT_TRUE(events.front().resumed);
+    EXPECT_EQ(events.front().layers_done, layers_done);  // it did not start over
+    for (const QuantizeProgress& p : events) {
+      if (p.phase == "calibrate") {
+        EXPECT_GE(p.layer, layers_done);
+      }
+    }
+    for (const char* file : {"model.safetensors", "config.json", "tokenizer.model"}) {
+      EXPECT_EQ(ReadAll(whole + "/" + file), ReadAll(work + "/" + file)) << file;
+    }
+    EXPECT_TRUE(VerifyArtifact(work).ok());
+  }
+
   std::string model_;
   fs::path tmp_;
   QuantizeOptions options_;
@@ -108,22 +130,7 @@ TEST_F(QuantizeControlTest, StopBetweenLayersResumesToTheSameBytes) {
   EXPECT_NE(ReadAll(work + "/.nibble-job/progress.json").find("\"completed_layers\":2"),
             std::string::npos);
 
-  std::vector<QuantizeProgress> events;
-  QuantizeControl resume;
-  resume.progress = [&](const QuantizeProgress& p) { events.push_back(p); };
-  ASSERT_TRUE(QuantizeModelDirectory(model_, work, options_, resume).ok());
-  ASSERT_FALSE(events.empty());
-  EXPECT_TRUE(events.front().resumed);
-  EXPECT_EQ(events.front().layers_done, 2);  // it did not start over
-  for (const QuantizeProgress& p : events) {
-    if (p.phase == "calibrate") {
-      EXPECT_GE(p.layer, 2);
-    }
-  }
-  for (const char* file : {"model.safetensors", "config.json", "tokenizer.model"}) {
-    EXPECT_EQ(ReadAll(whole + "/" + file), ReadAll(work + "/" + file)) << file;
-  }
-  EXPECT_TRUE(VerifyArtifact(work).ok());
+  ExpectResumedToSameBytes(work, whole, 2);
 }
 
 // A crash after a layer's states file was renamed into place but before progress.json was
@@ -150,16 +157,7 @@ TEST_F(QuantizeControlTest, CrashBetweenStatesAndProgressResumesToTheSameBytes) 
   const std::string work = (tmp_ / "crashed").string();
   ASSERT_EQ(stop_after(work, 3).code(), absl::StatusCode::kCancelled);
   set_progress(work, 2);
-  std::vector<QuantizeProgress> events;
-  QuantizeControl resume;
-  resume.progress = [&](const QuantizeProgress& p) { events.push_back(p); };
-  ASSERT_TRUE(QuantizeModelDirectory(model_, work, options_, resume).ok());
-  ASSERT_FALSE(events.empty());
-  EXPECT_TRUE(events.front().resumed);
-  EXPECT_EQ(events.front().layers_done, 3);
-  for (const char* file : {"model.safetensors", "config.json", "tokenizer.model"}) {
-    EXPECT_EQ(ReadAll(whole + "/" + file), ReadAll(work + "/" + file)) << file;
-  }
+  ExpectResumedToSameBytes(work, whole, 3);
 
   const std::string torn = (tmp_ / "torn").string();
   ASSERT_EQ(stop_after(torn, 3).code(), absl::StatusCode::kCancelled);
