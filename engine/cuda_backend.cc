@@ -447,15 +447,15 @@ class CudaBackend final : public Backend {
       // The decode kernel with programmatic dependent launch: it starts, and loads its first
       // weights, while the norm, attention or SiLU before it ends (those allow it:
       // kernels/cuda/dependent_launch.h). kDecode8Pdl runs plain decode8 before sm_90.
-      kc::W4A16Kernel kernel = kc::ChooseW4A16Kernel(linear.layout, m, true);
+      void* workspace = dequantized_.as<void>();
+      kc::W4A16Kernel kernel = kc::ChooseW4A16Kernel(linear.layout, m, workspace != nullptr);
       if (dependent_launch_ && kernel == kc::W4A16Kernel::kDecode8) {
         kernel = kc::W4A16Kernel::kDecode8Pdl;
       }
       // The dequantize scratch (idle on this path) is the kernels' split-k workspace.
       NIBBLE_CUDA_OR_RETURN(kc::MatMulW4A16(linear.layout, x, linear.qw.as<uint32_t>(),
                                             linear.zs.as<uint32_t>(), linear.bias.as<float>(), y,
-                                            m, stream_, kernel, dequantized_.as<void>(),
-                                            dequantized_.bytes()),
+                                            m, stream_, kernel, workspace, dequantized_.bytes()),
                             "the W4A16 matrix multiply");
       return absl::OkStatus();
     }

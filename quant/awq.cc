@@ -281,8 +281,6 @@ class LayerCheckpoint {
                                        nlohmann::json({{"completed_layers", layer_ + 1}}).dump());
   }
 
-  int64_t layer() const { return layer_; }
-
  private:
   LayerCheckpoint(std::string dir, int64_t layer) : dir_(std::move(dir)), layer_(layer) {}
 

@@ -198,9 +198,9 @@ __global__ void RopeKernel(__half* q, int64_t q_stride, int heads, __half* k, in
     for (int p = threadIdx.x; p < total; p += blockDim.x) {
       const int head = p / per_head, i = (p % per_head) * P;
       const bool is_q = head < heads;
-      const __half* h = is_q ? q + t * q_stride + static_cast<int64_t>(head) * head_dim
-                             : k + t * k_stride + static_cast<int64_t>(head - heads) * head_dim;
-      __half* out = const_cast<__half*>(h);
+      __half* h = is_q ? q + t * q_stride + static_cast<int64_t>(head) * head_dim
+                       : k + t * k_stride + static_cast<int64_t>(head - heads) * head_dim;
+      __half* out = h;  // where the rotated pair goes
       if constexpr (kStore) {
         if (!is_q) out = store.keys + row + static_cast<int64_t>(head - heads) * head_dim;
       }

@@ -50,8 +50,8 @@ namespace nibble::kernels::cuda {
 //    the next kernel may start while this one ends, and it fills its ring with the weight before
 //    waiting for the previous kernel (griddepcontrol.wait), so x and y are safe but qw and zs
 //    must not be written by the work before it. For benchmarks: back to back it hides ~2 us of
-//    launch and ramp per call; kAuto does not pick it (the engine's other kernels don't trigger
-//    their dependents early yet).
+//    launch and ramp per call, but stays slower than kDecode8Pdl on the 7B shapes (run 17), which
+//    is what the engine launches.
 enum class W4A16Kernel {
   kAuto, kDecode8, kDecode16, kTiled64, kDecode8V0, kDecode16V0, kGemm16, kGemm32,
   kStream8, kStream8Pdl,
