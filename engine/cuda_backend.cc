@@ -407,11 +407,17 @@ class CudaBackend final : public Backend {
     // NIBBLE_CUDA_DEVICE_SAMPLING=0 (for comparisons), or a vocabulary past the kernel's
     // limit, only plain greedy spans stay on the device (ArgMaxRows) and the others take the
     // host's rule over their logits row.
-    // NIBBLE_CUDA_PDL=0 launches the decode products plainly (for comparisons).
-    const char* dependent_launch = std::getenv("NIBBLE_CUDA_PDL");
-    dependent_launch_ = dependent_launch == nullptr || std::string(dependent_launch) != "0";
-    const char* device_sampling = std::getenv("NIBBLE_CUDA_DEVICE_SAMPLING");
-    device_sampling_ = (device_sampling == nullptr || std::string(device_sampling) != "0") &&
+    // NIBBLE_CUDA_PDL=0 launches the decode step's kernels plainly (for comparisons); it
+    // needs sm_90 (kernels/cuda/dependent_launch.h).
+    const auto switched_on = [](const char* name) {
+      const char* value = std::getenv(name);
+      return value == nullptr || std::string(value) != "0";
+    };
+    int major = 0;
+    NIBBLE_CUDA_OR_RETURN(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_),
+                          "reading the compute capability");
+    dependent_launch_ = switched_on("NIBBLE_CUDA_PDL") && major >= 9;
+    device_sampling_ = switched_on("NIBBLE_CUDA_DEVICE_SAMPLING") &&
                        config_.vocab_size <= kc::kSampleRowsMaxVocab;
     NIBBLE_CUDA_OR_RETURN(cudaDeviceSynchronize(), "uploading the weights");
     return absl::OkStatus();
@@ -438,24 +444,29 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  // The W4A16 kernel for m (< kDequantizeRows) tokens: kAuto's choice with the dequantize
+  // scratch as the split-k workspace, and decode8 with programmatic dependent launch: it
+  // starts, and loads its first weights, while the norm, attention or SiLU before it ends
+  // (those allow it: kernels/cuda/dependent_launch.h). kDecode8Pdl runs plain decode8 before
+  // sm_90.
+  kc::W4A16Kernel DecodeKernel(const DeviceLinear& linear, int64_t m) const {
+    const kc::W4A16Kernel kernel =
+        kc::ChooseW4A16Kernel(linear.layout, m, dequantized_.as<void>() != nullptr);
+    return dependent_launch_ && kernel == kc::W4A16Kernel::kDecode8 ? kc::W4A16Kernel::kDecode8Pdl
+                                                                      : kernel;
+  }
+
   // y[m, out] = x[m, in] · Wᵀ (+ bias). A 4-bit weight goes through the W4A16 kernels while
   // m is small (decode kernels, then the tensor-core GEMM reading the weight once per 16 or 32
   // tokens); from kDequantizeRows tokens on it is dequantized to fp16 scratch and multiplied by
   // cuBLAS, whose wgmma tiles outrun mma.sync there.
   absl::Status RunLinear(const DeviceLinear& linear, const uint16_t* x, int64_t m, uint16_t* y) {
     if (linear.int4 && m < kDequantizeRows) {
-      // The decode kernel with programmatic dependent launch: it starts, and loads its first
-      // weights, while the norm, attention or SiLU before it ends (those allow it:
-      // kernels/cuda/dependent_launch.h). kDecode8Pdl runs plain decode8 before sm_90.
-      void* workspace = dequantized_.as<void>();
-      kc::W4A16Kernel kernel = kc::ChooseW4A16Kernel(linear.layout, m, workspace != nullptr);
-      if (dependent_launch_ && kernel == kc::W4A16Kernel::kDecode8) {
-        kernel = kc::W4A16Kernel::kDecode8Pdl;
-      }
       // The dequantize scratch (idle on this path) is the kernels' split-k workspace.
       NIBBLE_CUDA_OR_RETURN(kc::MatMulW4A16(linear.layout, x, linear.qw.as<uint32_t>(),
                                             linear.zs.as<uint32_t>(), linear.bias.as<float>(), y,
-                                            m, stream_, kernel, workspace, dequantized_.bytes()),
+                                            m, stream_, DecodeKernel(linear, m),
+                                            dequantized_.as<void>(), dequantized_.bytes()),
                             "the W4A16 matrix multiply");
       return absl::OkStatus();
     }
@@ -699,6 +710,7 @@ class CudaBackend final : public Backend {
                                        decode_step ? table_stride * kv.block_seq_len : max_len,
                                        &plan.decode),
           "planning attention");
+      plan.decode.dependent_launch = dependent_launch_;
     }
     NIBBLE_RETURN_IF_ERROR(workspace_.Reserve(std::max<int64_t>(plan.decode.workspace_bytes, 16),
                                               "the attention workspace", &scratch_generation_));
@@ -793,7 +805,8 @@ class CudaBackend final : public Backend {
       NIBBLE_CUDA_OR_RETURN(kc::RopeRotateHalf(qkv[0].data, qkv[0].stride, config_.num_heads,
                                                qkv[1].data, qkv[1].stride, config_.num_kv_heads,
                                                d, n, meta.positions, meta.inv_freq,
-                                               meta.freq_index, stream_, &store),
+                                               meta.freq_index, stream_, &store,
+                                               dependent_launch_),
                             "RoPE and storing keys and values");
       const uint16_t* q = qkv[0].data;
       // Attention reads q as [n, heads, head_dim] contiguous: the stacked q/k/v output's q
@@ -821,20 +834,21 @@ class CudaBackend final : public Backend {
       }
       NIBBLE_RETURN_IF_ERROR(RunLinear(layer.o, attention_.as<uint16_t>(), n, projected));
       NIBBLE_CUDA_OR_RETURN(kc::AddRmsNorm(x, projected, layer.ffn_norm.as<uint16_t>(), n, hidden,
-                                           eps, normed, stream_),
+                                           eps, normed, stream_, dependent_launch_),
                             "the residual add and FFN norm");
       Part gate_up[2];
       NIBBLE_RETURN_IF_ERROR(RunGroup(layer.gate_up, gate_up_out, 2, normed, n,
                                       gate_up_.as<uint16_t>(), gate_up));
       NIBBLE_CUDA_OR_RETURN(kc::SiluMul(gate_up[0].data, gate_up[0].stride, gate_up[1].data,
                                         gate_up[1].stride, n, ffn, act_.as<uint16_t>(), ffn,
-                                        stream_),
+                                        stream_, dependent_launch_),
                             "SiLU(gate) * up");
       NIBBLE_RETURN_IF_ERROR(RunLinear(layer.down, act_.as<uint16_t>(), n, projected));
       const uint16_t* next_norm = l + 1 < config_.num_layers
                                       ? layers_[l + 1].attention_norm.as<uint16_t>()
                                       : final_norm_.as<uint16_t>();
-      NIBBLE_CUDA_OR_RETURN(kc::AddRmsNorm(x, projected, next_norm, n, hidden, eps, normed, stream_),
+      NIBBLE_CUDA_OR_RETURN(kc::AddRmsNorm(x, projected, next_norm, n, hidden, eps, normed, stream_,
+                                           dependent_launch_),
                             "the residual add and norm");
     }
     if (r == 0) return absl::OkStatus();
@@ -904,7 +918,7 @@ class CudaBackend final : public Backend {
   uint64_t graphs_generation_ = 0;   // the generation the graphs were captured in
   bool use_graphs_ = true;
   bool device_sampling_ = false;  // every `sample` span on the device (Init)
-  bool dependent_launch_ = true;  // decode products as kDecode8Pdl (Init)
+  bool dependent_launch_ = true;  // the decode step's kernels with PDL (Init)
   // Decode-step graphs by (batch size, block-table width, spans sampled on the device).
   std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<GraphExec>> graphs_;
   PinnedBuffer host_meta_;

@@ -4,7 +4,8 @@
 // kv head, up to MAXG of its query heads and one split of the positions. A position's row of
 // one kv head (D halves) is read by LPT = D / 8 lanes, one 16-byte load each; a warp covers
 // TPW = 32 / LPT positions per load instruction and the block TPB = 4 * TPW, with U = 4 such
-// steps' loads issued before their use. Three phases:
+// steps' loads issued before their use (a round); the first round's keys and values are both
+// requested first thing, before q is staged. Three phases:
 //   1. scores: each lane's 8 elements of K dotted with its slice of every query head (q held in
 //      registers, pre-scaled by 1/sqrt(D)), summed over the LPT lanes by shuffles, into shared
 //      memory scores[g][t] (fp32);
@@ -34,12 +35,23 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kSplitGranule = 64;    // split sizes are multiples of this
+constexpr int kSplitGranule = 64;    // split sizes are multiples of this, or kShortSplit
+// The shortest split: one round of loads at D = 128 (kUnroll x TPB positions), for a batch too
+// small to fill the card even with one block per 64 positions (batch 1 at short contexts).
+constexpr int kShortSplit = 32;
 constexpr int kMaxSplitTokens = 512;  // scores of one split: MAXG * 512 floats of shared memory
 constexpr int kMaxSplits = 4096;      // combine kernel's shared memory: one float per split
 constexpr int kUnroll = 4;
 
-template <int D, int MAXG>
+// Positions of one round of loads (kUnroll steps of the block's TPB) at head size D.
+constexpr int RoundPositions(int d) { return kUnroll * kWarps * (32 / (d / 8)); }
+
+// EARLY (splits of at most one round, MAXG = 4): the round's keys and values are both requested
+// first thing, before q is staged, so that the block waits on memory about twice (the sequence
+// length and block table, then K and V together) instead of once per phase. Only there: holding
+// the values through the scores costs registers (4 blocks of 128 threads per SM instead of 5;
+// at MAXG = 8 ptxas spilled), which longer splits, bound by bandwidth, pay for (run 22).
+template <int D, int MAXG, bool EARLY>
 __global__ void __launch_bounds__(kThreads, 4)
     DecodeSplitKernel(const __half* __restrict__ q, const __half* __restrict__ keys,
                       const __half* __restrict__ values, int64_t block_stride, int bsl,
@@ -49,6 +61,7 @@ __global__ void __launch_bounds__(kThreads, 4)
                       float* __restrict__ ws_acc, float2* __restrict__ ws_ml,
                       __half* __restrict__ out) {
   AllowDependentLaunch();  // the o projection after it (kernels/cuda/dependent_launch.h)
+  WaitForPriorGrid();
   constexpr int LPT = D / 8;     // lanes per position row
   constexpr int TPW = 32 / LPT;  // positions per warp per load
   constexpr int TPB = kWarps * TPW;
@@ -76,9 +89,6 @@ __global__ void __launch_bounds__(kThreads, 4)
   if (start >= len) return;  // an empty split: the combine kernel counts only the used ones
   const int n = min(len - start, split_tokens);
 
-  for (int i = threadIdx.x; i < ng * D; i += kThreads) qs[i] = __half2float(q[row0 * D + i]) * scale;
-  __syncthreads();
-
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tw = lane / LPT, ds = (lane % LPT) * 8;
   const int64_t kv_dim = static_cast<int64_t>(kv_heads) * D;
@@ -98,6 +108,25 @@ __global__ void __launch_bounds__(kThreads, 4)
       r[u] = t < n ? __ldg(reinterpret_cast<const uint4*>(src + offset(t))) : make_uint4(0, 0, 0, 0);
     }
   };
+  static_assert(!EARLY || MAXG <= 4, "EARLY holds the values in registers: MAXG <= 4 only");
+  constexpr bool kEarly = EARLY;
+  const int first = warp * TPW;
+  uint4 k_first[kUnroll], v_first[kUnroll];
+  if constexpr (kEarly) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = first + u * TPB + tw;
+      k_first[u] = v_first[u] = make_uint4(0, 0, 0, 0);
+      if (t < n) {
+        const int64_t o = offset(t);
+        k_first[u] = __ldg(reinterpret_cast<const uint4*>(keys + o));
+        v_first[u] = __ldg(reinterpret_cast<const uint4*>(values + o));
+      }
+    }
+  }
+
+  for (int i = threadIdx.x; i < ng * D; i += kThreads) qs[i] = __half2float(q[row0 * D + i]) * scale;
+  __syncthreads();
 
   // 1. Scores.
   {
@@ -106,9 +135,14 @@ __global__ void __launch_bounds__(kThreads, 4)
     for (int g = 0; g < MAXG; ++g)
 #pragma unroll
       for (int j = 0; j < 8; ++j) qr[g][j] = g < ng ? qs[g * D + ds + j] : 0.0f;
-    for (int base = warp * TPW; base < n; base += kUnroll * TPB) {  // warp-uniform
+    for (int base = first; base < n; base += kUnroll * TPB) {  // warp-uniform
       uint4 kr[kUnroll];
-      load_slices(keys, base, kr);
+      if (kEarly && base == first) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) kr[u] = k_first[u];
+      } else {
+        load_slices(keys, base, kr);
+      }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         if (base + u * TPB >= n) break;  // warp-uniform
@@ -161,9 +195,14 @@ __global__ void __launch_bounds__(kThreads, 4)
   for (int g = 0; g < MAXG; ++g)
 #pragma unroll
     for (int j = 0; j < 8; ++j) acc[g][j] = 0.0f;
-  for (int base = warp * TPW; base < n; base += kUnroll * TPB) {
+  for (int base = first; base < n; base += kUnroll * TPB) {
     uint4 vr[kUnroll];
-    load_slices(values, base, vr);
+    if (kEarly && base == first) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) vr[u] = v_first[u];
+    } else {
+      load_slices(values, base, vr);
+    }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = base + u * TPB + tw;
@@ -226,12 +265,16 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
 }
 
+// The splits' combine: one block per (query head, sequence). (Combining in each head group's
+// last split block instead, found by an atomic count, and a one-pass online rescaling here were
+// both slower: tests/gpu/NOTES.md run 20.)
 __global__ void DecodeCombineKernel(const float* __restrict__ ws_acc,
                                     const float2* __restrict__ ws_ml,
                                     const int32_t* __restrict__ seq_lens, int heads, int head_dim,
                                     int split_tokens, int max_splits, int max_seq_len,
                                     __half* __restrict__ out) {
   AllowDependentLaunch();
+  WaitForPriorGrid();
   extern __shared__ float weight[];  // [max_splits]
   const int h = blockIdx.x, seq = blockIdx.y;
   const int64_t row = static_cast<int64_t>(seq) * heads + h;
@@ -260,12 +303,13 @@ __global__ void DecodeCombineKernel(const float* __restrict__ ws_acc,
 
 int MaxGroupFor(int64_t group) { return group <= 4 ? 4 : 8; }
 
-template <int D, int MAXG>
-void LaunchSplit(const DecodeAttentionPlan& p, dim3 grid, size_t smem, cudaStream_t stream,
-                 const uint16_t* q, const PagedKvView& kv, const int32_t* tables,
-                 int64_t table_stride, const int32_t* seq_lens, int gchunks, float* ws_acc,
-                 float2* ws_ml, uint16_t* out) {
-  DecodeSplitKernel<D, MAXG><<<grid, kThreads, smem, stream>>>(
+template <int D, int MAXG, bool EARLY = false>
+cudaError_t LaunchSplit(const DecodeAttentionPlan& p, dim3 grid, size_t smem, cudaStream_t stream,
+                        const uint16_t* q, const PagedKvView& kv, const int32_t* tables,
+                        int64_t table_stride, const int32_t* seq_lens, int gchunks, float* ws_acc,
+                        float2* ws_ml, uint16_t* out) {
+  return LaunchKernel(
+      p.dependent_launch, DecodeSplitKernel<D, MAXG, EARLY>, grid, kThreads, smem, stream,
       reinterpret_cast<const __half*>(q), reinterpret_cast<const __half*>(kv.keys),
       reinterpret_cast<const __half*>(kv.values), kv.block_stride, kv.block_seq_len, tables,
       table_stride, seq_lens, static_cast<int>(p.shape.heads), static_cast<int>(p.shape.kv_heads),
@@ -293,18 +337,19 @@ cudaError_t PlanPagedDecodeAttention(const DecodeAttentionShape& shape, int64_t 
   const int64_t maxg = MaxGroupFor(group);
   const int64_t units = num_seqs * shape.kv_heads * ((group + maxg - 1) / maxg);
   const auto round_up = [](int64_t v, int64_t m) { return (v + m - 1) / m * m; };
+  // Split sizes: kShortSplit, or multiples of kSplitGranule.
+  const auto granular = [&](int64_t v) { return v <= kShortSplit ? kShortSplit : round_up(v, kSplitGranule); };
   int64_t st;
   if (split_tokens > 0) {
-    st = round_up(split_tokens, kSplitGranule);
+    st = granular(split_tokens);
   } else {
     int device = 0, sms = 0;
     NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
     NIBBLE_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     const int64_t splits = std::max<int64_t>(1, (4 * sms + units - 1) / units);
-    st = std::clamp<int64_t>(round_up((max_seq_len + splits - 1) / splits, kSplitGranule),
-                             kSplitGranule, kMaxSplitTokens);
+    st = std::min<int64_t>(granular((max_seq_len + splits - 1) / splits), kMaxSplitTokens);
   }
-  st = std::min(st, round_up(max_seq_len, kSplitGranule));
+  st = std::min(st, granular(max_seq_len));
   *plan = DecodeAttentionPlan{};
   plan->shape = shape;
   plan->num_seqs = num_seqs;
@@ -346,25 +391,32 @@ cudaError_t PagedDecodeAttention(const DecodeAttentionPlan& plan, const uint16_t
   float2* ws_ml = plan.max_splits > 1
                       ? reinterpret_cast<float2*>(ws_acc + plan.num_seqs * s.heads * plan.max_splits * s.head_dim)
                       : nullptr;
-#define NIBBLE_SPLIT(D, G) \
-  LaunchSplit<D, G>(plan, grid, smem, stream, q, kv, block_tables, block_table_stride, seq_lens, gchunks, ws_acc, ws_ml, out)
+  const auto split = [&](auto launch) {
+    return launch(plan, grid, smem, stream, q, kv, block_tables, block_table_stride, seq_lens,
+                  gchunks, ws_acc, ws_ml, out);
+  };
+  const bool early = maxg == 4 && plan.split_tokens <= RoundPositions(static_cast<int>(s.head_dim));
+  cudaError_t launched;
   if (s.head_dim == 128) {
-    if (maxg == 4) NIBBLE_SPLIT(128, 4); else NIBBLE_SPLIT(128, 8);
+    launched = maxg == 8 ? split(LaunchSplit<128, 8>)
+                         : early ? split(LaunchSplit<128, 4, true>) : split(LaunchSplit<128, 4>);
   } else if (s.head_dim == 64) {
-    if (maxg == 4) NIBBLE_SPLIT(64, 4); else NIBBLE_SPLIT(64, 8);
+    launched = maxg == 8 ? split(LaunchSplit<64, 8>)
+                         : early ? split(LaunchSplit<64, 4, true>) : split(LaunchSplit<64, 4>);
   } else {
-    if (maxg == 4) NIBBLE_SPLIT(8, 4); else NIBBLE_SPLIT(8, 8);
+    launched = maxg == 8 ? split(LaunchSplit<8, 8>)
+                         : early ? split(LaunchSplit<8, 4, true>) : split(LaunchSplit<8, 4>);
   }
-#undef NIBBLE_SPLIT
-  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  NIBBLE_CUDA_RETURN_IF_ERROR(launched);
   if (plan.max_splits > 1) {
     const int threads = static_cast<int>((s.head_dim + 31) / 32 * 32);
-    DecodeCombineKernel<<<dim3(static_cast<unsigned>(s.heads), static_cast<unsigned>(num_seqs)), threads,
-                          plan.max_splits * sizeof(float), stream>>>(
+    NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(
+        plan.dependent_launch, DecodeCombineKernel,
+        dim3(static_cast<unsigned>(s.heads), static_cast<unsigned>(num_seqs)), threads,
+        plan.max_splits * sizeof(float), stream,
         ws_acc, ws_ml, seq_lens, static_cast<int>(s.heads), static_cast<int>(s.head_dim),
         plan.split_tokens, plan.max_splits, static_cast<int>(plan.max_seq_len),
-        reinterpret_cast<__half*>(out));
-    NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+        reinterpret_cast<__half*>(out)));
   }
   return cudaSuccess;
 }

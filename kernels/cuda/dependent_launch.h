@@ -1,11 +1,15 @@
-// Programmatic dependent launch (sm_90): a kernel launched after this one with the
-// programmatic-serialization attribute (today the W4A16 decode kernel, kDecode8Pdl) may start
-// as soon as every block of this one has called AllowDependentLaunch, instead of when this one
-// has finished: its launch and its first weight loads overlap this kernel's tail. It is safe to
-// call first thing: the dependent still waits (griddepcontrol.wait) for this kernel to finish
-// and its writes to be visible before it reads what this kernel wrote. A no-op before sm_90,
-// and when the next kernel is launched normally.
+// Programmatic dependent launch (PDL, sm_90). A kernel launched with the programmatic-
+// serialization attribute (LaunchKernel with dependent = true) may start as soon as every
+// block of the kernel before it in the stream has called AllowDependentLaunch, instead of when
+// that kernel has finished: its launch and block scheduling (and, in the W4A16 decode kernel,
+// its first weight loads) overlap the previous kernel's tail. Before it touches memory that any
+// earlier kernel reads or writes it calls WaitForPriorGrid (griddepcontrol.wait), which returns
+// once the previous kernel has finished and its writes are visible (and so, transitively, every
+// kernel before it). Both device calls are no-ops before sm_90 and when the kernel was launched
+// plainly, so a kernel may be launched either way.
 #pragma once
+
+#include <cuda_runtime.h>
 
 namespace nibble::kernels::cuda {
 
@@ -13,6 +17,32 @@ __device__ __forceinline__ void AllowDependentLaunch() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+
+__device__ __forceinline__ void WaitForPriorGrid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-serialization attribute
+// when `dependent` and `stream` is one of the caller's own (never the legacy default stream).
+// The caller passes dependent only on sm_90 and later, and only for kernels that call
+// WaitForPriorGrid before their first dependent memory access.
+template <typename... Params, typename... Args>
+cudaError_t LaunchKernel(bool dependent, void (*kernel)(Params...), dim3 grid, dim3 block,
+                         size_t smem, cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = dependent && stream != nullptr ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
 }
 
 }  // namespace nibble::kernels::cuda

@@ -65,6 +65,7 @@ __global__ void RmsNormKernel(__half* x, const __half* __restrict__ residual,
                               const __half* __restrict__ weight, int64_t rows, int dim,
                               float eps, __half* y) {
   AllowDependentLaunch();  // the products after the norms (kernels/cuda/dependent_launch.h)
+  WaitForPriorGrid();
   const int nv = dim / V;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     __half* xr = x + row * dim;
@@ -100,7 +101,7 @@ __global__ void RmsNormKernel(__half* x, const __half* __restrict__ residual,
 template <bool kAdd>
 cudaError_t LaunchRmsNorm(uint16_t* x, const uint16_t* residual, const uint16_t* weight,
                           int64_t rows, int64_t dim, float eps, uint16_t* y,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, bool dependent) {
   if (rows < 0 || dim <= 0 || dim > (int64_t{1} << 30)) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   const bool vec = dim % 8 == 0 && Aligned16(x) && Aligned16(weight) && Aligned16(y) &&
@@ -112,12 +113,9 @@ cudaError_t LaunchRmsNorm(uint16_t* x, const uint16_t* residual, const uint16_t*
   auto* rh = reinterpret_cast<const __half*>(residual);
   auto* wh = reinterpret_cast<const __half*>(weight);
   auto* yh = reinterpret_cast<__half*>(y);
-  if (vec) {
-    RmsNormKernel<kAdd, 8><<<grid, threads, 0, stream>>>(xh, rh, wh, rows, static_cast<int>(dim), eps, yh);
-  } else {
-    RmsNormKernel<kAdd, 1><<<grid, threads, 0, stream>>>(xh, rh, wh, rows, static_cast<int>(dim), eps, yh);
-  }
-  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(dependent, vec ? RmsNormKernel<kAdd, 8> : RmsNormKernel<kAdd, 1>,
+                                           grid, threads, 0, stream, xh, rh, wh, rows,
+                                           static_cast<int>(dim), eps, yh));
   return cudaSuccess;
 }
 
@@ -126,6 +124,7 @@ __global__ void SiluMulKernel(const __half* gate, int64_t gate_stride, const __h
                               int64_t up_stride, int64_t rows, int cols, __half* out,
                               int64_t out_stride) {
   AllowDependentLaunch();  // the down projection after it
+  WaitForPriorGrid();
   const int i = (blockIdx.x * blockDim.x + threadIdx.x) * V;
   if (i >= cols) return;
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
@@ -169,6 +168,8 @@ __global__ void RopeKernel(__half* q, int64_t q_stride, int heads, __half* k, in
                            const int32_t* __restrict__ positions,
                            const float* __restrict__ inv_freq,
                            const int32_t* __restrict__ freq_index, KvTarget store) {
+  AllowDependentLaunch();  // the attention after it
+  WaitForPriorGrid();
   extern __shared__ float cs[];  // cos[half], sin[half]
   const int half = head_dim / 2;
   constexpr int P = kPair ? 2 : 1;
@@ -247,20 +248,22 @@ __global__ void EmbeddingKernel(const __half* __restrict__ table, int64_t vocab,
 }  // namespace
 
 cudaError_t RmsNorm(const uint16_t* x, const uint16_t* weight, int64_t rows, int64_t dim,
-                    float eps, uint16_t* y, cudaStream_t stream) {
+                    float eps, uint16_t* y, cudaStream_t stream, bool dependent) {
   // The kAdd = false kernel never writes x.
-  return LaunchRmsNorm<false>(const_cast<uint16_t*>(x), nullptr, weight, rows, dim, eps, y, stream);
+  return LaunchRmsNorm<false>(const_cast<uint16_t*>(x), nullptr, weight, rows, dim, eps, y, stream,
+                              dependent);
 }
 
 cudaError_t AddRmsNorm(uint16_t* x, const uint16_t* residual, const uint16_t* weight,
-                       int64_t rows, int64_t dim, float eps, uint16_t* y, cudaStream_t stream) {
+                       int64_t rows, int64_t dim, float eps, uint16_t* y, cudaStream_t stream,
+                       bool dependent) {
   if (y == x || y == residual) return cudaErrorInvalidValue;
-  return LaunchRmsNorm<true>(x, residual, weight, rows, dim, eps, y, stream);
+  return LaunchRmsNorm<true>(x, residual, weight, rows, dim, eps, y, stream, dependent);
 }
 
 cudaError_t SiluMul(const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
                     int64_t up_stride, int64_t rows, int64_t cols, uint16_t* out,
-                    int64_t out_stride, cudaStream_t stream) {
+                    int64_t out_stride, cudaStream_t stream, bool dependent) {
   if (rows < 0 || cols <= 0 || cols > (int64_t{1} << 30) || gate_stride < cols ||
       up_stride < cols || out_stride < cols) {
     return cudaErrorInvalidValue;
@@ -275,12 +278,9 @@ cudaError_t SiluMul(const uint16_t* gate, int64_t gate_stride, const uint16_t* u
   auto* g = reinterpret_cast<const __half*>(gate);
   auto* u = reinterpret_cast<const __half*>(up);
   auto* o = reinterpret_cast<__half*>(out);
-  if (vec) {
-    SiluMulKernel<8><<<grid, threads, 0, stream>>>(g, gate_stride, u, up_stride, rows, static_cast<int>(cols), o, out_stride);
-  } else {
-    SiluMulKernel<1><<<grid, threads, 0, stream>>>(g, gate_stride, u, up_stride, rows, static_cast<int>(cols), o, out_stride);
-  }
-  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(dependent, vec ? SiluMulKernel<8> : SiluMulKernel<1>, grid,
+                                           threads, 0, stream, g, gate_stride, u, up_stride, rows,
+                                           static_cast<int>(cols), o, out_stride));
   return cudaSuccess;
 }
 
@@ -288,7 +288,7 @@ cudaError_t RopeRotateHalf(uint16_t* q, int64_t q_stride, int64_t heads, uint16_
                            int64_t k_stride, int64_t kv_heads, int64_t head_dim, int64_t tokens,
                            const int32_t* positions, const float* inv_freq,
                            const int32_t* freq_index, cudaStream_t stream,
-                           const RopeKvStore* store) {
+                           const RopeKvStore* store, bool dependent) {
   if (k == nullptr) kv_heads = 0;
   if (tokens < 0 || heads < 0 || kv_heads < 0 || head_dim <= 0 || head_dim % 2 != 0 ||
       head_dim > 1024 || q_stride < heads * head_dim || (kv_heads > 0 && k_stride < kv_heads * head_dim) ||
@@ -323,20 +323,11 @@ cudaError_t RopeRotateHalf(uint16_t* q, int64_t q_stride, int64_t heads, uint16_
               store->block_stride, store->block_seq_len};
   }
   const int h = static_cast<int>(heads), kvh = static_cast<int>(kv_heads), d = static_cast<int>(head_dim);
-  if (pair && store != nullptr) {
-    RopeKernel<true, true><<<grid, threads, smem, stream>>>(qh, q_stride, h, kh, k_stride, kvh, d,
-        tokens, positions, inv_freq, freq_index, target);
-  } else if (pair) {
-    RopeKernel<true, false><<<grid, threads, smem, stream>>>(qh, q_stride, h, kh, k_stride, kvh, d,
-        tokens, positions, inv_freq, freq_index, target);
-  } else if (store != nullptr) {
-    RopeKernel<false, true><<<grid, threads, smem, stream>>>(qh, q_stride, h, kh, k_stride, kvh, d,
-        tokens, positions, inv_freq, freq_index, target);
-  } else {
-    RopeKernel<false, false><<<grid, threads, smem, stream>>>(qh, q_stride, h, kh, k_stride, kvh, d,
-        tokens, positions, inv_freq, freq_index, target);
-  }
-  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  const auto kernel = pair ? (store != nullptr ? RopeKernel<true, true> : RopeKernel<true, false>)
+                            : (store != nullptr ? RopeKernel<false, true> : RopeKernel<false, false>);
+  NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(dependent, kernel, grid, threads, smem, stream, qh,
+                                           q_stride, h, kh, k_stride, kvh, d, tokens, positions,
+                                           inv_freq, freq_index, target));
   return cudaSuccess;
 }
 

@@ -7,6 +7,9 @@
 // are row-major with the row strides given in elements (a stride lets a kernel work on a slice
 // of a fused buffer, e.g. the q and k parts of a fused qkv product).
 // Thread safety: none needed; launches go on `stream` and return at once.
+// dependent (RmsNorm, AddRmsNorm, SiluMul, RopeRotateHalf): launched with programmatic
+// dependent launch (kernels/cuda/dependent_launch.h) on sm_90 and a stream of the caller's own:
+// the kernel may start while the one before it ends, and waits for it before any memory access.
 // Errors: the launch's cudaError_t (printed with file:line by NIBBLE_CUDA_RETURN_IF_ERROR);
 // cudaErrorInvalidValue for negative sizes or other bad arguments (stated per function).
 // Zero rows (tokens) do nothing.
@@ -23,19 +26,20 @@ namespace nibble::kernels::cuda {
 // y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight, for `rows` rows of `dim`; x, y
 // contiguous [rows, dim]; y may alias x. One block per row, sum of squares in fp32.
 cudaError_t RmsNorm(const uint16_t* x, const uint16_t* weight, int64_t rows, int64_t dim,
-                    float eps, uint16_t* y, cudaStream_t stream);
+                    float eps, uint16_t* y, cudaStream_t stream, bool dependent = false);
 
 // The residual add fused with the next norm: x += residual (the sum rounded to fp16 and
 // stored in x, the residual stream), then y = RmsNorm(x) of the stored (rounded) x, so that y
 // is exactly RmsNorm of what the next residual add will read. y must not alias x or residual.
 cudaError_t AddRmsNorm(uint16_t* x, const uint16_t* residual, const uint16_t* weight,
-                       int64_t rows, int64_t dim, float eps, uint16_t* y, cudaStream_t stream);
+                       int64_t rows, int64_t dim, float eps, uint16_t* y, cudaStream_t stream,
+                       bool dependent = false);
 
 // out[r, c] = silu(gate[r, c]) * up[r, c] = gate / (1 + exp(-gate)) * up, c < cols.
 // out may alias gate (same stride).
 cudaError_t SiluMul(const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
                     int64_t up_stride, int64_t rows, int64_t cols, uint16_t* out,
-                    int64_t out_stride, cudaStream_t stream);
+                    int64_t out_stride, cudaStream_t stream, bool dependent = false);
 
 // Rotary embedding, "rotate_half" layout (kernels/cpu/ops.h RopeRotateHalf), in place on the
 // q heads and the k heads of `tokens` tokens: token t's q heads start at q + t * q_stride
@@ -65,7 +69,7 @@ cudaError_t RopeRotateHalf(uint16_t* q, int64_t q_stride, int64_t heads, uint16_
                            int64_t k_stride, int64_t kv_heads, int64_t head_dim, int64_t tokens,
                            const int32_t* positions, const float* inv_freq,
                            const int32_t* freq_index, cudaStream_t stream,
-                           const RopeKvStore* store = nullptr);
+                           const RopeKvStore* store = nullptr, bool dependent = false);
 
 // cudaErrorInvalidValue (and a message) if any host_ids[i] is outside [0, vocab).
 cudaError_t CheckTokenIds(const int32_t* host_ids, int64_t n, int64_t vocab);

@@ -23,6 +23,7 @@
 #include <cuda_fp16.h>
 
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/weight_load.h"
 
 namespace nibble::kernels::cuda {
 namespace {
@@ -35,16 +36,6 @@ __device__ __forceinline__ uint32_t Lop3AndOr(uint32_t a, uint32_t b, uint32_t c
 
 __device__ __forceinline__ uint32_t H2U(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ __forceinline__ half2 U2H(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
-
-// The weight is read exactly once: skip L1 and mark its L2 lines evict-first, so that the
-// activations, scales and the next layer's data keep the cache.
-__device__ __forceinline__ uint4 LoadWeights(const uint4* p, uint64_t policy) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p), "l"(policy));
-  return v;
-}
 
 __device__ __forceinline__ uint4 LoadWeightsNoHint(const uint4* p) {
   uint4 v;
@@ -185,8 +176,7 @@ __global__ void __launch_bounds__(32 * WN * WK)
   const bool tile_ok = tile < n_pad / 16;
   const int my_chunks = tile_ok && wk < k_chunks ? (k_chunks - wk + WK - 1) / WK : 0;
 
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  const uint64_t policy = EvictFirstPolicy();
 
   float acc[TT][4];
 #pragma unroll
@@ -281,8 +271,7 @@ __global__ void __launch_bounds__(512)
   const int nch = interleave ? max(0, (k_chunks - warp + warps - 1) / warps)
                              : max(0, min(chunks_per_warp, k_chunks - c0));
 
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  const uint64_t policy = EvictFirstPolicy();
 
   float acc[TT][4];
 #pragma unroll
@@ -727,8 +716,15 @@ int DecodeBlocksPerSm(int device, int warps) {
 }
 
 // Warps per block for the decode kernel: the most (up to 16, at least 2 chunks each) for which
-// every block of the grid is resident at once, so that no SM waits on a second wave; if even one
-// warp per block gives more than a wave, 8 (long streams per warp, many waves).
+// every block of the grid is resident at once, so that no SM waits on a second wave, but not
+// fewer than kMinDecodeWarps; if even one warp per block gives more than a wave, 8 (long streams
+// per warp, many waves). run 22's sweep (tests/gpu/NOTES.md: 2, 4, 8 and 16 warps on every 7B
+// and 1.8B shape) found this choice the fastest or within 4 % of it everywhere except the
+// stacked gate+up (1792 tiles: 2 warps, 30.6 us; 4 warps 29.4 us): hence the floor. Always 16
+// (the most loads in flight per SM, which a read-only kernel of the same pattern preferred:
+// read_probe) lost 4-36 % on 7b.wqkv, 7b.w1w3 and 1.8b.wqkv / wo.
+constexpr int kMinDecodeWarps = 4;
+
 template <int TT, int KPF, int FLAGS>
 int ChooseDecodeWarps(int device, int64_t blocks, int k_chunks) {
   int sms = 0;
@@ -741,7 +737,11 @@ int ChooseDecodeWarps(int device, int64_t blocks, int k_chunks) {
     const int per = (k_chunks + w - 1) / w;
     const int used = (k_chunks + per - 1) / per;
     if (used != w) continue;  // the same split as a smaller count: try that one
-    if (static_cast<int64_t>(DecodeBlocksPerSm<TT, KPF, FLAGS>(device, w)) * sms >= blocks) return w;
+    if (static_cast<int64_t>(DecodeBlocksPerSm<TT, KPF, FLAGS>(device, w)) * sms >= blocks) {
+      if (w >= kMinDecodeWarps || max_warps < kMinDecodeWarps) return w;
+      const int floor_per = (k_chunks + kMinDecodeWarps - 1) / kMinDecodeWarps;
+      return (k_chunks + floor_per - 1) / floor_per;
+    }
   }
   const int per = (k_chunks + std::min(8, max_warps) - 1) / std::min(8, max_warps);
   return (k_chunks + per - 1) / per;
@@ -750,13 +750,14 @@ int ChooseDecodeWarps(int device, int64_t blocks, int k_chunks) {
 template <int TT, int KPF, int FLAGS = 0>
 cudaError_t LaunchDecode(const W4A16Layout& l, const uint16_t* x, const uint32_t* qw,
                          const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
-                         cudaStream_t stream, bool allow_fold = true) {
+                         cudaStream_t stream, int warps = 0, bool allow_fold = true) {
   const int n_tiles = static_cast<int>(l.n_pad / 16);
   const int k_chunks = static_cast<int>(l.k_pad / 64);
   const int64_t tok_blocks = (m + 8 * TT - 1) / (8 * TT);
   int device = 0;
   NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  const int warps = ChooseDecodeWarps<TT, KPF, FLAGS>(device, n_tiles * tok_blocks, k_chunks);
+  warps = warps > 0 ? std::min(warps, std::min(16, k_chunks))
+                    : ChooseDecodeWarps<TT, KPF, FLAGS>(device, n_tiles * tok_blocks, k_chunks);
   const int per = (k_chunks + warps - 1) / warps;
   const dim3 grid(n_tiles, static_cast<unsigned>(tok_blocks));
   const int group_shift = l.group == 32 ? 5 : l.group == 64 ? 6 : 7;
@@ -897,8 +898,7 @@ __global__ void __launch_bounds__(32 * (CW + 1), 1)
     // The producer: one thread walks the block's stages, refilling a slot once all consumer
     // threads have read it. The weight and its scale/zero are read once: evict first from L2.
     if (lane != 0) return;
-    uint64_t policy;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    const uint64_t policy = EvictFirstPolicy();
     int tl = 0, sc = 0, slot = 0;
     uint32_t phase = 0;
     for (int i = 0; i < total; ++i) {
@@ -1146,6 +1146,27 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
     case W4A16Kernel::kTiled64:
     default:
       return Launch<8, 4, 2>(layout, x, qw, zs, bias, y, m, stream);
+  }
+}
+
+cudaError_t MatMulW4A16WithWarps(const W4A16Layout& layout, const uint16_t* x,
+                                 const uint32_t* qw, const uint32_t* zs, const float* bias,
+                                 uint16_t* y, int64_t m, cudaStream_t stream, W4A16Kernel kernel,
+                                 int warps) {
+  if (CheckW4A16Shape(layout.n, layout.k, layout.group) != nullptr || m < 0 ||
+      m > (int64_t{1} << 30) || warps < 1) {
+    return cudaErrorInvalidValue;
+  }
+  if (m == 0) return cudaSuccess;
+  switch (kernel) {
+    case W4A16Kernel::kDecode8:
+      return LaunchDecode<1, 4>(layout, x, qw, zs, bias, y, m, stream, warps);
+    case W4A16Kernel::kDecode8Pdl:
+      return LaunchDecode<1, 4, 4>(layout, x, qw, zs, bias, y, m, stream, warps);
+    case W4A16Kernel::kDecode16:
+      return LaunchDecode<2, 4>(layout, x, qw, zs, bias, y, m, stream, warps);
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 

@@ -26,7 +26,7 @@ namespace nibble::kernels::cuda {
 // Which kernel runs. kAuto is what the engine uses; the others exist for tests and benchmarks.
 //  kDecode8 / kDecode16: 8 / 16 tokens per block row (any m works; kAuto picks kDecode8 for
 //    m <= 8 and kDecode16 up to m = 64, re-reading the weight from L2 per block row): one
-//    16-feature tile per block, the k range split into contiguous runs over 1-16 warps (as many
+//    16-feature tile per block, the k range split into contiguous runs over 4-16 warps (as many
 //    as keep every block resident at once), the weight streamed with an L2 evict-first hint,
 //    4 chunks (weight + scale/zero) in flight per thread; for group >= 64 the scale is applied
 //    to the fp32 mma result.
@@ -72,6 +72,13 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
                         const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
                         cudaStream_t stream, W4A16Kernel kernel = W4A16Kernel::kAuto,
                         void* workspace = nullptr, size_t workspace_bytes = 0);
+
+// For benchmarks: decode8, decode8 with PDL or decode16 (`kernel`; others are refused) with
+// `warps` warps per block (at most 16 and k / 64) instead of the launch's own choice.
+cudaError_t MatMulW4A16WithWarps(const W4A16Layout& layout, const uint16_t* x,
+                                 const uint32_t* qw, const uint32_t* zs, const float* bias,
+                                 uint16_t* y, int64_t m, cudaStream_t stream, W4A16Kernel kernel,
+                                 int warps);
 
 // w[r, c] = (q - zero) * scale of the weight in the device layout, rounded to fp16, for r < n,
 // c < k: w row-major [n, k] (fully written). For large m the engine multiplies this with

@@ -28,61 +28,15 @@
 #include "kernels/cuda/attention.h"
 #include "tests/gpu/compare.h"
 #include "tests/gpu/device_buffer.h"
+#include "tests/gpu/timing.h"
 
 namespace cu = nibble::kernels::cuda;
+using nibble::testing::CopyBandwidth;
 using nibble::testing::DeviceBuffer;
+using nibble::testing::TimeUs;
 using nibble::testing::RandomHalf;
 
 namespace {
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-// GB/s of a 1 GiB device-to-device copy, bytes read + written.
-double CopyBandwidth(cudaStream_t stream) {
-  const size_t bytes = size_t{1} << 30;
-  DeviceBuffer<char> a(bytes), b(bytes);
-  NIBBLE_TEST_CUDA_CHECK(cudaMemset(a.get(), 1, bytes));
-  cudaEvent_t e0, e1;
-  NIBBLE_TEST_CUDA_CHECK(cudaEventCreate(&e0));
-  NIBBLE_TEST_CUDA_CHECK(cudaEventCreate(&e1));
-  std::vector<double> ms;
-  for (int i = 0; i < 13; ++i) {
-    NIBBLE_TEST_CUDA_CHECK(cudaEventRecord(e0, stream));
-    NIBBLE_TEST_CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, stream));
-    NIBBLE_TEST_CUDA_CHECK(cudaEventRecord(e1, stream));
-    NIBBLE_TEST_CUDA_CHECK(cudaEventSynchronize(e1));
-    float t = 0;
-    NIBBLE_TEST_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
-    if (i >= 3) ms.push_back(t);
-  }
-  NIBBLE_TEST_CUDA_CHECK(cudaEventDestroy(e0));
-  NIBBLE_TEST_CUDA_CHECK(cudaEventDestroy(e1));
-  return 2.0 * bytes / (Median(ms) * 1e-3) / 1e9;
-}
-
-// Median µs of `reps` event-timed calls of fn after 3 warm-ups.
-template <typename Fn>
-double TimeUs(cudaStream_t stream, int reps, Fn&& fn) {
-  cudaEvent_t e0, e1;
-  NIBBLE_TEST_CUDA_CHECK(cudaEventCreate(&e0));
-  NIBBLE_TEST_CUDA_CHECK(cudaEventCreate(&e1));
-  std::vector<double> us;
-  for (int r = 0; r < reps + 3; ++r) {
-    NIBBLE_TEST_CUDA_CHECK(cudaEventRecord(e0, stream));
-    fn();
-    NIBBLE_TEST_CUDA_CHECK(cudaEventRecord(e1, stream));
-    NIBBLE_TEST_CUDA_CHECK(cudaEventSynchronize(e1));
-    float ms = 0;
-    NIBBLE_TEST_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    if (r >= 3) us.push_back(ms * 1e3);
-  }
-  NIBBLE_TEST_CUDA_CHECK(cudaEventDestroy(e0));
-  NIBBLE_TEST_CUDA_CHECK(cudaEventDestroy(e1));
-  return Median(us);
-}
 
 // The prefill section: returns its markdown table.
 std::string PrefillBench(cudaStream_t stream) {
@@ -257,21 +211,9 @@ int main(int argc, char** argv) {
       }
       NIBBLE_TEST_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
       NIBBLE_TEST_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-      cudaEvent_t e0, e1;
-      NIBBLE_TEST_CUDA_CHECK(cudaEventCreate(&e0));
-      NIBBLE_TEST_CUDA_CHECK(cudaEventCreate(&e1));
-      std::vector<double> us;
-      for (int r = 0; r < 23; ++r) {
-        NIBBLE_TEST_CUDA_CHECK(cudaEventRecord(e0, stream));
-        NIBBLE_TEST_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-        NIBBLE_TEST_CUDA_CHECK(cudaEventRecord(e1, stream));
-        NIBBLE_TEST_CUDA_CHECK(cudaEventSynchronize(e1));
-        float ms = 0;
-        NIBBLE_TEST_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-        if (r >= 3) us.push_back(ms * 1e3 / layers);
-      }
+      const double t =
+          TimeUs(stream, 20, [&] { NIBBLE_TEST_CUDA_CHECK(cudaGraphLaunch(exec, stream)); }) / layers;
       NIBBLE_TEST_CUDA_CHECK(cudaGetLastError());
-      const double t = Median(us);
       const double bytes = static_cast<double>(layer_bytes) + 2.0 * batch * heads * d * 2;
       const double gbs = bytes / (t * 1e-6) / 1e9;
       const double floor_us = bytes / (copy_gbs * 1e9) * 1e6;
@@ -284,8 +226,6 @@ int main(int argc, char** argv) {
                     static_cast<long long>(ctx), static_cast<long long>(batch), plan.split_tokens,
                     plan.max_splits, t, gbs, 100.0 * gbs / copy_gbs, floor_us);
       table += line;
-      NIBBLE_TEST_CUDA_CHECK(cudaEventDestroy(e0));
-      NIBBLE_TEST_CUDA_CHECK(cudaEventDestroy(e1));
       NIBBLE_TEST_CUDA_CHECK(cudaGraphExecDestroy(exec));
       NIBBLE_TEST_CUDA_CHECK(cudaGraphDestroy(graph));
     }

@@ -10,7 +10,7 @@
 // blocks) is NaN, so a read outside the visible positions shows. out is NaN before every launch.
 // Cases: head_dim 8 / 64 / 128 with groups 1, 2, 3, 4, 6, 8, 10 (> 8: two blocks per kv head),
 // block sizes 16 / 64 / 128 (8 and 16 with splits of 512), one batch of sequences of lengths 1, 7, 129, 4097 (and 3 of them
-// for the short plans), split sizes auto, 64, 512 and one split (the direct path,
+// for the short plans), split sizes auto, 32, 64, 512 and one split (the direct path,
 // max length <= 512); a length outside [1, max_seq_len] must give a NaN row.
 //
 // Tolerance: the output is the fp32 result rounded once to fp16 (2^-11 relative); scores,
@@ -362,9 +362,12 @@ int main(int argc, char** argv) {
     for (int bsl : {16, 64, 128}) {
       fails += RunCase(rng, s, bsl, {1, 7, 129, 4097}, 0, "auto");
       fails += RunCase(rng, s, bsl, {4097, 1, 129, 7}, 64, "64");
+      // Splits of one round of loads at head size 128 (the kernel's EARLY variant there; 64
+      // and 512 above are one round at 64 and 8).
+      fails += RunCase(rng, s, bsl, {129, 4097, 7, 1}, 32, "32");
       fails += RunCase(rng, s, bsl, {7, 129, 1}, 512, "one");
       fails += RunCase(rng, s, bsl, {129, 7, 1}, 0, "auto");
-      cases += 4;
+      cases += 5;
     }
   }
   // The largest splits (512 positions) over small blocks (8, 16: 64 and 32 block ids a split).

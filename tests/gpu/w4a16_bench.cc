@@ -389,6 +389,22 @@ int main(int argc, char** argv) {
                                  (long long)s.n, (long long)m, v.name, us);
         }
       }
+      // decode8 (with PDL, as the engine launches it) at fixed warps per block: the sweep behind
+      // the launch's own choice (DecodeWarps in w4a16.cu).
+      if (m == 1 || m == 8) {
+        for (const int warps : {2, 4, 8, 16}) {
+          const double us = GraphUs(
+              [&](int b) {
+                NIBBLE_TEST_CUDA_CHECK(cu::MatMulW4A16WithWarps(
+                    l, x.get(), qws[b].get(), zss[b].get(), nullptr, y.get(), m, stream,
+                    cu::W4A16Kernel::kDecode8Pdl, warps));
+              },
+              nbuf_q, stream);
+          std::printf("variant %s m=%lld decode8pdl/w%d: %.2f us\n", s.name, (long long)m, warps, us);
+          if (vcsv) std::fprintf(vcsv, "%s,%lld,%lld,%lld,decode8pdl/w%d,%.2f\n", s.name,
+                                 (long long)s.k, (long long)s.n, (long long)m, warps, us);
+        }
+      }
       const double bytes = double(wbytes) + 2.0 * m * s.k + 2.0 * m * s.n;
       char line[256];
       std::snprintf(line, sizeof line, "%s,%lld,%lld,%lld,%.2f,%.2f,%.0f,%.1f,%.2f,%.2f,%.1f,%.2f\n",
