@@ -407,8 +407,10 @@ class CudaBackend final : public Backend {
     // NIBBLE_CUDA_DEVICE_SAMPLING=0 (for comparisons), or a vocabulary past the kernel's
     // limit, only plain greedy spans stay on the device (ArgMaxRows) and the others take the
     // host's rule over their logits row.
-    // NIBBLE_CUDA_PDL=0 launches the decode step's kernels plainly (for comparisons); it
-    // needs sm_90 (kernels/cuda/dependent_launch.h).
+    // The kernels of a pass (after its first norm: the decode products, norms, SiLU, RoPE and
+    // decode attention) launch with programmatic dependent launch where the device has it
+    // (sm_90, kernels/cuda/dependent_launch.h); NIBBLE_CUDA_PDL=0 launches them plainly (for
+    // comparisons).
     const auto switched_on = [](const char* name) {
       const char* value = std::getenv(name);
       return value == nullptr || std::string(value) != "0";
@@ -447,8 +449,7 @@ class CudaBackend final : public Backend {
   // The W4A16 kernel for m (< kDequantizeRows) tokens: kAuto's choice with the dequantize
   // scratch as the split-k workspace, and decode8 with programmatic dependent launch: it
   // starts, and loads its first weights, while the norm, attention or SiLU before it ends
-  // (those allow it: kernels/cuda/dependent_launch.h). kDecode8Pdl runs plain decode8 before
-  // sm_90.
+  // (those allow it: kernels/cuda/dependent_launch.h). dependent_launch_ is off before sm_90.
   kc::W4A16Kernel DecodeKernel(const DeviceLinear& linear, int64_t m) const {
     const kc::W4A16Kernel kernel =
         kc::ChooseW4A16Kernel(linear.layout, m, dequantized_.as<void>() != nullptr);
@@ -918,7 +919,7 @@ class CudaBackend final : public Backend {
   uint64_t graphs_generation_ = 0;   // the generation the graphs were captured in
   bool use_graphs_ = true;
   bool device_sampling_ = false;  // every `sample` span on the device (Init)
-  bool dependent_launch_ = true;  // the decode step's kernels with PDL (Init)
+  bool dependent_launch_ = false;  // a pass's kernels with PDL (Init)
   // Decode-step graphs by (batch size, block-table width, spans sampled on the device).
   std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<GraphExec>> graphs_;
   PinnedBuffer host_meta_;

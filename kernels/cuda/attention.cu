@@ -1,11 +1,11 @@
 // Paged decode attention (attention.h): a split kernel and a combine kernel.
 //
-// DecodeSplitKernel<D, MAXG>: 128 threads (4 warps) per block; the block owns one sequence, one
+// DecodeSplitKernel<D, MAXG, EARLY>: 128 threads (4 warps) per block; the block owns one sequence, one
 // kv head, up to MAXG of its query heads and one split of the positions. A position's row of
 // one kv head (D halves) is read by LPT = D / 8 lanes, one 16-byte load each; a warp covers
 // TPW = 32 / LPT positions per load instruction and the block TPB = 4 * TPW, with U = 4 such
-// steps' loads issued before their use (a round); the first round's keys and values are both
-// requested first thing, before q is staged. Three phases:
+// steps' loads issued before their use (a round; EARLY, for splits of one round: the round's
+// keys and values are both requested first thing, before q is staged). Three phases:
 //   1. scores: each lane's 8 elements of K dotted with its slice of every query head (q held in
 //      registers, pre-scaled by 1/sqrt(D)), summed over the LPT lanes by shuffles, into shared
 //      memory scores[g][t] (fp32);
@@ -14,7 +14,7 @@
 //      registers; shuffles over the TPW positions of a warp and shared memory over the 4 warps.
 // Each K and V element is read once per (sequence, kv head) when heads / kv_heads <= 8 (more:
 // once per 8 query heads). Instantiated: D in {8, 64, 128} x MAXG in {4, 8} (4 when the group
-// is <= 4: the 7B and 1.8B shapes, the tiny model; 8 above).
+// is <= 4: the 7B and 1.8B shapes, the tiny model; 8 above), and EARLY for MAXG 4.
 // DecodeCombineKernel: one block per (sequence, query head): the splits' (max, sum, unnormalized
 // output) rescaled to the common max, divided by the total sum, rounded to fp16.
 // Prefill (PrefillKernel, tensor cores): its own comment further down.
@@ -36,19 +36,17 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kSplitGranule = 64;    // split sizes are multiples of this, or kShortSplit
-// The shortest split: one round of loads at D = 128 (kUnroll x TPB positions), for a batch too
-// small to fill the card even with one block per 64 positions (batch 1 at short contexts).
-constexpr int kShortSplit = 32;
+
 constexpr int kMaxSplitTokens = 512;  // scores of one split: MAXG * 512 floats of shared memory
 constexpr int kMaxSplits = 4096;      // combine kernel's shared memory: one float per split
 constexpr int kUnroll = 4;
 
 // Positions of one round of loads (kUnroll steps of the block's TPB) at head size D.
-constexpr int RoundPositions(int d) { return kUnroll * kWarps * (32 / (d / 8)); }
+__host__ __device__ constexpr int RoundPositions(int d) { return kUnroll * kWarps * (32 / (d / 8)); }
 
 // EARLY (splits of at most one round, MAXG = 4): the round's keys and values are both requested
-// first thing, before q is staged, so that the block waits on memory about twice (the sequence
-// length and block table, then K and V together) instead of once per phase. Only there: holding
+// first thing, before q is staged, so that the block waits on memory three times in a row (the
+// sequence length, the block table, then K and V together) instead of once more per phase. Only there: holding
 // the values through the scores costs registers (4 blocks of 128 threads per SM instead of 5;
 // at MAXG = 8 ptxas spilled), which longer splits, bound by bandwidth, pay for (run 22).
 template <int D, int MAXG, bool EARLY>
@@ -109,6 +107,7 @@ __global__ void __launch_bounds__(kThreads, 4)
     }
   };
   static_assert(!EARLY || MAXG <= 4, "EARLY holds the values in registers: MAXG <= 4 only");
+  static_assert(RoundPositions(D) == kUnroll * TPB, "the planner's round is the kernel's");
   constexpr bool kEarly = EARLY;
   const int first = warp * TPW;
   uint4 k_first[kUnroll], v_first[kUnroll];
@@ -337,8 +336,11 @@ cudaError_t PlanPagedDecodeAttention(const DecodeAttentionShape& shape, int64_t 
   const int64_t maxg = MaxGroupFor(group);
   const int64_t units = num_seqs * shape.kv_heads * ((group + maxg - 1) / maxg);
   const auto round_up = [](int64_t v, int64_t m) { return (v + m - 1) / m * m; };
-  // Split sizes: kShortSplit, or multiples of kSplitGranule.
-  const auto granular = [&](int64_t v) { return v <= kShortSplit ? kShortSplit : round_up(v, kSplitGranule); };
+  // Split sizes: multiples of kSplitGranule, or one round of loads where that is shorter (32
+  // positions at head_dim 128), for a batch too small to fill the card even with one block per
+  // 64 positions (batch 1 at short contexts).
+  const int64_t shortest = std::min<int64_t>(RoundPositions(static_cast<int>(shape.head_dim)), kSplitGranule);
+  const auto granular = [&](int64_t v) { return v <= shortest ? shortest : round_up(v, kSplitGranule); };
   int64_t st;
   if (split_tokens > 0) {
     st = granular(split_tokens);
@@ -350,6 +352,11 @@ cudaError_t PlanPagedDecodeAttention(const DecodeAttentionShape& shape, int64_t 
     st = std::min<int64_t>(granular((max_seq_len + splits - 1) / splits), kMaxSplitTokens);
   }
   st = std::min(st, granular(max_seq_len));
+  if ((max_seq_len + st - 1) / st > kMaxSplits) {  // a forced split too short for this length
+    std::fprintf(stderr, "%s:%d: PlanPagedDecodeAttention: more than %d splits\n", __FILE__, __LINE__,
+                 kMaxSplits);
+    return cudaErrorInvalidValue;
+  }
   *plan = DecodeAttentionPlan{};
   plan->shape = shape;
   plan->num_seqs = num_seqs;

@@ -58,15 +58,17 @@ struct DecodeAttentionPlan {
   int32_t split_tokens = 0;  // positions per split
   int32_t max_splits = 0;    // ceil(max_seq_len / split_tokens)
   int64_t workspace_bytes = 0;  // 0 when max_splits == 1
-  // Launch with programmatic dependent launch (kernels/cuda/dependent_launch.h; sm_90 and a
-  // stream of the caller's own): the kernels may start while the one before them ends.
+  // Launch with programmatic dependent launch (kernels/cuda/dependent_launch.h) on a stream of
+  // the caller's own: the kernels may start while the one before them ends. The caller sets it
+  // only on sm_90 and later (PagedDecodeAttention does not check the device).
   bool dependent_launch = false;
 };
 
 // Plans a decode attention call for up to `num_seqs` sequences of up to `max_seq_len`
 // positions on the current device: split_tokens (32 or a multiple of 64, at most 512) is chosen so
 // that the first kernel has about 4 blocks per multiprocessor; split_tokens > 0 forces that
-// split size instead (rounded up to 32 or a multiple of 64; tests). max_seq_len <= 4096 * 512. Errors: unsupported shape,
+// split size instead (rounded up to 32 or a multiple of 64; tests; more than 4096 splits are
+// refused). max_seq_len <= 4096 * 512. Errors: unsupported shape,
 // non-positive sizes.
 cudaError_t PlanPagedDecodeAttention(const DecodeAttentionShape& shape, int64_t num_seqs,
                                      int64_t max_seq_len, DecodeAttentionPlan* plan,

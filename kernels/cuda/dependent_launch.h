@@ -26,9 +26,9 @@ __device__ __forceinline__ void WaitForPriorGrid() {
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-serialization attribute
-// when `dependent` and `stream` is one of the caller's own (never the legacy default stream).
-// The caller passes dependent only on sm_90 and later, and only for kernels that call
-// WaitForPriorGrid before their first dependent memory access.
+// when `dependent` and `stream` is not null (a stream of the caller's own: the legacy default
+// stream does not offer it). The caller passes dependent only on sm_90 and later, and only for
+// kernels that call WaitForPriorGrid before their first dependent memory access.
 template <typename... Params, typename... Args>
 cudaError_t LaunchKernel(bool dependent, void (*kernel)(Params...), dim3 grid, dim3 block,
                          size_t smem, cudaStream_t stream, Args... args) {
@@ -42,7 +42,11 @@ cudaError_t LaunchKernel(bool dependent, void (*kernel)(Params...), dim3 grid, d
   config.stream = stream;
   config.attrs = attr;
   config.numAttrs = dependent && stream != nullptr ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+  const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+  // A failed launch is reported here; cleared, so that a later check of cudaGetLastError (after
+  // a plain launch elsewhere) does not report it a second time.
+  if (launched != cudaSuccess) (void)cudaGetLastError();
+  return launched;
 }
 
 }  // namespace nibble::kernels::cuda

@@ -7,9 +7,10 @@
 // are row-major with the row strides given in elements (a stride lets a kernel work on a slice
 // of a fused buffer, e.g. the q and k parts of a fused qkv product).
 // Thread safety: none needed; launches go on `stream` and return at once.
-// dependent (RmsNorm, AddRmsNorm, SiluMul, RopeRotateHalf): launched with programmatic
-// dependent launch (kernels/cuda/dependent_launch.h) on sm_90 and a stream of the caller's own:
-// the kernel may start while the one before it ends, and waits for it before any memory access.
+// dependent (RmsNorm, AddRmsNorm, SiluMul, RopeRotateHalf): launch with programmatic dependent
+// launch (kernels/cuda/dependent_launch.h) on a stream of the caller's own: the kernel may start
+// while the one before it ends, and waits for it before any memory access. The caller passes
+// true only on sm_90 and later (these functions do not check the device).
 // Errors: the launch's cudaError_t (printed with file:line by NIBBLE_CUDA_RETURN_IF_ERROR);
 // cudaErrorInvalidValue for negative sizes or other bad arguments (stated per function).
 // Zero rows (tokens) do nothing.

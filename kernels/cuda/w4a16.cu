@@ -5,8 +5,9 @@
 // kAuto uses it only where measured faster), the tensor-core
 // GEMM (W4A16GemmKernel, 16..256 tokens, split-k with a workspace; described at its definition),
 // DequantizeW4A16 (the engine's route from 257 tokens on) and the first version's mma kernel,
-// whose instantiations are tiled64 and, for one more benchmark round, the v0 decode kernels
-// (only what the dispatcher can pick, to keep the multi-architecture build short). The mma kernel:
+// whose one instantiation is tiled64 (its decode instantiations, the v0 decode kernels, were the
+// benchmarks' baseline until run 22; only what the dispatcher can pick is instantiated, to keep
+// the multi-architecture build short). The mma kernel:
 //   TT: tiles of 8 tokens per block (the mma's n dimension); 1 and 2 for decode, 8 for batches.
 //   WN: warps along the output features, each owning a 16-feature tile (the mma's m dimension).
 //   WK: warps along k, each taking every WK-th 64-k chunk; partial sums meet in shared memory.
@@ -23,6 +24,7 @@
 #include <cuda_fp16.h>
 
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/dependent_launch.h"
 #include "kernels/cuda/weight_load.h"
 
 namespace nibble::kernels::cuda {
@@ -257,15 +259,14 @@ __global__ void __launch_bounds__(512)
   const int tile = blockIdx.x;
   const int tok0 = blockIdx.y * 8 * TT;
   // Chunks c0 + cs * i, i < nch: a contiguous run per warp, or (flags & 2) interleaved.
-  // FLAGS (only 0 is instantiated): 1 = weight loads without the evict-first hint, 2 = chunks
+  // FLAGS (0 and 4 are instantiated): 1 = weight loads without the evict-first hint, 2 = chunks
   // interleaved over the block's warps. Both measured no faster on the H100 (NOTES.md run 6).
   constexpr bool interleave = (FLAGS & 2) != 0, no_hint = (FLAGS & 1) != 0;
-  // FLAGS & 4 (kDecode8Pdl, EXPERIMENT): programmatic dependent launch. The next kernel may
-  // launch at once; this one issues its first KPF weight and scale/zero loads (constant data)
-  // before waiting for the previous kernel (griddepcontrol.wait), then reads x and writes y.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr ((FLAGS & 4) != 0) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
+  // FLAGS & 4 (kDecode8Pdl, the engine's decode8): programmatic dependent launch
+  // (dependent_launch.h). The next kernel may launch at once; this one issues its first KPF
+  // weight and scale/zero loads (constant data) before waiting for the previous kernel, then
+  // reads x and writes y.
+  if constexpr ((FLAGS & 4) != 0) AllowDependentLaunch();
   const int c0 = interleave ? warp : warp * chunks_per_warp;
   const int cs = interleave ? warps : 1;
   const int nch = interleave ? max(0, (k_chunks - warp + warps - 1) / warps)
@@ -301,9 +302,7 @@ __global__ void __launch_bounds__(512)
       rz1[s] = __ldg(zg + 8);
     }
   }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr ((FLAGS & 4) != 0) asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
+  if constexpr ((FLAGS & 4) != 0) WaitForPriorGrid();
   for (int i0 = 0; i0 < nch; i0 += KPF) {
 #pragma unroll
     for (int s = 0; s < KPF; ++s) {
@@ -727,6 +726,7 @@ constexpr int kMinDecodeWarps = 4;
 
 template <int TT, int KPF, int FLAGS>
 int ChooseDecodeWarps(int device, int64_t blocks, int k_chunks) {
+  // Where k has fewer than 8 chunks (or the even split of it gives 3 warps) the floor is lower.
   int sms = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -763,34 +763,14 @@ cudaError_t LaunchDecode(const W4A16Layout& l, const uint16_t* x, const uint32_t
   const int group_shift = l.group == 32 ? 5 : l.group == 64 ? 6 : 7;
   const bool x_vec = l.k % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   const size_t smem = static_cast<size_t>(warps - 1) * TT * 4 * 32 * 4;
-  if constexpr ((FLAGS & 4) != 0) {
-    // The programmatic launch: sm_90 and a stream of the caller's own (not the legacy default).
-    if (stream != nullptr && DeviceMajor(device) >= 9) {
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr[0].val.programmaticStreamSerializationAllowed = 1;
-      cudaLaunchConfig_t config = {};
-      config.gridDim = grid;
-      config.blockDim = dim3(32 * warps);
-      config.dynamicSmemBytes = smem;
-      config.stream = stream;
-      config.attrs = attr;
-      config.numAttrs = 1;
-      NIBBLE_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
-          &config, W4A16DecodeKernel<TT, KPF, FLAGS>, reinterpret_cast<const __half*>(x),
-          reinterpret_cast<const uint4*>(qw), zs, bias, reinterpret_cast<__half*>(y),
-          static_cast<int>(m), static_cast<int>(l.n), static_cast<int>(l.k),
-          static_cast<int>(l.n_pad), k_chunks, per, group_shift, x_vec,
-          allow_fold && l.group >= 64));
-      return cudaSuccess;
-    }
-  }
-  W4A16DecodeKernel<TT, KPF, FLAGS><<<grid, 32 * warps, smem, stream>>>(
+  // FLAGS & 4: the programmatic launch, on sm_90 and a stream of the caller's own (LaunchKernel).
+  const bool dependent = (FLAGS & 4) != 0 && DeviceMajor(device) >= 9;
+  NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(
+      dependent, W4A16DecodeKernel<TT, KPF, FLAGS>, grid, 32 * warps, smem, stream,
       reinterpret_cast<const __half*>(x), reinterpret_cast<const uint4*>(qw), zs, bias,
       reinterpret_cast<__half*>(y), static_cast<int>(m), static_cast<int>(l.n),
       static_cast<int>(l.k), static_cast<int>(l.n_pad), k_chunks, per, group_shift, x_vec,
-      allow_fold && l.group >= 64);
-  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+      allow_fold && l.group >= 64));
   return cudaSuccess;
 }
 
@@ -874,7 +854,7 @@ __global__ void __launch_bounds__(32 * (CW + 1), 1)
   // waiting (griddepcontrol.wait) for the previous kernel, whose output may be x and whose
   // input may be y. Needs qw and zs not written by the work before it (weights are constant).
   // Without a programmatic launch both instructions do nothing.
-  if constexpr (PDL) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  if constexpr (PDL) AllowDependentLaunch();
   extern __shared__ __align__(128) unsigned char stream_smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tile0 = blockIdx.x * tiles_per_block;
@@ -919,7 +899,7 @@ __global__ void __launch_bounds__(32 * (CW + 1), 1)
     return;
   }
 
-  if constexpr (PDL) asm volatile("griddepcontrol.wait;" ::: "memory");
+  if constexpr (PDL) WaitForPriorGrid();
   const int g = lane / 4, t = lane % 4;
   const int tok0 = blockIdx.y * 8;
   const int tok = tok0 + g;
@@ -1058,26 +1038,11 @@ cudaError_t LaunchStream(const W4A16Layout& l, const uint16_t* x, const uint32_t
   const int mi = static_cast<int>(m), ni = static_cast<int>(l.n), ki = static_cast<int>(l.k);
   const int gp = static_cast<int>(l.groups_pad);
   const bool fold = l.group >= 64;
-  if (PDL && stream != nullptr) {
-    // The programmatic launch (not on the legacy default stream, where it is not offered).
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = grid;
-    config.blockDim = dim3(S::kThreads);
-    config.dynamicSmemBytes = kSmem;
-    config.stream = stream;
-    config.attrs = attr;
-    config.numAttrs = 1;
-    NIBBLE_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, kernel, xh, q4, zs, bias, yh, mi, ni,
-                                                   ki, n_tiles, k_chunks, gp, group_shift, per,
-                                                   x_vec, fold));
-    return cudaSuccess;
-  }
-  kernel<<<grid, S::kThreads, kSmem, stream>>>(xh, q4, zs, bias, yh, mi, ni, ki, n_tiles,
-                                               k_chunks, gp, group_shift, per, x_vec, fold);
-  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  // The programmatic launch only on a stream of the caller's own (LaunchKernel); this path is
+  // sm_90 already.
+  NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(PDL, kernel, grid, S::kThreads, kSmem, stream, xh, q4,
+                                           zs, bias, yh, mi, ni, ki, n_tiles, k_chunks, gp,
+                                           group_shift, per, x_vec, fold));
   return cudaSuccess;
 }
 
@@ -1133,10 +1098,6 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
       return LaunchStream<16, 32, 6, true>(layout, x, qw, zs, bias, y, m, stream);
     case W4A16Kernel::kDecode8Pdl:
       return LaunchDecode<1, 4, 4>(layout, x, qw, zs, bias, y, m, stream);
-    case W4A16Kernel::kDecode8V0:
-      return Launch<1, 1, 8>(layout, x, qw, zs, bias, y, m, stream);
-    case W4A16Kernel::kDecode16V0:
-      return Launch<2, 1, 8>(layout, x, qw, zs, bias, y, m, stream);
     case W4A16Kernel::kGemm16:
       return LaunchGemm<4, 1, 2, 2, 6>(layout, x, qw, zs, bias, y, m, stream, workspace,
                                        workspace_bytes);
@@ -1153,8 +1114,12 @@ cudaError_t MatMulW4A16WithWarps(const W4A16Layout& layout, const uint16_t* x,
                                  const uint32_t* qw, const uint32_t* zs, const float* bias,
                                  uint16_t* y, int64_t m, cudaStream_t stream, W4A16Kernel kernel,
                                  int warps) {
-  if (CheckW4A16Shape(layout.n, layout.k, layout.group) != nullptr || m < 0 ||
-      m > (int64_t{1} << 30) || warps < 1) {
+  if (const char* why = CheckW4A16Shape(layout.n, layout.k, layout.group)) {
+    std::fprintf(stderr, "%s:%d: MatMulW4A16WithWarps: %s\n", __FILE__, __LINE__, why);
+    return cudaErrorInvalidValue;
+  }
+  if (m < 0 || m > (int64_t{1} << 30) || layout.k_pad * layout.n_pad > (int64_t{1} << 40) ||
+      warps < 1) {
     return cudaErrorInvalidValue;
   }
   if (m == 0) return cudaSuccess;

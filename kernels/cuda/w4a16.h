@@ -33,8 +33,6 @@ namespace nibble::kernels::cuda {
 //  kTiled64: 64 features x 64 tokens per block (4 warps along n, 2 along k), activations read
 //    by 4 warps through L1 (slow: 4-7x cuBLAS fp16 at m = 256); only the GEMM's fallback for
 //    unaligned activations above 64 tokens.
-//  kDecode8V0, kDecode16V0: the first version's decode kernels, kept one more round as the
-//    benchmark's same-run baseline (tests/gpu/NOTES.md); to be removed.
 //  kGemm16 / kGemm32: the tensor-core GEMM (W4A16GemmKernel), 128 features x 16 / 32 tokens per
 //    block, weight, scale/zero and activation tiles of 64 k streamed through a 6 / 5 stage
 //    cp.async shared-memory pipeline, the weight dequantized in registers once per block of
@@ -53,7 +51,7 @@ namespace nibble::kernels::cuda {
 //    launch and ramp per call, but stays slower than kDecode8Pdl on the 7B shapes (run 17), which
 //    is what the engine launches.
 enum class W4A16Kernel {
-  kAuto, kDecode8, kDecode16, kTiled64, kDecode8V0, kDecode16V0, kGemm16, kGemm32,
+  kAuto, kDecode8, kDecode16, kTiled64, kGemm16, kGemm32,
   kStream8, kStream8Pdl,
   // decode8 with programmatic dependent launch on sm_90 and a non-default stream (elsewhere
   // plain decode8): it may start while the kernel before it ends (if that one allows it,

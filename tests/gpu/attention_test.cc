@@ -362,8 +362,8 @@ int main(int argc, char** argv) {
     for (int bsl : {16, 64, 128}) {
       fails += RunCase(rng, s, bsl, {1, 7, 129, 4097}, 0, "auto");
       fails += RunCase(rng, s, bsl, {4097, 1, 129, 7}, 64, "64");
-      // Splits of one round of loads at head size 128 (the kernel's EARLY variant there; 64
-      // and 512 above are one round at 64 and 8).
+      // Splits of one round of loads at head size 128 (the kernel's EARLY variant there; the
+      // 64- and 512-position splits of the cases around it are one round at 64 and 8).
       fails += RunCase(rng, s, bsl, {129, 4097, 7, 1}, 32, "32");
       fails += RunCase(rng, s, bsl, {7, 129, 1}, 512, "one");
       fails += RunCase(rng, s, bsl, {129, 7, 1}, 0, "auto");

@@ -109,8 +109,8 @@ void FillRandom(DeviceBuffer<T>& buf, std::mt19937& rng, T lo_mask, bool half) {
 }
 
 // --profile K N M [decode8|stream8]: 5 launches of kAuto's unsplit choice (decode8 or stream8
-// for m <= 8, decode16 above), then 5 of kDecode8V0 or of the named kernel, on one shape, for a
-// profiler (ncu --launch-skip / --launch-count).
+// for m <= 8, decode16 above), then 5 of the named kernel (decode8 when none is named), on one
+// shape, for a profiler (ncu --launch-skip / --launch-count).
 int Profile(const char* k_str, const char* n_str, const char* m_str, const char* other) {
   const int64_t k = std::atoll(k_str), n = std::atoll(n_str), m = std::atoll(m_str);
   const cu::W4A16Layout l = cu::MakeW4A16Layout(n, k, 128);
@@ -125,10 +125,9 @@ int Profile(const char* k_str, const char* n_str, const char* m_str, const char*
   zs.CopyFrom(host.data());
   DeviceBuffer<uint16_t> x(m * k), y(m * n);
   FillRandom(x, rng, uint16_t{0}, true);
-  cu::W4A16Kernel second = cu::W4A16Kernel::kDecode8V0;
   const std::string name = other != nullptr ? other : "";
-  if (name == "decode8") second = cu::W4A16Kernel::kDecode8;
-  if (name == "stream8") second = cu::W4A16Kernel::kStream8;
+  const cu::W4A16Kernel second =
+      name == "stream8" ? cu::W4A16Kernel::kStream8 : cu::W4A16Kernel::kDecode8;
   for (cu::W4A16Kernel kernel : {cu::ChooseW4A16Kernel(l, m, false), second}) {
     for (int i = 0; i < 5; ++i) {
       NIBBLE_TEST_CUDA_CHECK(
@@ -180,9 +179,7 @@ int main(int argc, char** argv) {
                               {"stream8", cu::W4A16Kernel::kStream8},
                               {"stream8pdl", cu::W4A16Kernel::kStream8Pdl},
                               {"decode8pdl", cu::W4A16Kernel::kDecode8Pdl},
-                              {"decode8v0", cu::W4A16Kernel::kDecode8V0},
-                              {"decode16", cu::W4A16Kernel::kDecode16},
-                              {"decode16v0", cu::W4A16Kernel::kDecode16V0}};
+                              {"decode16", cu::W4A16Kernel::kDecode16}};
   // The tensor-core GEMM kernels beside decode16, at 16 <= m <= 256 (the variants table also
   // gets cuBLAS fp16, and from m = 64 on dequantize + cuBLAS and the dequantize alone).
   const Variant gemm_variants[] = {{"decode16", cu::W4A16Kernel::kDecode16},
@@ -225,14 +222,10 @@ int main(int argc, char** argv) {
                                            }),
                             decode_variants.end());
     }
-    if (decode_only) {  // the old kernels that kAuto never picks at m <= 8: not timed
+    if (decode_only) {  // decode16, which kAuto never picks at m <= 8: not timed
       decode_variants.erase(
           std::remove_if(decode_variants.begin(), decode_variants.end(),
-                         [](const Variant& v) {
-                           return v.kernel == cu::W4A16Kernel::kDecode8V0 ||
-                                  v.kernel == cu::W4A16Kernel::kDecode16 ||
-                                  v.kernel == cu::W4A16Kernel::kDecode16V0;
-                         }),
+                         [](const Variant& v) { return v.kernel == cu::W4A16Kernel::kDecode16; }),
           decode_variants.end());
     }
   }
@@ -390,7 +383,7 @@ int main(int argc, char** argv) {
         }
       }
       // decode8 (with PDL, as the engine launches it) at fixed warps per block: the sweep behind
-      // the launch's own choice (DecodeWarps in w4a16.cu).
+      // the launch's own choice (ChooseDecodeWarps in w4a16.cu).
       if (m == 1 || m == 8) {
         for (const int warps : {2, 4, 8, 16}) {
           const double us = GraphUs(

@@ -46,8 +46,6 @@ const char* KernelName(cu::W4A16Kernel k) {
     case cu::W4A16Kernel::kDecode8: return "decode8";
     case cu::W4A16Kernel::kDecode16: return "decode16";
     case cu::W4A16Kernel::kTiled64: return "tiled64";
-    case cu::W4A16Kernel::kDecode8V0: return "decode8v0";
-    case cu::W4A16Kernel::kDecode16V0: return "decode16v0";
     case cu::W4A16Kernel::kGemm16: return "gemm16";
     case cu::W4A16Kernel::kGemm32: return "gemm32";
     case cu::W4A16Kernel::kStream8: return "stream8";
@@ -127,8 +125,7 @@ int RunCase(const Case& c, std::mt19937& rng) {
   const Choice choices[] = {
       {cu::W4A16Kernel::kAuto, true},       {cu::W4A16Kernel::kAuto, false},
       {cu::W4A16Kernel::kDecode8, false},   {cu::W4A16Kernel::kDecode16, false},
-      {cu::W4A16Kernel::kTiled64, false},   {cu::W4A16Kernel::kDecode8V0, false},
-      {cu::W4A16Kernel::kDecode16V0, false}, {cu::W4A16Kernel::kGemm16, true},
+      {cu::W4A16Kernel::kTiled64, false},   {cu::W4A16Kernel::kGemm16, true},
       {cu::W4A16Kernel::kGemm32, true},     {cu::W4A16Kernel::kGemm16, false},
       {cu::W4A16Kernel::kGemm32, false},    {cu::W4A16Kernel::kStream8, false},
       {cu::W4A16Kernel::kStream8Pdl, false}, {cu::W4A16Kernel::kDecode8Pdl, false}};
