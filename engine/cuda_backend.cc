@@ -399,26 +399,25 @@ class CudaBackend final : public Backend {
         s != CUBLAS_STATUS_SUCCESS) {
       return CublasError(*cublas_api_, s, "cublasSetWorkspace");
     }
-    // NIBBLE_CUDA_GRAPHS=0 runs every decode step eagerly (for comparisons and debugging).
-    const char* graphs = std::getenv("NIBBLE_CUDA_GRAPHS");
-    use_graphs_ = graphs == nullptr || std::string(graphs) != "0";
-    // Every `sample` span's token is picked on the device by kernels/cuda/sampling.h
-    // (tests/gpu/sampling_test.cc and gpu_engine_test, tests/gpu/RESULTS.md). With
-    // NIBBLE_CUDA_DEVICE_SAMPLING=0 (for comparisons), or a vocabulary past the kernel's
-    // limit, only plain greedy spans stay on the device (ArgMaxRows) and the others take the
-    // host's rule over their logits row.
-    // The kernels of a pass (after its first norm: the decode products, norms, SiLU, RoPE and
-    // decode attention) launch with programmatic dependent launch where the device has it
-    // (sm_90, kernels/cuda/dependent_launch.h); NIBBLE_CUDA_PDL=0 launches them plainly (for
-    // comparisons).
+    // Switches for comparisons and debugging, on unless set to 0.
     const auto switched_on = [](const char* name) {
       const char* value = std::getenv(name);
       return value == nullptr || std::string(value) != "0";
     };
+    // NIBBLE_CUDA_GRAPHS=0 runs every decode step eagerly.
+    use_graphs_ = switched_on("NIBBLE_CUDA_GRAPHS");
+    // The kernels of a pass (after its first norm: the decode products, norms, SiLU, RoPE and
+    // decode attention) launch with programmatic dependent launch where the device has it
+    // (sm_90, kernels/cuda/dependent_launch.h); NIBBLE_CUDA_PDL=0 launches them plainly.
     int major = 0;
     NIBBLE_CUDA_OR_RETURN(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_),
                           "reading the compute capability");
     dependent_launch_ = switched_on("NIBBLE_CUDA_PDL") && major >= 9;
+    // Every `sample` span's token is picked on the device by kernels/cuda/sampling.h
+    // (tests/gpu/sampling_test.cc and gpu_engine_test, tests/gpu/RESULTS.md). With
+    // NIBBLE_CUDA_DEVICE_SAMPLING=0, or a vocabulary past the kernel's limit, only plain greedy
+    // spans stay on the device (ArgMaxRows) and the others take the host's rule over their
+    // logits row.
     device_sampling_ = switched_on("NIBBLE_CUDA_DEVICE_SAMPLING") &&
                        config_.vocab_size <= kc::kSampleRowsMaxVocab;
     NIBBLE_CUDA_OR_RETURN(cudaDeviceSynchronize(), "uploading the weights");

@@ -471,17 +471,17 @@ class CudaAwqSearcher final : public AwqSearcher {
     NIBBLE_RETURN_IF_ERROR(Linear(layer_.qkv, qkv_rows, hidden, normed, n, qkv, layer_.qkv_bias));
     uint16_t* k = qkv + q_dim;
     uint16_t* v = k + kv_dim;
-    NIBBLE_CUDA_OR_RETURN(kc::RopeRotateHalf(qkv, qkv_rows, config_.num_heads, k, qkv_rows,
-                                             config_.num_kv_heads, d, n, d_positions, d_inv_freq,
-                                             d_freq_index, stream),
-                          "RoPE");
+    // RoPE on q in place; the rotated keys and the values straight into the paged cache (one
+    // block of `longest` positions per sample), as the CUDA backend does.
     uint16_t* keys = kv_.as<uint16_t>();
     uint16_t* values = keys + longest * kv_dim;
     const int64_t block_stride = 2 * longest * kv_dim;
-    NIBBLE_CUDA_OR_RETURN(kc::StorePagedKv(k, qkv_rows, v, qkv_rows, n, kv_dim, d_slots, keys,
-                                           values, block_stride, static_cast<int32_t>(longest),
-                                           stream),
-                          "storing keys and values");
+    const kc::RopeKvStore store{v,      qkv_rows,     d_slots, keys, values,
+                                block_stride, static_cast<int32_t>(longest)};
+    NIBBLE_CUDA_OR_RETURN(kc::RopeRotateHalf(qkv, qkv_rows, config_.num_heads, k, qkv_rows,
+                                             config_.num_kv_heads, d, n, d_positions, d_inv_freq,
+                                             d_freq_index, stream, &store),
+                          "RoPE and storing keys and values");
     NIBBLE_CUDA_OR_RETURN(cudaMemcpy2DAsync(q_.as<uint16_t>(), q_dim * h, qkv, qkv_rows * h,
                                             q_dim * h, n, cudaMemcpyDeviceToDevice, stream),
                           "gathering q");

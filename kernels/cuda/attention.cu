@@ -1,11 +1,11 @@
 // Paged decode attention (attention.h): a split kernel and a combine kernel.
 //
-// DecodeSplitKernel<D, MAXG, EARLY>: 128 threads (4 warps) per block; the block owns one sequence, one
-// kv head, up to MAXG of its query heads and one split of the positions. A position's row of
-// one kv head (D halves) is read by LPT = D / 8 lanes, one 16-byte load each; a warp covers
-// TPW = 32 / LPT positions per load instruction and the block TPB = 4 * TPW, with U = 4 such
-// steps' loads issued before their use (a round; EARLY, for splits of one round: the round's
-// keys and values are both requested first thing, before q is staged). Three phases:
+// DecodeSplitKernel<D, MAXG, EARLY>: 128 threads (4 warps) per block; the block owns one
+// sequence, one kv head, up to MAXG of its query heads and one split of the positions. A
+// position's row of one kv head (D halves) is read by LPT = D / 8 lanes, one 16-byte load each;
+// a warp covers TPW = 32 / LPT positions per load instruction and the block TPB = 4 * TPW, with
+// U = 4 such steps' loads issued before their use (a round; EARLY, for splits of one round: the
+// round's keys and values are both requested first thing, before q is staged). Three phases:
 //   1. scores: each lane's 8 elements of K dotted with its slice of every query head (q held in
 //      registers, pre-scaled by 1/sqrt(D)), summed over the LPT lanes by shuffles, into shared
 //      memory scores[g][t] (fp32);
@@ -35,8 +35,7 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kSplitGranule = 64;    // split sizes are multiples of this, or kShortSplit
-
+constexpr int kSplitGranule = 64;    // split sizes: multiples of this, or one shorter round
 constexpr int kMaxSplitTokens = 512;  // scores of one split: MAXG * 512 floats of shared memory
 constexpr int kMaxSplits = 4096;      // combine kernel's shared memory: one float per split
 constexpr int kUnroll = 4;
@@ -46,9 +45,10 @@ __host__ __device__ constexpr int RoundPositions(int d) { return kUnroll * kWarp
 
 // EARLY (splits of at most one round, MAXG = 4): the round's keys and values are both requested
 // first thing, before q is staged, so that the block waits on memory three times in a row (the
-// sequence length, the block table, then K and V together) instead of once more per phase. Only there: holding
-// the values through the scores costs registers (4 blocks of 128 threads per SM instead of 5;
-// at MAXG = 8 ptxas spilled), which longer splits, bound by bandwidth, pay for (run 22).
+// sequence length, the block table, then K and V together) instead of once more per phase.
+// Only there: holding the values through the scores costs registers (4 blocks of 128 threads
+// per SM instead of 5; at MAXG = 8 ptxas spilled), which longer splits, bound by bandwidth,
+// pay for (run 22).
 template <int D, int MAXG, bool EARLY>
 __global__ void __launch_bounds__(kThreads, 4)
     DecodeSplitKernel(const __half* __restrict__ q, const __half* __restrict__ keys,
@@ -108,10 +108,9 @@ __global__ void __launch_bounds__(kThreads, 4)
   };
   static_assert(!EARLY || MAXG <= 4, "EARLY holds the values in registers: MAXG <= 4 only");
   static_assert(RoundPositions(D) == kUnroll * TPB, "the planner's round is the kernel's");
-  constexpr bool kEarly = EARLY;
   const int first = warp * TPW;
   uint4 k_first[kUnroll], v_first[kUnroll];
-  if constexpr (kEarly) {
+  if constexpr (EARLY) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = first + u * TPB + tw;
@@ -136,7 +135,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       for (int j = 0; j < 8; ++j) qr[g][j] = g < ng ? qs[g * D + ds + j] : 0.0f;
     for (int base = first; base < n; base += kUnroll * TPB) {  // warp-uniform
       uint4 kr[kUnroll];
-      if (kEarly && base == first) {
+      if (EARLY && base == first) {
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) kr[u] = k_first[u];
       } else {
@@ -196,7 +195,7 @@ __global__ void __launch_bounds__(kThreads, 4)
     for (int j = 0; j < 8; ++j) acc[g][j] = 0.0f;
   for (int base = first; base < n; base += kUnroll * TPB) {
     uint4 vr[kUnroll];
-    if (kEarly && base == first) {
+    if (EARLY && base == first) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) vr[u] = v_first[u];
     } else {
@@ -339,8 +338,11 @@ cudaError_t PlanPagedDecodeAttention(const DecodeAttentionShape& shape, int64_t 
   // Split sizes: multiples of kSplitGranule, or one round of loads where that is shorter (32
   // positions at head_dim 128), for a batch too small to fill the card even with one block per
   // 64 positions (batch 1 at short contexts).
-  const int64_t shortest = std::min<int64_t>(RoundPositions(static_cast<int>(shape.head_dim)), kSplitGranule);
-  const auto granular = [&](int64_t v) { return v <= shortest ? shortest : round_up(v, kSplitGranule); };
+  const int64_t shortest =
+      std::min<int64_t>(RoundPositions(static_cast<int>(shape.head_dim)), kSplitGranule);
+  const auto granular = [&](int64_t v) {
+    return v <= shortest ? shortest : round_up(v, kSplitGranule);
+  };
   int64_t st;
   if (split_tokens > 0) {
     st = granular(split_tokens);
@@ -871,66 +873,6 @@ cudaError_t PagedPrefillAttention(const PrefillAttentionPlan& plan, const uint16
   if (s.head_dim == 64) return NIBBLE_PREFILL(64, 64);
   return NIBBLE_PREFILL(8, 64);
 #undef NIBBLE_PREFILL
-}
-
-namespace {
-
-// One block per token (grid-stride): the key and value rows, 16 bytes per access when the
-// strides allow (V = 8), else one half at a time.
-template <int V>
-__global__ void StorePagedKvKernel(const __half* __restrict__ k, int64_t k_stride,
-                                   const __half* __restrict__ v, int64_t v_stride, int64_t tokens,
-                                   int kv_dim, const int32_t* __restrict__ slots, __half* keys,
-                                   __half* values, int64_t block_stride, int block_seq_len) {
-  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
-    const int32_t slot = slots[t];
-    const int64_t offset = static_cast<int64_t>(slot / block_seq_len) * block_stride +
-                           static_cast<int64_t>(slot % block_seq_len) * kv_dim;
-    for (int i = threadIdx.x * V; i < kv_dim; i += blockDim.x * V) {
-      if constexpr (V == 8) {
-        *reinterpret_cast<uint4*>(keys + offset + i) =
-            *reinterpret_cast<const uint4*>(k + t * k_stride + i);
-        *reinterpret_cast<uint4*>(values + offset + i) =
-            *reinterpret_cast<const uint4*>(v + t * v_stride + i);
-      } else {
-        keys[offset + i] = k[t * k_stride + i];
-        values[offset + i] = v[t * v_stride + i];
-      }
-    }
-  }
-}
-
-}  // namespace
-
-cudaError_t StorePagedKv(const uint16_t* k, int64_t k_stride, const uint16_t* v, int64_t v_stride,
-                         int64_t tokens, int64_t kv_dim, const int32_t* slots, uint16_t* keys,
-                         uint16_t* values, int64_t block_stride, int32_t block_seq_len,
-                         cudaStream_t stream) {
-  if (tokens < 0 || kv_dim <= 0 || kv_dim > (1 << 20) || k_stride < kv_dim || v_stride < kv_dim ||
-      block_seq_len <= 0 || block_stride < 2 * static_cast<int64_t>(block_seq_len) * kv_dim) {
-    return cudaErrorInvalidValue;
-  }
-  if (tokens == 0) return cudaSuccess;
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  const bool vec = kv_dim % 8 == 0 && k_stride % 8 == 0 && v_stride % 8 == 0 &&
-                   block_stride % 8 == 0 && aligned(k) && aligned(v) && aligned(keys) &&
-                   aligned(values);
-  const int threads = static_cast<int>(
-      std::clamp<int64_t>(((vec ? kv_dim / 8 : kv_dim) + 31) / 32 * 32, 32, 256));
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tokens, 1 << 30));
-  auto* kh = reinterpret_cast<const __half*>(k);
-  auto* vh = reinterpret_cast<const __half*>(v);
-  auto* keys_h = reinterpret_cast<__half*>(keys);
-  auto* values_h = reinterpret_cast<__half*>(values);
-  if (vec) {
-    StorePagedKvKernel<8><<<grid, threads, 0, stream>>>(kh, k_stride, vh, v_stride, tokens,
-        static_cast<int>(kv_dim), slots, keys_h, values_h, block_stride, block_seq_len);
-  } else {
-    StorePagedKvKernel<1><<<grid, threads, 0, stream>>>(kh, k_stride, vh, v_stride, tokens,
-        static_cast<int>(kv_dim), slots, keys_h, values_h, block_stride, block_seq_len);
-  }
-  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  return cudaSuccess;
 }
 
 }  // namespace nibble::kernels::cuda

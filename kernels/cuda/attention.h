@@ -161,14 +161,4 @@ cudaError_t PagedPrefillAttention(const PrefillAttentionPlan& plan, const uint16
                                   const PagedKvView& kv, const PrefillSpanTable& spans,
                                   int64_t num_spans, uint16_t* out, cudaStream_t stream);
 
-// Writes the keys and values of `tokens` new tokens into the pool: token t's key row
-// (kv_dim halves at k + t * k_stride) and value row (at v + t * v_stride) go to position
-// slots[t] (device; block slots[t] / block_seq_len, row slots[t] % block_seq_len) of the
-// layer whose keys / values of block 0 start at `keys` / `values` (PagedKvView's layout). The
-// slots are the engine's (checked against the usable pool on the host before the copy).
-cudaError_t StorePagedKv(const uint16_t* k, int64_t k_stride, const uint16_t* v, int64_t v_stride,
-                         int64_t tokens, int64_t kv_dim, const int32_t* slots, uint16_t* keys,
-                         uint16_t* values, int64_t block_stride, int32_t block_seq_len,
-                         cudaStream_t stream);
-
 }  // namespace nibble::kernels::cuda

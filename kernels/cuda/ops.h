@@ -53,8 +53,8 @@ cudaError_t SiluMul(const uint16_t* gate, int64_t gate_stride, const uint16_t* u
 // sincosf on the reduced angle. head_dim even, <= 1024.
 //
 // With `store` (k not null): the keys and values also go into the paged KV pool in the same
-// kernel (one launch a layer instead of two: what StorePagedKv in attention.h does, with the
-// same layout and slots): token t's rotated k row and its v row (kv_heads * head_dim halves at
+// kernel (PagedKvView's layout in attention.h; the slots are the caller's, checked against its
+// pool on the host): token t's rotated k row and its v row (kv_heads * head_dim halves at
 // store->v + t * store->v_stride) are written to position slots[t] of the layer's keys /
 // values; k itself is then left as it was (only q is rotated in place).
 struct RopeKvStore {

@@ -716,7 +716,8 @@ int DecodeBlocksPerSm(int device, int warps) {
 
 // Warps per block for the decode kernel: the most (up to 16, at least 2 chunks each) for which
 // every block of the grid is resident at once, so that no SM waits on a second wave, but not
-// fewer than kMinDecodeWarps; if even one warp per block gives more than a wave, 8 (long streams
+// fewer than kMinDecodeWarps (where k allows: the k range is split evenly, so fewer than 8
+// chunks, or 9, give fewer); if even one warp per block gives more than a wave, 8 (long streams
 // per warp, many waves). run 22's sweep (tests/gpu/NOTES.md: 2, 4, 8 and 16 warps on every 7B
 // and 1.8B shape) found this choice the fastest or within 4 % of it everywhere except the
 // stacked gate+up (1792 tiles: 2 warps, 30.6 us; 4 warps 29.4 us): hence the floor. Always 16
@@ -726,7 +727,6 @@ constexpr int kMinDecodeWarps = 4;
 
 template <int TT, int KPF, int FLAGS>
 int ChooseDecodeWarps(int device, int64_t blocks, int k_chunks) {
-  // Where k has fewer than 8 chunks (or the even split of it gives 3 warps) the floor is lower.
   int sms = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
     (void)cudaGetLastError();

@@ -12,7 +12,7 @@
 // 1024-token chunk after 1024 cached positions, blocks of 128 at shuffled ids, against the way
 // the CUDA backend runs prefill today (PagedDecodeAttention with every query token its own
 // sequence: row-expanded block tables, length position + 1). One layer's pool (K and V stay in
-// L2, as after StorePagedKv in the engine); 3 warm-ups, the median of 20 event-timed calls, for
+// L2, as after the engine's RoPE stores them); 3 warm-ups, the median of 20 event-timed calls, for
 // tiles of 64 and of 128 rows (the speedup column: the plan's default tile).
 // TFLOP/s counts the causal work only (4 * head_dim * heads per visible (query, key) pair).
 // The two outputs are compared (||prefill - decode|| / ||decode||) as a sanity check. `attention_bench
