@@ -158,10 +158,17 @@ struct KvTarget {
   int block_seq_len;
 };
 
-// One block per token (grid-stride): the half = head_dim / 2 cos/sin pairs into shared memory,
-// then every (head, pair) of q and k. kPair: two adjacent i per thread (half2 accesses).
-// kStore: k's rotated pairs go to the token's row of the paged keys instead of back into k,
-// and the v row is copied to the values (RopeRotateHalf with a RopeKvStore).
+// Up to this many tokens, RopeKernel splits a token's items over blocks.
+constexpr int64_t kRopeSlicedTokens = 64;
+
+// Blocks (token, slice): grid.x walks the tokens (grid-stride), grid.y splits a token's
+// (head, pair) items into slices of blockDim.x, so that one decode token's 1,280 items (7B) are
+// one round of loads and stores over five blocks instead of five rounds in one. A thread loads
+// its first item before the block forms the half = head_dim / 2 cos/sin pairs in shared memory,
+// so the load's latency hides behind that arithmetic. kPair: two adjacent i per thread (half2
+// accesses). kStore: k's rotated pairs go to the token's row of the paged keys instead of back
+// into k, and the v row is copied to the values (RopeRotateHalf with a RopeKvStore), each slice
+// a share of it.
 template <bool kPair, bool kStore>
 __global__ void RopeKernel(__half* q, int64_t q_stride, int heads, __half* k, int64_t k_stride,
                            int kv_heads, int head_dim, int64_t tokens,
@@ -176,17 +183,49 @@ __global__ void RopeKernel(__half* q, int64_t q_stride, int heads, __half* k, in
   const int per_head = half / P;
   const int total = (heads + kv_heads) * per_head;
   const int kv_dim = kv_heads * head_dim;
+  const int first = blockIdx.y * blockDim.x + threadIdx.x;  // this thread's first item
+  const int step = gridDim.y * blockDim.x;
+  // Item p: `half` values at h + i and h + half + i (P of each); the rotated pair goes to out.
+  struct Item {
+    __half* h;
+    __half* out;
+    int i;
+  };
+  const auto item = [&](int64_t t, int p, int64_t row) {
+    const int head = p / per_head, i = (p % per_head) * P;
+    const bool is_q = head < heads;
+    __half* h = is_q ? q + t * q_stride + static_cast<int64_t>(head) * head_dim
+                     : k + t * k_stride + static_cast<int64_t>(head - heads) * head_dim;
+    __half* out = h;
+    if constexpr (kStore) {
+      if (!is_q) out = store.keys + row + static_cast<int64_t>(head - heads) * head_dim;
+    }
+    return Item{h, out, i};
+  };
+  const auto load = [&](const Item& it, float2& a, float2& b) {
+    if constexpr (kPair) {
+      a = __half22float2(*reinterpret_cast<const __half2*>(it.h + it.i));
+      b = __half22float2(*reinterpret_cast<const __half2*>(it.h + half + it.i));
+    } else {
+      a.x = __half2float(it.h[it.i]);
+      b.x = __half2float(it.h[half + it.i]);
+    }
+  };
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
-    const int position = positions[t];
-    const float* f = inv_freq + (freq_index != nullptr ? static_cast<int64_t>(freq_index[t]) * half : 0);
-    for (int i = threadIdx.x; i < half; i += blockDim.x) RopeCosSin(position, f[i], &cs[i], &cs[half + i]);
     int64_t row = 0;  // the token's row in the paged keys / values (kStore)
     if constexpr (kStore) {
       const int32_t slot = store.slots[t];
       row = static_cast<int64_t>(slot / store.block_seq_len) * store.block_stride +
             static_cast<int64_t>(slot % store.block_seq_len) * kv_dim;
+    }
+    float2 a0 = make_float2(0.0f, 0.0f), b0 = a0;
+    if (first < total) load(item(t, first, row), a0, b0);
+    const int position = positions[t];
+    const float* f = inv_freq + (freq_index != nullptr ? static_cast<int64_t>(freq_index[t]) * half : 0);
+    for (int i = threadIdx.x; i < half; i += blockDim.x) RopeCosSin(position, f[i], &cs[i], &cs[half + i]);
+    if constexpr (kStore) {
       const __half* v = store.v + t * store.v_stride;
-      for (int i = threadIdx.x * P; i < kv_dim; i += blockDim.x * P) {
+      for (int i = first * P; i < kv_dim; i += step * P) {
         if constexpr (kPair) {
           *reinterpret_cast<__half2*>(store.values + row + i) =
               *reinterpret_cast<const __half2*>(v + i);
@@ -196,27 +235,21 @@ __global__ void RopeKernel(__half* q, int64_t q_stride, int heads, __half* k, in
       }
     }
     __syncthreads();
-    for (int p = threadIdx.x; p < total; p += blockDim.x) {
-      const int head = p / per_head, i = (p % per_head) * P;
-      const bool is_q = head < heads;
-      __half* h = is_q ? q + t * q_stride + static_cast<int64_t>(head) * head_dim
-                       : k + t * k_stride + static_cast<int64_t>(head - heads) * head_dim;
-      __half* out = h;  // where the rotated pair goes
-      if constexpr (kStore) {
-        if (!is_q) out = store.keys + row + static_cast<int64_t>(head - heads) * head_dim;
-      }
+    for (int p = first; p < total; p += step) {
+      const Item it = item(t, p, row);
+      float2 a = a0, b = b0;
+      if (p != first) load(it, a, b);
+      const int i = it.i;
       if constexpr (kPair) {
-        const float2 a = __half22float2(*reinterpret_cast<const __half2*>(h + i));
-        const float2 b = __half22float2(*reinterpret_cast<const __half2*>(h + half + i));
         const float c0 = cs[i], c1 = cs[i + 1], s0 = cs[half + i], s1 = cs[half + i + 1];
-        *reinterpret_cast<__half2*>(out + i) = __floats2half2_rn(a.x * c0 - b.x * s0, a.y * c1 - b.y * s1);
-        *reinterpret_cast<__half2*>(out + half + i) =
+        *reinterpret_cast<__half2*>(it.out + i) =
+            __floats2half2_rn(a.x * c0 - b.x * s0, a.y * c1 - b.y * s1);
+        *reinterpret_cast<__half2*>(it.out + half + i) =
             __floats2half2_rn(b.x * c0 + a.x * s0, b.y * c1 + a.y * s1);
       } else {
-        const float a = __half2float(h[i]), b = __half2float(h[half + i]);
         const float c = cs[i], s = cs[half + i];
-        out[i] = __float2half_rn(a * c - b * s);
-        out[half + i] = __float2half_rn(b * c + a * s);
+        it.out[i] = __float2half_rn(a.x * c - b.x * s);
+        it.out[half + i] = __float2half_rn(b.x * c + a.x * s);
       }
     }
     __syncthreads();  // cs is rewritten for the next token
@@ -312,7 +345,11 @@ cudaError_t RopeRotateHalf(uint16_t* q, int64_t q_stride, int64_t heads, uint16_
                                           aligned4(store->values)));
   const int64_t items = (heads + kv_heads) * head_dim / (pair ? 4 : 2);
   const int threads = static_cast<int>(std::clamp<int64_t>((items + 31) / 32 * 32, 32, 256));
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tokens, 1 << 30));
+  // A decode step's few tokens split their items over blocks (grid.y); a prefill pass has
+  // blocks enough in its tokens, and one block per token forms each token's angles once.
+  const int64_t slices = tokens > kRopeSlicedTokens ? 1 : (items + threads - 1) / threads;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(tokens, 1 << 30)),
+                  static_cast<unsigned>(std::min<int64_t>(slices, 65535)));
   const size_t smem = static_cast<size_t>(head_dim) * sizeof(float);
   auto* qh = reinterpret_cast<__half*>(q);
   auto* kh = reinterpret_cast<__half*>(k);

@@ -350,6 +350,9 @@ int main(int argc, char** argv) {
     fails += TestRope(rng, rows, 5, 1, 6, true);
     for (int64_t hidden : {64, 2048, 4160, 100}) fails += TestEmbedding(rng, 1000, hidden, rows);
   }
+  fails += TestRope(rng, 5, 64, 64, 128, true);  // 4,096 items: one token in 16 blocks
+  fails += TestRope(rng, 2, 1, 0, 4);            // q only, one item
+  fails += TestRope(rng, 100, 32, 8, 128, true);  // past kRopeSlicedTokens: a block per token
   fails += TestRmsNorm(rng, 300, 4096);  // more rows than one block wave
   fails += TestEmbedding(rng, 92544, 4096, 17);
   for (int64_t cols : {1, 31, 512, 1030, 92544}) fails += TestArgMax(rng, 13, cols);
