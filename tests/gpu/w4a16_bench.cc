@@ -9,7 +9,8 @@
 //  - per launch: events around each launch, median of kReps after kWarmup (includes the gap
 //    between a launch and the event: a floor of several us at small sizes).
 // Random non-zero data. Prints CSV (one line per shape and m) to stdout and to argv[1], and the
-// decode variants' graph times (M <= 16) to argv[2]. argv[3] == --decode: only m = 1..8.
+// decode variants' graph times (M <= 16) to argv[2]. argv[3] == --decode: only m = 1..8;
+// --gemm: only m = 16..256 (the tensor-core GEMM's range in the engine).
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -187,6 +188,7 @@ int main(int argc, char** argv) {
                                    {"gemm32", cu::W4A16Kernel::kGemm32}};
   // --decode (argv[3]): only m = 1, 2, 4, 8 (the decode kernels' range), to keep a run short.
   const bool decode_only = argc > 3 && std::string(argv[3]) == "--decode";
+  const bool gemm_only = argc > 3 && std::string(argv[3]) == "--gemm";
   // The programmatic-launch variant only if a graph can capture it (checked on a small weight,
   // nothing fatal): otherwise it is left out rather than ending the run.
   std::vector<Variant> decode_variants(std::begin(variants), std::end(variants));
@@ -264,7 +266,9 @@ int main(int argc, char** argv) {
       {"7b.w2", 14336, 4096},   {"1.8b.wqkv", 2048, 4096}, {"1.8b.wo", 2048, 2048},
       {"1.8b.w1w3", 2048, 8192}, {"1.8b.w2", 8192, 2048}};
   const int64_t all_ms[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096};
-  const std::vector<int64_t> ms(all_ms, all_ms + (decode_only ? 4 : 11));
+  const std::vector<int64_t> ms = decode_only ? std::vector<int64_t>(all_ms, all_ms + 4)
+                                 : gemm_only   ? std::vector<int64_t>(all_ms + 4, all_ms + 9)
+                                               : std::vector<int64_t>(all_ms, all_ms + 11);
   // The engine's route (engine/cuda_backend.cc RunLinear): the W4A16 kernels below this many
   // tokens, DequantizeW4A16 into fp16 scratch + cuBLAS from it on.
   const int64_t kDequantizeRows = 257;  // engine/cuda_backend.cc
