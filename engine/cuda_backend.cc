@@ -413,6 +413,10 @@ class CudaBackend final : public Backend {
     NIBBLE_CUDA_OR_RETURN(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_),
                           "reading the compute capability");
     dependent_launch_ = switched_on("NIBBLE_CUDA_PDL") && major >= 9;
+    // The decode products (m <= 8) keep their weight loads in flight in a shared-memory ring
+    // (kDecode8Ring); NIBBLE_CUDA_DECODE_RING=0 keeps them in registers (kDecode8), for
+    // comparison.
+    decode_ring_ = switched_on("NIBBLE_CUDA_DECODE_RING");
     // Every `sample` span's token is picked on the device by kernels/cuda/sampling.h
     // (tests/gpu/sampling_test.cc and gpu_engine_test, tests/gpu/RESULTS.md). With
     // NIBBLE_CUDA_DEVICE_SAMPLING=0, or a vocabulary past the kernel's limit, only plain greedy
@@ -446,14 +450,18 @@ class CudaBackend final : public Backend {
   }
 
   // The W4A16 kernel for m (< kDequantizeRows) tokens: kAuto's choice with the dequantize
-  // scratch as the split-k workspace, and decode8 with programmatic dependent launch: it
-  // starts, and loads its first weights, while the norm, attention or SiLU before it ends
-  // (those allow it: kernels/cuda/dependent_launch.h). dependent_launch_ is off before sm_90.
+  // scratch as the split-k workspace, and its decode8 (the ring) with programmatic dependent
+  // launch: it starts, and loads its first weights, while the norm, attention or SiLU before it
+  // ends (those allow it: kernels/cuda/dependent_launch.h). dependent_launch_ is off before
+  // sm_90; decode_ring_ off (for comparison) keeps the chunks in flight in registers.
   kc::W4A16Kernel DecodeKernel(const DeviceLinear& linear, int64_t m) const {
     const kc::W4A16Kernel kernel =
         kc::ChooseW4A16Kernel(linear.layout, m, dequantized_.as<void>() != nullptr);
-    return dependent_launch_ && kernel == kc::W4A16Kernel::kDecode8 ? kc::W4A16Kernel::kDecode8Pdl
-                                                                      : kernel;
+    if (kernel != kc::W4A16Kernel::kDecode8Ring) return kernel;
+    if (decode_ring_) {
+      return dependent_launch_ ? kc::W4A16Kernel::kDecode8RingPdl : kc::W4A16Kernel::kDecode8Ring;
+    }
+    return dependent_launch_ ? kc::W4A16Kernel::kDecode8Pdl : kc::W4A16Kernel::kDecode8;
   }
 
   // y[m, out] = x[m, in] · Wᵀ (+ bias). A 4-bit weight goes through the W4A16 kernels while
@@ -919,6 +927,7 @@ class CudaBackend final : public Backend {
   bool use_graphs_ = true;
   bool device_sampling_ = false;  // every `sample` span on the device (Init)
   bool dependent_launch_ = false;  // a pass's kernels with PDL (Init)
+  bool decode_ring_ = true;        // the decode products' shared-memory ring (Init)
   // Decode-step graphs by (batch size, block-table width, spans sampled on the device).
   std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<GraphExec>> graphs_;
   PinnedBuffer host_meta_;

@@ -27,6 +27,7 @@
 #include <cuda_fp16.h>
 
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/cp_async.h"
 #include "kernels/cuda/dependent_launch.h"
 #include "kernels/cuda/half8.h"
 
@@ -463,22 +464,6 @@ struct PrefillDims {
   static constexpr int kSmemBytes = 4 * kTile * 2;  // [K0][V0][K1][V1]
   static_assert(ROWS <= 2 * kPrefillKeys, "Q is staged in buffer 1 (K1, V1)");
 };
-
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronously; zero-filled (nothing read) when !valid.
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 
 __device__ __forceinline__ void LdMatrixX4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2,
                                            uint32_t& r3) {

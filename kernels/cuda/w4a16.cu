@@ -1,8 +1,7 @@
 // W4A16 kernels; the layout they read is drawn in w4a16_layout.h.
 //
-// The decode kernel (W4A16DecodeKernel, small m, described at its definition), the streaming
-// decode kernel (W4A16StreamKernel, sm_90: the weight through a bulk-copy ring in shared memory;
-// kAuto uses it only where measured faster), the tensor-core
+// The decode kernel (W4A16DecodeKernel, small m, described at its definition; its chunks in
+// flight in registers or, since run 24, in a per-thread shared-memory ring), the tensor-core
 // GEMM (W4A16GemmKernel, 16..256 tokens, split-k with a workspace; described at its definition),
 // DequantizeW4A16 (the engine's route from 257 tokens on) and the first version's mma kernel,
 // whose one instantiation is tiled64 (its decode instantiations, the v0 decode kernels, were the
@@ -24,6 +23,7 @@
 #include <cuda_fp16.h>
 
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/cp_async.h"
 #include "kernels/cuda/dependent_launch.h"
 #include "kernels/cuda/weight_load.h"
 
@@ -243,9 +243,17 @@ __global__ void __launch_bounds__(32 * WN * WK)
 // The decode kernel (m <= 64): one 16-feature tile per block (grid.x), 8 * TT tokens per block
 // row (grid.y), the k chunks split into contiguous runs over the block's `warps` warps (chosen at
 // run time so that all blocks are resident at once where possible: LaunchDecode). Each warp keeps
-// KPF chunks in flight in registers: the 16-byte weight load *and* the two scale/zero words of that
-// chunk's group (v0 loaded scale/zero inside the loop, one dependent memory latency per chunk:
-// NOTES.md run 4). Partial sums of the warps meet in shared memory; warp 0 writes y.
+// KPF chunks in flight: the 16-byte weight load *and* the two scale/zero words of that chunk's
+// group (v0 loaded scale/zero inside the loop, one dependent memory latency per chunk: NOTES.md
+// run 4), in registers, or (FLAGS & 8, the ring) in a ring of KPF slots in shared memory private
+// to each thread, filled by cp.async: there the depth costs shared memory instead of registers
+// (decode8 in registers is 64 registers with 4 in flight; 8 in flight took 86-90 registers and
+// as many fewer warps per SM: NOTES.md runs 2 and 4). A thread reads only the slots it filled,
+// so cp.async.wait_group alone orders them: no barrier, no lockstep between warps (which held
+// back run 16's bulk-copy ring, since removed). Measured (run 24, H100): with PDL the ring is
+// 7-28 % faster than the registers on every 7B and 1.8B shape, since it has twice the weight on
+// its way before griddepcontrol.wait; plain launches are within -7 .. +4 %. Partial sums of the
+// warps meet in shared memory; warp 0 writes y.
 // (A 64-register cap, __launch_bounds__(512, 2), spilled 68-196 bytes: not used.)
 template <int TT, int KPF, int FLAGS>
 __global__ void __launch_bounds__(512)
@@ -253,15 +261,19 @@ __global__ void __launch_bounds__(512)
                       const uint32_t* __restrict__ zs, const float* __restrict__ bias,
                       __half* __restrict__ y, int m, int n, int k, int n_pad, int k_chunks,
                       int chunks_per_warp, int group_shift, bool x_vec, bool fold_scale) {
-  extern __shared__ float partial[];  // [warps - 1][TT * 4][32]
+  // [warps - 1][TT * 4][32] partial sums, then (the ring) [KPF][threads] weight pieces and
+  // [KPF][threads] scale/zero pairs (DecodeSmemBytes).
+  extern __shared__ float partial[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const int g = lane / 4, t = lane % 4;
   const int tile = blockIdx.x;
   const int tok0 = blockIdx.y * 8 * TT;
   // Chunks c0 + cs * i, i < nch: a contiguous run per warp, or (flags & 2) interleaved.
-  // FLAGS (0 and 4 are instantiated): 1 = weight loads without the evict-first hint, 2 = chunks
-  // interleaved over the block's warps. Both measured no faster on the H100 (NOTES.md run 6).
+  // FLAGS (0, 4, 8 and 12 are instantiated): 1 = weight loads without the evict-first hint, 2 =
+  // chunks interleaved over the block's warps (both measured no faster on the H100, NOTES.md
+  // run 6), 8 = the shared-memory ring.
   constexpr bool interleave = (FLAGS & 2) != 0, no_hint = (FLAGS & 1) != 0;
+  constexpr bool ring = (FLAGS & 8) != 0;
   // FLAGS & 4 (kDecode8Pdl, the engine's decode8): programmatic dependent launch
   // (dependent_launch.h). The next kernel may launch at once; this one issues its first KPF
   // weight and scale/zero loads (constant data) before waiting for the previous kernel, then
@@ -291,69 +303,120 @@ __global__ void __launch_bounds__(512)
     xrow[tt] = tok < m ? x + static_cast<size_t>(tok) * k + kt : nullptr;
   }
 
-  uint4 rw[KPF];
-  uint32_t rz0[KPF], rz1[KPF];
+  // Chunk i's activations (the thread's 16 k of each token group).
+  const auto load_x = [&](int i, uint4 (&xa)[TT], uint4 (&xb)[TT]) {
 #pragma unroll
-  for (int s = 0; s < KPF; ++s) {
-    if (s < nch) {
-      rw[s] = no_hint ? LoadWeightsNoHint(wp + s * cs * 32) : LoadWeights(wp + s * cs * 32, policy);
-      const uint32_t* zg = zs_row + ((kt + 64 * cs * s) >> group_shift) * 16;
-      rz0[s] = __ldg(zg);
-      rz1[s] = __ldg(zg + 8);
+    for (int tt = 0; tt < TT; ++tt) {
+      if (x_whole) {
+        xa[tt] = xb[tt] = make_uint4(0, 0, 0, 0);
+        if (xrow[tt] != nullptr) {
+          xa[tt] = __ldg(reinterpret_cast<const uint4*>(xrow[tt] + 64 * cs * i));
+          xb[tt] = __ldg(reinterpret_cast<const uint4*>(xrow[tt] + 64 * cs * i + 8));
+        }
+      } else {
+        LoadX16(x, tok0 + tt * 8 + g, kt + 64 * cs * i, m, k, x_vec, xa[tt], xb[tt]);
+      }
     }
-  }
-  if constexpr ((FLAGS & 4) != 0) WaitForPriorGrid();
-  for (int i0 = 0; i0 < nch; i0 += KPF) {
+  };
+  // Chunk i's weight piece dequantized into `a` (the scale folded in unless fold_scale).
+  const auto dequant = [&](const uint4& w, const GroupConsts& gc, uint32_t (&a)[4][4]) {
+    if (fold_scale) {
+      DequantNoScale(w.x, gc, a[0]);
+      DequantNoScale(w.y, gc, a[1]);
+      DequantNoScale(w.z, gc, a[2]);
+      DequantNoScale(w.w, gc, a[3]);
+    } else {
+      DequantPiece(w, gc, a);
+    }
+  };
+  // The chunk's products added to acc.
+  const auto multiply = [&](const uint32_t (&a)[4][4], const GroupConsts& gc,
+                            const uint4 (&xa)[TT], const uint4 (&xb)[TT]) {
+    if (fold_scale) {
+      // group >= 64: the whole chunk is one group; (q - z) exact, the scale applied in fp32.
+      const float s0 = __half2float(__low2half(gc.s0)), s1 = __half2float(__low2half(gc.s1));
+#pragma unroll
+      for (int tt = 0; tt < TT; ++tt) {
+        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        MmaPiece(c, a, xa[tt], xb[tt]);
+        acc[tt][0] = fmaf(s0, c[0], acc[tt][0]);
+        acc[tt][1] = fmaf(s0, c[1], acc[tt][1]);
+        acc[tt][2] = fmaf(s1, c[2], acc[tt][2]);
+        acc[tt][3] = fmaf(s1, c[3], acc[tt][3]);
+      }
+    } else {
+#pragma unroll
+      for (int tt = 0; tt < TT; ++tt) MmaPiece(acc[tt], a, xa[tt], xb[tt]);
+    }
+  };
+
+  if constexpr (ring) {
+    uint4* ring_w = reinterpret_cast<uint4*>(partial + (warps - 1) * TT * 4 * 32);
+    uint2* ring_z = reinterpret_cast<uint2*>(ring_w + KPF * blockDim.x);
+    // Chunk i (if any) into slot i % KPF; one commit group per chunk, empty past the end, so
+    // that "at most KPF - 1 groups in flight" always means "chunk i has landed".
+    const auto fill = [&](int i) {
+      if (i < nch) {
+        const int slot = (i % KPF) * blockDim.x + threadIdx.x;
+        CpAsync16Hint(SmemAddr(ring_w + slot), wp + i * cs * 32, true, policy);
+        const uint32_t* zg = zs_row + ((kt + 64 * cs * i) >> group_shift) * 16;
+        CpAsync4(SmemAddr(&ring_z[slot].x), zg);
+        CpAsync4(SmemAddr(&ring_z[slot].y), zg + 8);
+      }
+      CpAsyncCommit();
+    };
+#pragma unroll
+    for (int s = 0; s < KPF; ++s) fill(s);
+    if constexpr ((FLAGS & 4) != 0) WaitForPriorGrid();
+    for (int i = 0; i < nch; ++i) {
+      uint4 xa[TT], xb[TT];
+      load_x(i, xa, xb);  // issued before the wait: its latency hides behind the weight's
+      CpAsyncWait<KPF - 1>();
+      const int slot = (i % KPF) * blockDim.x + threadIdx.x;
+      const uint4 w = ring_w[slot];
+      const uint2 z = ring_z[slot];
+      const GroupConsts gc = MakeGroupConsts(z.x, z.y);
+      uint32_t a[4][4];
+      dequant(w, gc, a);
+      // The slot's refill, after the reads above have been consumed (in-order issue: the
+      // thread's shared reads of the slot are complete before its next copy into it starts).
+      fill(i + KPF);
+      multiply(a, gc, xa, xb);
+    }
+    CpAsyncWait<0>();  // no copy outlives the block (all of them are empty groups by now)
+  } else {
+    uint4 rw[KPF];
+    uint32_t rz0[KPF], rz1[KPF];
 #pragma unroll
     for (int s = 0; s < KPF; ++s) {
-      const int i = i0 + s;
-      if (i < nch) {
-        const int kb = kt + 64 * cs * i;
-        uint4 xa[TT], xb[TT];
+      if (s < nch) {
+        rw[s] = no_hint ? LoadWeightsNoHint(wp + s * cs * 32)
+                        : LoadWeights(wp + s * cs * 32, policy);
+        const uint32_t* zg = zs_row + ((kt + 64 * cs * s) >> group_shift) * 16;
+        rz0[s] = __ldg(zg);
+        rz1[s] = __ldg(zg + 8);
+      }
+    }
+    if constexpr ((FLAGS & 4) != 0) WaitForPriorGrid();
+    for (int i0 = 0; i0 < nch; i0 += KPF) {
 #pragma unroll
-        for (int tt = 0; tt < TT; ++tt) {
-          if (x_whole) {
-            xa[tt] = xb[tt] = make_uint4(0, 0, 0, 0);
-            if (xrow[tt] != nullptr) {
-              xa[tt] = __ldg(reinterpret_cast<const uint4*>(xrow[tt] + 64 * cs * i));
-              xb[tt] = __ldg(reinterpret_cast<const uint4*>(xrow[tt] + 64 * cs * i + 8));
-            }
-          } else {
-            LoadX16(x, tok0 + tt * 8 + g, kb, m, k, x_vec, xa[tt], xb[tt]);
+      for (int s = 0; s < KPF; ++s) {
+        const int i = i0 + s;
+        if (i < nch) {
+          uint4 xa[TT], xb[TT];
+          load_x(i, xa, xb);
+          const uint4 w = rw[s];
+          const GroupConsts gc = MakeGroupConsts(rz0[s], rz1[s]);
+          if (i + KPF < nch) {
+            const uint4* next = wp + (i + KPF) * cs * 32;
+            rw[s] = no_hint ? LoadWeightsNoHint(next) : LoadWeights(next, policy);
+            const uint32_t* zg = zs_row + ((kt + 64 * cs * (i + KPF)) >> group_shift) * 16;
+            rz0[s] = __ldg(zg);
+            rz1[s] = __ldg(zg + 8);
           }
-        }
-        const uint4 w = rw[s];
-        const GroupConsts gc = MakeGroupConsts(rz0[s], rz1[s]);
-        if (i + KPF < nch) {
-          const uint4* next = wp + (i + KPF) * cs * 32;
-          rw[s] = no_hint ? LoadWeightsNoHint(next) : LoadWeights(next, policy);
-          const uint32_t* zg = zs_row + ((kb + 64 * cs * KPF) >> group_shift) * 16;
-          rz0[s] = __ldg(zg);
-          rz1[s] = __ldg(zg + 8);
-        }
-        uint32_t a[4][4];
-        if (fold_scale) {
-          // group >= 64: the whole chunk is one group; (q - z) exact, the scale applied in fp32.
-          DequantNoScale(w.x, gc, a[0]);
-          DequantNoScale(w.y, gc, a[1]);
-          DequantNoScale(w.z, gc, a[2]);
-          DequantNoScale(w.w, gc, a[3]);
-          const float s0 = __half2float(__low2half(gc.s0)), s1 = __half2float(__low2half(gc.s1));
-#pragma unroll
-          for (int tt = 0; tt < TT; ++tt) {
-            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            MmaPiece(c, a, xa[tt], xb[tt]);
-            acc[tt][0] = fmaf(s0, c[0], acc[tt][0]);
-            acc[tt][1] = fmaf(s0, c[1], acc[tt][1]);
-            acc[tt][2] = fmaf(s1, c[2], acc[tt][2]);
-            acc[tt][3] = fmaf(s1, c[3], acc[tt][3]);
-          }
-        } else {
-          DequantPiece(w, gc, a);
-#pragma unroll
-          for (int tt = 0; tt < TT; ++tt) {
-            MmaPiece(acc[tt], a, xa[tt], xb[tt]);
-          }
+          uint32_t a[4][4];
+          dequant(w, gc, a);
+          multiply(a, gc, xa, xb);
         }
       }
     }
@@ -395,26 +458,6 @@ __global__ void __launch_bounds__(512)
 // TM token groups: per chunk it dequantizes its TN weight pieces once (lop3 + 0x6400, fp16 scale
 // per weight, as Dequant) and issues 4 * TN * TM mma.sync m16n8k16 with fp32 accumulators.
 // Needs x rows 16-byte aligned (k % 8 == 0, x aligned): MatMulW4A16 falls back to decode16.
-
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, zero-filled when !valid (src is then not read).
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void CpAsync16Hint(uint32_t dst, const void* src, bool valid,
-                                              uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;" ::"r"(dst),
-               "l"(src), "r"(valid ? 16 : 0), "l"(policy));
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;"); }
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N));
-}
 
 template <int WN, int WM, int TN, int TM>
 struct GemmShape {
@@ -692,9 +735,57 @@ int DeviceMajor(int device) {
   return major;
 }
 
+// The decode kernel's dynamic shared memory at `warps` warps per block: the warps' partial sums
+// and, for the ring (FLAGS & 8), KPF slots of 16 + 8 bytes per thread.
+template <int TT, int KPF, int FLAGS>
+constexpr size_t DecodeSmemBytes(int warps) {
+  return static_cast<size_t>(warps - 1) * TT * 4 * 32 * 4 +
+         ((FLAGS & 8) != 0 ? static_cast<size_t>(KPF) * 32 * warps * (16 + 8) : 0);
+}
+
+// The most warps per block the decode kernel may launch with on `device` (16, or for the ring
+// as many as its shared memory fits: 16 need ~104 KB, more than the 99 KB per block of sm_86 /
+// sm_89 / sm_120 parts). For the ring it also raises the kernel's dynamic shared-memory limit to
+// that size (above the 48 KB default) and asks for the largest shared-memory carveout. Cached per
+// device ordinal (< 8; others every call). Returns 0 (the error cleared) if an attribute call
+// failed.
+template <int TT, int KPF, int FLAGS>
+int PrepareDecodeKernel(int device) {
+  if constexpr ((FLAGS & 8) == 0) {
+    return 16;
+  } else {
+    static std::atomic<int> cache[8];  // value + 1; 0 = not yet known
+    if (device >= 0 && device < 8) {
+      const int v = cache[device].load(std::memory_order_relaxed);
+      if (v > 0) return v - 1;
+    }
+    int optin = 0;
+    auto* kernel = &W4A16DecodeKernel<TT, KPF, FLAGS>;
+    int warps = 16;
+    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+        cudaSuccess) {
+      warps = 0;
+    }
+    while (warps > 0 && DecodeSmemBytes<TT, KPF, FLAGS>(warps) > static_cast<size_t>(optin)) {
+      --warps;
+    }
+    if (warps > 0 &&
+        (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(DecodeSmemBytes<TT, KPF, FLAGS>(warps))) !=
+             cudaSuccess ||
+         cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                              cudaSharedmemCarveoutMaxShared) != cudaSuccess)) {
+      warps = 0;
+    }
+    if (warps == 0) (void)cudaGetLastError();
+    if (device >= 0 && device < 8) cache[device].store(warps + 1, std::memory_order_relaxed);
+    return warps;
+  }
+}
+
 // Resident blocks per SM of the decode kernel at `warps` warps per block, from the occupancy
 // calculator, cached per device ordinal (< 8) and block size (each entry computed once; a race
-// computes the same value twice).
+// computes the same value twice). PrepareDecodeKernel has run for the device.
 template <int TT, int KPF, int FLAGS>
 int DecodeBlocksPerSm(int device, int warps) {
   static std::atomic<int> cache[8][17];  // value + 1; 0 = not yet known
@@ -705,7 +796,8 @@ int DecodeBlocksPerSm(int device, int warps) {
   }
   int blocks = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, W4A16DecodeKernel<TT, KPF, FLAGS>,
-                                                    32 * warps, (warps - 1) * TT * 4 * 32 * 4) !=
+                                                    32 * warps,
+                                                    DecodeSmemBytes<TT, KPF, FLAGS>(warps)) !=
       cudaSuccess) {
     (void)cudaGetLastError();
     blocks = 1;
@@ -726,13 +818,13 @@ int DecodeBlocksPerSm(int device, int warps) {
 constexpr int kMinDecodeWarps = 4;
 
 template <int TT, int KPF, int FLAGS>
-int ChooseDecodeWarps(int device, int64_t blocks, int k_chunks) {
+int ChooseDecodeWarps(int device, int64_t blocks, int k_chunks, int warp_limit) {
   int sms = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
     (void)cudaGetLastError();
     sms = 1;
   }
-  const int max_warps = std::max(1, std::min(16, k_chunks / 2));
+  const int max_warps = std::max(1, std::min(warp_limit, k_chunks / 2));
   for (int w = max_warps; w >= 1; --w) {
     const int per = (k_chunks + w - 1) / w;
     const int used = (k_chunks + per - 1) / per;
@@ -747,6 +839,10 @@ int ChooseDecodeWarps(int device, int64_t blocks, int k_chunks) {
   return (k_chunks + per - 1) / per;
 }
 
+// Chunks in flight per thread in the decode kernel's shared-memory ring (kDecode8Ring): 8 x 24
+// bytes per thread, twice decode8's depth in registers at the same 32 warps per SM.
+constexpr int kRingDepth = 8;
+
 template <int TT, int KPF, int FLAGS = 0>
 cudaError_t LaunchDecode(const W4A16Layout& l, const uint16_t* x, const uint32_t* qw,
                          const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
@@ -756,13 +852,16 @@ cudaError_t LaunchDecode(const W4A16Layout& l, const uint16_t* x, const uint32_t
   const int64_t tok_blocks = (m + 8 * TT - 1) / (8 * TT);
   int device = 0;
   NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  warps = warps > 0 ? std::min(warps, std::min(16, k_chunks))
-                    : ChooseDecodeWarps<TT, KPF, FLAGS>(device, n_tiles * tok_blocks, k_chunks);
+  const int warp_limit = PrepareDecodeKernel<TT, KPF, FLAGS>(device);
+  if (warp_limit == 0) return cudaErrorInvalidConfiguration;  // the ring fits no block here
+  warps = warps > 0 ? std::min(warps, std::min(warp_limit, k_chunks))
+                    : ChooseDecodeWarps<TT, KPF, FLAGS>(device, n_tiles * tok_blocks, k_chunks,
+                                                        warp_limit);
   const int per = (k_chunks + warps - 1) / warps;
   const dim3 grid(n_tiles, static_cast<unsigned>(tok_blocks));
   const int group_shift = l.group == 32 ? 5 : l.group == 64 ? 6 : 7;
   const bool x_vec = l.k % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  const size_t smem = static_cast<size_t>(warps - 1) * TT * 4 * 32 * 4;
+  const size_t smem = DecodeSmemBytes<TT, KPF, FLAGS>(warps);
   // FLAGS & 4: the programmatic launch, on sm_90 and a stream of the caller's own (LaunchKernel).
   const bool dependent = (FLAGS & 4) != 0 && DeviceMajor(device) >= 9;
   NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(
@@ -774,278 +873,6 @@ cudaError_t LaunchDecode(const W4A16Layout& l, const uint16_t* x, const uint32_t
   return cudaSuccess;
 }
 
-// ---------------------------------------------------------------------------------------------
-// The streaming decode kernel (W4A16StreamKernel, sm_90; kStream8, kStream8Pdl): register-free
-// memory depth.
-// decode8 keeps its loads in flight in registers (4 x 16 bytes per thread) and sits at 49-64 % of
-// copy bandwidth with DRAM half busy and warps stalled on long scoreboard; more registers per
-// thread cost occupancy 1:1 (tests/gpu/NOTES.md runs 2, 4-6). Here the depth lives in shared
-// memory: a ring of STAGES stages per block, each SP consecutive 64-k chunks (SP x 512 bytes) of
-// one 16-feature tile plus those chunks' scale/zero words, filled by 1-D bulk copies
-// (cp.async.bulk, completion counted in bytes on an mbarrier) issued by one producer thread, so
-// each SM keeps STAGES - 1 stages (tens of KB) in flight whatever the registers.
-// The device layout is unchanged: a tile's chunks are one contiguous run of qw and its groups'
-// scale/zero words one contiguous run of zs, so a stage is exactly two bulk copies.
-// Grid: one block per SM at most (persistent-style, one wave), each owning tiles_per_block whole
-// tiles (ceil(tiles / SMs): 2-7 tiles on the 7B shapes, <= 3 % imbalance), so no partial sums
-// leave the block. CW consumer warps share each stage (warp w takes pieces w, w + CW, ...),
-// accumulate per tile in fp32, and at a tile's last stage add their sums through shared memory
-// (double-buffered by tile parity: one named barrier per tile); warp 0 writes y. Activations
-// come through L1 (__ldg), issued before the stage wait so their latency hides behind it.
-// grid.y: blocks of 8 tokens (m > 8 re-reads the weight per block row, as decode8).
-template <int CW, int SP, int STAGES>
-struct StreamShape {
-  static constexpr int kWBytes = SP * 512;  // the stage's weight pieces
-  static constexpr int kZBytes = SP * 128;  // their scale/zero words: <= 2 groups per chunk (g32)
-  static constexpr int kStageBytes = kWBytes + kZBytes;
-  static constexpr int kRedBytes = 2 * CW * 4 * 32 * 4;  // [tile parity][warp][4][32] fp32
-  static constexpr int kBarOffset = STAGES * kStageBytes + kRedBytes;
-  static constexpr int kSmem = kBarOffset + 2 * STAGES * 8;  // + full and empty mbarriers
-  static constexpr int kThreads = 32 * (CW + 1);             // + one producer warp
-  static_assert(SP % CW == 0 && SP % 2 == 0, "whole pieces per warp; stages group-aligned");
-};
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void MbarExpectTx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void MbarArrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-// Spins until the mbarrier's phase with this parity has completed.
-__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n"
-      "}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-// bytes (a multiple of 16, both addresses 16-byte aligned) global -> shared, counted on `bar`.
-__device__ __forceinline__ void BulkCopy(uint32_t dst, const void* src, uint32_t bytes,
-                                         uint32_t bar, uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint "
-      "[%0], [%1], %2, [%3], %4;" ::"r"(dst),
-      "l"(src), "r"(bytes), "r"(bar), "l"(policy)
-      : "memory");
-}
-#endif
-
-template <int CW, int SP, int STAGES, bool PDL>
-__global__ void __launch_bounds__(32 * (CW + 1), 1)
-    W4A16StreamKernel(const __half* __restrict__ x, const uint4* __restrict__ qw,
-                      const uint32_t* __restrict__ zs, const float* __restrict__ bias,
-                      __half* __restrict__ y, int m, int n, int k, int n_tiles, int k_chunks,
-                      int groups_pad, int group_shift, int tiles_per_block, bool x_vec,
-                      bool fold_scale) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using S = StreamShape<CW, SP, STAGES>;
-  constexpr int kJ = SP / CW;  // pieces per warp per stage
-  // PDL (programmatic dependent launch, kStream8Pdl): the next kernel in the stream may start as
-  // soon as this one's blocks leave SMs free; this one streams its weight into the ring before
-  // waiting (griddepcontrol.wait) for the previous kernel, whose output may be x and whose
-  // input may be y. Needs qw and zs not written by the work before it (weights are constant).
-  // Without a programmatic launch both instructions do nothing.
-  if constexpr (PDL) AllowDependentLaunch();
-  extern __shared__ __align__(128) unsigned char stream_smem[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int tile0 = blockIdx.x * tiles_per_block;
-  const int tiles = min(tiles_per_block, n_tiles - tile0);
-  const int spt = (k_chunks + SP - 1) / SP;  // stages per tile (the last may be partial)
-  const int total = tiles * spt;
-  const uint32_t smem0 = SmemAddr(stream_smem);
-  const uint32_t full0 = smem0 + S::kBarOffset, empty0 = full0 + STAGES * 8;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      MbarInit(full0 + 8 * s, 1);            // the producer's expect_tx arrival (+ the bytes)
-      MbarInit(empty0 + 8 * s, 32 * CW);     // every consumer thread, after its reads
-    }
-    // The initialized barriers visible to the bulk-copy (async) proxy.
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-  }
-  __syncthreads();
-
-  if (warp == CW) {
-    // The producer: one thread walks the block's stages, refilling a slot once all consumer
-    // threads have read it. The weight and its scale/zero are read once: evict first from L2.
-    if (lane != 0) return;
-    const uint64_t policy = EvictFirstPolicy();
-    int tl = 0, sc = 0, slot = 0;
-    uint32_t phase = 0;
-    for (int i = 0; i < total; ++i) {
-      if (i >= STAGES) MbarWait(empty0 + 8 * slot, phase ^ 1);
-      const int c0 = sc * SP, np = min(SP, k_chunks - c0);
-      const int tile = tile0 + tl;
-      const int g0 = (c0 * 64) >> group_shift;
-      const int g1 = (((c0 + np) * 64 - 1) >> group_shift) + 1;
-      const uint32_t wbytes = np * 512, zbytes = (g1 - g0) * 64;
-      const uint32_t full = full0 + 8 * slot, dst = smem0 + slot * S::kStageBytes;
-      MbarExpectTx(full, wbytes + zbytes);
-      BulkCopy(dst, qw + (static_cast<size_t>(tile) * k_chunks + c0) * 32, wbytes, full, policy);
-      BulkCopy(dst + S::kWBytes, zs + (static_cast<size_t>(tile) * groups_pad + g0) * 16, zbytes,
-               full, policy);
-      if (++sc == spt) sc = 0, ++tl;
-      if (++slot == STAGES) slot = 0, phase ^= 1;
-    }
-    return;
-  }
-
-  if constexpr (PDL) WaitForPriorGrid();
-  const int g = lane / 4, t = lane % 4;
-  const int tok0 = blockIdx.y * 8;
-  const int tok = tok0 + g;
-  // Whole 16-byte activation loads with no bounds checks when k is a multiple of 64.
-  const bool x_whole = x_vec && k % 64 == 0;
-  const __half* xrow = tok < m ? x + static_cast<size_t>(tok) * k + 16 * t : nullptr;
-  float* red = reinterpret_cast<float*>(stream_smem + STAGES * S::kStageBytes);
-  float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
-  int tl = 0, sc = 0, slot = 0;
-  uint32_t phase = 0;
-  for (int i = 0; i < total; ++i) {
-    const int c0 = sc * SP, np = min(SP, k_chunks - c0);
-    uint4 xa[kJ], xb[kJ];
-#pragma unroll
-    for (int j = 0; j < kJ; ++j) {
-      const int p = warp + j * CW, c = c0 + p;
-      if (x_whole) {
-        xa[j] = xb[j] = make_uint4(0, 0, 0, 0);
-        if (xrow != nullptr && p < np) {
-          xa[j] = __ldg(reinterpret_cast<const uint4*>(xrow + 64 * c));
-          xb[j] = __ldg(reinterpret_cast<const uint4*>(xrow + 64 * c + 8));
-        }
-      } else {
-        LoadX16(x, tok, c * 64 + 16 * t, m, k, x_vec, xa[j], xb[j]);
-      }
-    }
-    MbarWait(full0 + 8 * slot, phase);
-    const unsigned char* st = stream_smem + slot * S::kStageBytes;
-    const uint4* ws = reinterpret_cast<const uint4*>(st);
-    const uint32_t* zsm = reinterpret_cast<const uint32_t*>(st + S::kWBytes);
-    const int g0 = (c0 * 64) >> group_shift;
-    uint4 w[kJ];
-    uint32_t z0[kJ], z1[kJ];
-#pragma unroll
-    for (int j = 0; j < kJ; ++j) {
-      const int p = warp + j * CW;
-      if (p < np) {
-        w[j] = ws[p * 32 + lane];
-        const int gi = (((c0 + p) * 64 + 16 * t) >> group_shift) - g0;
-        z0[j] = zsm[gi * 16 + g];
-        z1[j] = zsm[gi * 16 + g + 8];
-      } else {
-        w[j] = make_uint4(0, 0, 0, 0);
-        z0[j] = z1[j] = 0;
-      }
-    }
-    // This thread's reads of the slot are done (the values are in registers): release it.
-    MbarArrive(empty0 + 8 * slot);
-#pragma unroll
-    for (int j = 0; j < kJ; ++j) {
-      if (warp + j * CW < np) {
-        const GroupConsts gc = MakeGroupConsts(z0[j], z1[j]);
-        uint32_t a[4][4];
-        if (fold_scale) {
-          // group >= 64: the chunk is inside one group; (q - z) exact, the scale applied in fp32.
-          DequantNoScale(w[j].x, gc, a[0]);
-          DequantNoScale(w[j].y, gc, a[1]);
-          DequantNoScale(w[j].z, gc, a[2]);
-          DequantNoScale(w[j].w, gc, a[3]);
-          const float s0 = __half2float(__low2half(gc.s0)), s1 = __half2float(__low2half(gc.s1));
-          float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          MmaPiece(c, a, xa[j], xb[j]);
-          acc[0][0] = fmaf(s0, c[0], acc[0][0]);
-          acc[0][1] = fmaf(s0, c[1], acc[0][1]);
-          acc[0][2] = fmaf(s1, c[2], acc[0][2]);
-          acc[0][3] = fmaf(s1, c[3], acc[0][3]);
-        } else {
-          DequantPiece(w[j], gc, a);
-          MmaPiece(acc[0], a, xa[j], xb[j]);
-        }
-      }
-    }
-    if (++slot == STAGES) slot = 0, phase ^= 1;
-    if (++sc == spt) {
-      // The tile's last stage: the consumer warps' partial sums meet in shared memory.
-      float* r = red + ((tl & 1) * CW + warp) * 128 + lane;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) r[q * 32] = acc[0][q];
-      asm volatile("bar.sync 1, %0;" ::"n"(32 * CW) : "memory");
-      if (warp == 0) {
-        const float* rr = red + (tl & 1) * CW * 128 + lane;
-        for (int w2 = 1; w2 < CW; ++w2)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) acc[0][q] += rr[w2 * 128 + q * 32];
-        StoreTile<1>(acc, bias, y, m, n, tile0 + tl, tok0, g, t);
-      }
-      acc[0][0] = acc[0][1] = acc[0][2] = acc[0][3] = 0.0f;
-      sc = 0;
-      ++tl;
-    }
-  }
-#else
-  __trap();  // never launched below sm_90: LaunchStream runs decode8 there
-#endif
-}
-
-template <int CW, int SP, int STAGES, bool PDL = false>
-cudaError_t LaunchStream(const W4A16Layout& l, const uint16_t* x, const uint32_t* qw,
-                         const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
-                         cudaStream_t stream) {
-  using S = StreamShape<CW, SP, STAGES>;
-  int device = 0;
-  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  const int64_t tok_blocks = (m + 7) / 8;
-  // Bulk copies and mbarrier transaction counts are sm_90; grid.y holds 65535 token blocks.
-  // Bulk copies need 16-byte aligned sources (the GEMM's cp.async needs the same of qw and zs).
-  const bool aligned =
-      reinterpret_cast<uintptr_t>(qw) % 16 == 0 && reinterpret_cast<uintptr_t>(zs) % 16 == 0;
-  if (DeviceMajor(device) < 9 || tok_blocks > 65535 || !aligned) {
-    return LaunchDecode<1, 4>(l, x, qw, zs, bias, y, m, stream);
-  }
-  // One block per SM: ask for more than half of an SM's 228 KB of shared memory, so that the
-  // block scheduler cannot put two of the grid's <= SMs blocks on one SM while another idles.
-  constexpr int kSmem = S::kSmem > 116 * 1024 ? S::kSmem : 116 * 1024;
-  auto* kernel = &W4A16StreamKernel<CW, SP, STAGES, PDL>;
-  {
-    // Once per device ordinal (< 8; others every call): shared memory above the 48 KB default.
-    static std::atomic<bool> done[8];
-    if (device < 0 || device >= 8 || !done[device].load(std::memory_order_relaxed)) {
-      NIBBLE_CUDA_RETURN_IF_ERROR(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-      if (device >= 0 && device < 8) done[device].store(true, std::memory_order_relaxed);
-    }
-  }
-  int sms = 0;
-  NIBBLE_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int n_tiles = static_cast<int>(l.n_pad / 16);
-  const int k_chunks = static_cast<int>(l.k_pad / 64);
-  const int per = (n_tiles + sms - 1) / sms;  // whole tiles per block: one wave of <= sms blocks
-  const dim3 grid(static_cast<unsigned>((n_tiles + per - 1) / per), static_cast<unsigned>(tok_blocks));
-  const int group_shift = l.group == 32 ? 5 : l.group == 64 ? 6 : 7;
-  const bool x_vec = l.k % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  const __half* xh = reinterpret_cast<const __half*>(x);
-  const uint4* q4 = reinterpret_cast<const uint4*>(qw);
-  __half* yh = reinterpret_cast<__half*>(y);
-  const int mi = static_cast<int>(m), ni = static_cast<int>(l.n), ki = static_cast<int>(l.k);
-  const int gp = static_cast<int>(l.groups_pad);
-  const bool fold = l.group >= 64;
-  // The programmatic launch only on a stream of the caller's own (LaunchKernel); this path is
-  // sm_90 already.
-  NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(PDL, kernel, grid, S::kThreads, kSmem, stream, xh, q4,
-                                           zs, bias, yh, mi, ni, ki, n_tiles, k_chunks, gp,
-                                           group_shift, per, x_vec, fold));
-  return cudaSuccess;
-}
-
 }  // namespace
 
 W4A16Kernel ChooseW4A16Kernel(const W4A16Layout& layout, int64_t m, bool workspace) {
@@ -1054,13 +881,10 @@ W4A16Kernel ChooseW4A16Kernel(const W4A16Layout& layout, int64_t m, bool workspa
   // tokens on for >= 2^23 (1.8b.wqkv); the 64/128-token blocks were never the fastest (removed).
   // Unsplit (no workspace) the GEMM loses to decode16 up to 64 tokens.
   const int64_t values = layout.n * layout.k;
-  // m <= 8: decode8, except for few feature tiles with a long k, where the streaming kernel's
-  // shared-memory depth wins: run 16 (H100) measured it only on 1.8b.w2 (n 2048, k 8192: 7.0 vs
-  // 8.7 us at m = 1..8); on 1.8b.wo (2048 x 2048) the two tie, on every 7B shape and on
-  // 1.8b.wqkv / w1w3 (n >= 4096) decode8 is 10-35 % faster. Below sm_90 stream8 runs decode8.
-  if (m <= 8) {
-    return layout.n <= 2048 && layout.k >= 8192 ? W4A16Kernel::kStream8 : W4A16Kernel::kDecode8;
-  }
+  // m <= 8: decode8 with its chunks in the shared-memory ring, 6-33 % faster than decode8 in
+  // registers on every 7B and 1.8B shape at m = 1 and 8, and as fast as run 16's bulk-copy ring
+  // (removed) on 1.8b.w2, the one shape where that had won (run 24, H100).
+  if (m <= 8) return W4A16Kernel::kDecode8Ring;
   if (!workspace) return m <= 64 ? W4A16Kernel::kDecode16 : W4A16Kernel::kGemm32;
   if (m <= 32 && values < (int64_t{1} << 24)) return W4A16Kernel::kDecode16;
   if (m <= 64 && values <= (int64_t{1} << 22)) return W4A16Kernel::kDecode16;
@@ -1090,14 +914,12 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
       return LaunchDecode<1, 4>(layout, x, qw, zs, bias, y, m, stream);
     case W4A16Kernel::kDecode16:
       return LaunchDecode<2, 4>(layout, x, qw, zs, bias, y, m, stream);
-    // 16 consumer warps, stages of 32 chunks (16 KB + scale/zero), 6 stages: the fastest of the
-    // five shapes run 16 measured (8 or 16 warps x 8 or 16 KB stages x 64-128 KB rings).
-    case W4A16Kernel::kStream8:
-      return LaunchStream<16, 32, 6>(layout, x, qw, zs, bias, y, m, stream);
-    case W4A16Kernel::kStream8Pdl:
-      return LaunchStream<16, 32, 6, true>(layout, x, qw, zs, bias, y, m, stream);
     case W4A16Kernel::kDecode8Pdl:
       return LaunchDecode<1, 4, 4>(layout, x, qw, zs, bias, y, m, stream);
+    case W4A16Kernel::kDecode8Ring:
+      return LaunchDecode<1, kRingDepth, 8>(layout, x, qw, zs, bias, y, m, stream);
+    case W4A16Kernel::kDecode8RingPdl:
+      return LaunchDecode<1, kRingDepth, 12>(layout, x, qw, zs, bias, y, m, stream);
     case W4A16Kernel::kGemm16:
       return LaunchGemm<4, 1, 2, 2, 6>(layout, x, qw, zs, bias, y, m, stream, workspace,
                                        workspace_bytes);
@@ -1128,6 +950,10 @@ cudaError_t MatMulW4A16WithWarps(const W4A16Layout& layout, const uint16_t* x,
       return LaunchDecode<1, 4>(layout, x, qw, zs, bias, y, m, stream, warps);
     case W4A16Kernel::kDecode8Pdl:
       return LaunchDecode<1, 4, 4>(layout, x, qw, zs, bias, y, m, stream, warps);
+    case W4A16Kernel::kDecode8Ring:
+      return LaunchDecode<1, kRingDepth, 8>(layout, x, qw, zs, bias, y, m, stream, warps);
+    case W4A16Kernel::kDecode8RingPdl:
+      return LaunchDecode<1, kRingDepth, 12>(layout, x, qw, zs, bias, y, m, stream, warps);
     case W4A16Kernel::kDecode16:
       return LaunchDecode<2, 4>(layout, x, qw, zs, bias, y, m, stream, warps);
     default:

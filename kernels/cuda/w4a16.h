@@ -24,12 +24,17 @@
 namespace nibble::kernels::cuda {
 
 // Which kernel runs. kAuto is what the engine uses; the others exist for tests and benchmarks.
-//  kDecode8 / kDecode16: 8 / 16 tokens per block row (any m works; kAuto picks kDecode8 for
-//    m <= 8 and kDecode16 up to m = 64, re-reading the weight from L2 per block row): one
-//    16-feature tile per block, the k range split into contiguous runs over 4-16 warps (as many
-//    as keep every block resident at once), the weight streamed with an L2 evict-first hint,
-//    4 chunks (weight + scale/zero) in flight per thread; for group >= 64 the scale is applied
-//    to the fp32 mma result.
+//  kDecode8 / kDecode16: 8 / 16 tokens per block row (any m works; kAuto picks kDecode16 up
+//    to m = 64 for small weights, re-reading the weight from L2 per block row): one 16-feature
+//    tile per block, the k range split into contiguous runs over 4-16 warps (as many as keep
+//    every block resident at once), the weight streamed with an L2 evict-first hint, 4 chunks
+//    (weight + scale/zero) in flight per thread in registers; for group >= 64 the scale is
+//    applied to the fp32 mma result.
+//  kDecode8Ring: kDecode8 with each thread's chunks in flight (8 of them) in a private ring in
+//    shared memory filled by cp.async instead of registers: twice the bytes in flight per SM at
+//    the same 64 registers and warps (W4A16DecodeKernel's comment). kAuto's choice for m <= 8.
+//    Up to ~104 KB of shared memory per block: fewer warps per block where a block may have
+//    less (99 KB on sm_86 / sm_89).
 //  kTiled64: 64 features x 64 tokens per block (4 warps along n, 2 along k), activations read
 //    by 4 warps through L1 (slow: 4-7x cuBLAS fp16 at m = 256); only the GEMM's fallback for
 //    unaligned activations above 64 tokens.
@@ -39,31 +44,23 @@ namespace nibble::kernels::cuda {
 //    tokens. With a workspace the k range is split over blocks (enough blocks to fill the card
 //    twice) and a second kernel adds the fp32 partial sums (+ bias). They need k % 8 == 0 and x
 //    16-byte aligned; otherwise decode16 runs (tiled64 above 64 tokens).
-//  kStream8 (sm_90; elsewhere it runs decode8): 8 tokens per block row, the weight streamed
-//    through a shared-memory ring per block (6 stages of 32 chunks, 96 KB, filled by 1-D bulk
-//    copies on mbarriers: the depth costs no registers), one block per SM owning whole tiles,
-//    16 consumer warps. Faster than decode8 only where few tiles have long k (1.8b.w2), slower
-//    on the 7B shapes (tests/gpu/NOTES.md run 16); kAuto picks it only there.
-//  kStream8Pdl: kStream8 launched with programmatic dependent launch on a non-default stream:
-//    the next kernel may start while this one ends, and it fills its ring with the weight before
-//    waiting for the previous kernel (griddepcontrol.wait), so x and y are safe but qw and zs
-//    must not be written by the work before it. For benchmarks: back to back it hides ~2 us of
-//    launch and ramp per call, but stays slower than kDecode8Pdl on the 7B shapes (run 17), which
-//    is what the engine launches.
+//  kDecode8Pdl / kDecode8RingPdl: kDecode8 / kDecode8Ring with programmatic dependent launch on
+//    sm_90 and a non-default stream (elsewhere the plain launch): the kernel may start while the
+//    kernel before it ends (if that one allows it, kernels/cuda/dependent_launch.h), issues its
+//    first weight loads (qw and zs must not be written by the work before it), then waits for it
+//    (griddepcontrol.wait) before reading x and writing y. The engine launches kDecode8RingPdl
+//    wherever kAuto picks kDecode8Ring.
+// (Run 16's kStream8, a bulk-copy ring per block fed by a producer warp, was removed in run 24:
+// the per-thread ring matched it on the one shape it won and beat it on all others.)
 enum class W4A16Kernel {
   kAuto, kDecode8, kDecode16, kTiled64, kGemm16, kGemm32,
-  kStream8, kStream8Pdl,
-  // decode8 with programmatic dependent launch on sm_90 and a non-default stream (elsewhere
-  // plain decode8): it may start while the kernel before it ends (if that one allows it,
-  // kernels/cuda/dependent_launch.h), issues its first weight loads, then waits for it
-  // (griddepcontrol.wait) before reading x. The engine uses it wherever kAuto picks decode8.
-  kDecode8Pdl
+  kDecode8Pdl, kDecode8Ring, kDecode8RingPdl
 };
 
 // kAuto's choice for m tokens on this weight, with or without a workspace (measured on the
-// H100, tests/gpu/NOTES.md runs 12-16): up to 8 tokens stream8 for n <= 2048 with k >= 8192,
-// else decode8; decode16 for small weights up to 32 or 64 tokens and for every weight up to 64
-// without a workspace; else gemm16 / gemm32.
+// H100, tests/gpu/NOTES.md runs 12-16 and 24): up to 8 tokens decode8 with the ring; decode16
+// for small weights up to 32 or 64 tokens and for every weight up to 64 without a workspace;
+// else gemm16 / gemm32.
 W4A16Kernel ChooseW4A16Kernel(const W4A16Layout& layout, int64_t m, bool workspace);
 
 cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint32_t* qw,
@@ -71,8 +68,9 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
                         cudaStream_t stream, W4A16Kernel kernel = W4A16Kernel::kAuto,
                         void* workspace = nullptr, size_t workspace_bytes = 0);
 
-// For benchmarks: decode8, decode8 with PDL or decode16 (`kernel`; others are refused) with
-// `warps` warps per block (at most 16 and k / 64) instead of the launch's own choice.
+// For benchmarks: decode8, decode8ring (each with or without PDL) or decode16 (`kernel`; others
+// are refused) with `warps` warps per block (at most 16 and k / 64; the ring at most what its
+// shared memory allows) instead of the launch's own choice.
 cudaError_t MatMulW4A16WithWarps(const W4A16Layout& layout, const uint16_t* x,
                                  const uint32_t* qw, const uint32_t* zs, const float* bias,
                                  uint16_t* y, int64_t m, cudaStream_t stream, W4A16Kernel kernel,

@@ -109,8 +109,8 @@ void FillRandom(DeviceBuffer<T>& buf, std::mt19937& rng, T lo_mask, bool half) {
   buf.CopyFrom(host.data());
 }
 
-// --profile K N M [decode8|stream8]: 5 launches of kAuto's unsplit choice (decode8 or stream8
-// for m <= 8, decode16 above), then 5 of the named kernel (decode8 when none is named), on one
+// --profile K N M [decode8|decode8ring]: 5 launches of kAuto's unsplit choice (decode8ring for
+// m <= 8, decode16 above), then 5 of the named kernel (decode8 when none is named), on one
 // shape, for a profiler (ncu --launch-skip / --launch-count).
 int Profile(const char* k_str, const char* n_str, const char* m_str, const char* other) {
   const int64_t k = std::atoll(k_str), n = std::atoll(n_str), m = std::atoll(m_str);
@@ -128,7 +128,7 @@ int Profile(const char* k_str, const char* n_str, const char* m_str, const char*
   FillRandom(x, rng, uint16_t{0}, true);
   const std::string name = other != nullptr ? other : "";
   const cu::W4A16Kernel second =
-      name == "stream8" ? cu::W4A16Kernel::kStream8 : cu::W4A16Kernel::kDecode8;
+      name == "decode8ring" ? cu::W4A16Kernel::kDecode8Ring : cu::W4A16Kernel::kDecode8;
   for (cu::W4A16Kernel kernel : {cu::ChooseW4A16Kernel(l, m, false), second}) {
     for (int i = 0; i < 5; ++i) {
       NIBBLE_TEST_CUDA_CHECK(
@@ -177,9 +177,9 @@ int main(int argc, char** argv) {
   CUBLAS_CHECK(cublasSetWorkspace(handle, cublas_ws.get(), cublas_ws.bytes()));
   struct Variant { const char* name; cu::W4A16Kernel kernel; };
   const Variant variants[] = {{"decode8", cu::W4A16Kernel::kDecode8},
-                              {"stream8", cu::W4A16Kernel::kStream8},
-                              {"stream8pdl", cu::W4A16Kernel::kStream8Pdl},
                               {"decode8pdl", cu::W4A16Kernel::kDecode8Pdl},
+                              {"decode8ring", cu::W4A16Kernel::kDecode8Ring},
+                              {"decode8ringpdl", cu::W4A16Kernel::kDecode8RingPdl},
                               {"decode16", cu::W4A16Kernel::kDecode16}};
   // The tensor-core GEMM kernels beside decode16, at 16 <= m <= 256 (the variants table also
   // gets cuBLAS fp16, and from m = 64 on dequantize + cuBLAS and the dequantize alone).
@@ -202,7 +202,7 @@ int main(int argc, char** argv) {
     bool ok = cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
     for (int i = 0; ok && i < 4; ++i) {
       ok = cu::MatMulW4A16(l, x.get(), q.get(), z.get(), nullptr, y.get(), 1, stream,
-                           i < 2 ? cu::W4A16Kernel::kStream8Pdl
+                           i < 2 ? cu::W4A16Kernel::kDecode8RingPdl
                                  : cu::W4A16Kernel::kDecode8Pdl) == cudaSuccess;
     }
     cudaGraph_t graph = nullptr;
@@ -219,7 +219,7 @@ int main(int argc, char** argv) {
     if (!ok) {
       decode_variants.erase(std::remove_if(decode_variants.begin(), decode_variants.end(),
                                            [](const Variant& v) {
-                                             return v.kernel == cu::W4A16Kernel::kStream8Pdl ||
+                                             return v.kernel == cu::W4A16Kernel::kDecode8RingPdl ||
                                                     v.kernel == cu::W4A16Kernel::kDecode8Pdl;
                                            }),
                             decode_variants.end());
@@ -388,18 +388,27 @@ int main(int argc, char** argv) {
       }
       // decode8 (with PDL, as the engine launches it) at fixed warps per block: the sweep behind
       // the launch's own choice (ChooseDecodeWarps in w4a16.cu).
+      // The same for its shared-memory ring.
       if (m == 1 || m == 8) {
-        for (const int warps : {2, 4, 8, 16}) {
-          const double us = GraphUs(
-              [&](int b) {
-                NIBBLE_TEST_CUDA_CHECK(cu::MatMulW4A16WithWarps(
-                    l, x.get(), qws[b].get(), zss[b].get(), nullptr, y.get(), m, stream,
-                    cu::W4A16Kernel::kDecode8Pdl, warps));
-              },
-              nbuf_q, stream);
-          std::printf("variant %s m=%lld decode8pdl/w%d: %.2f us\n", s.name, (long long)m, warps, us);
-          if (vcsv) std::fprintf(vcsv, "%s,%lld,%lld,%lld,decode8pdl/w%d,%.2f\n", s.name,
-                                 (long long)s.k, (long long)s.n, (long long)m, warps, us);
+        for (const Variant& v : decode_variants) {
+          if (v.kernel != cu::W4A16Kernel::kDecode8Pdl &&
+              v.kernel != cu::W4A16Kernel::kDecode8RingPdl) {
+            continue;
+          }
+          for (const int warps : {2, 4, 8, 16}) {
+            const double us = GraphUs(
+                [&](int b) {
+                  NIBBLE_TEST_CUDA_CHECK(cu::MatMulW4A16WithWarps(
+                      l, x.get(), qws[b].get(), zss[b].get(), nullptr, y.get(), m, stream,
+                      v.kernel, warps));
+                },
+                nbuf_q, stream);
+            std::printf("variant %s m=%lld %s/w%d: %.2f us\n", s.name, (long long)m, v.name,
+                        warps, us);
+            if (vcsv) std::fprintf(vcsv, "%s,%lld,%lld,%lld,%s/w%d,%.2f\n", s.name,
+                                   (long long)s.k, (long long)s.n, (long long)m, v.name, warps,
+                                   us);
+          }
         }
       }
       const double bytes = double(wbytes) + 2.0 * m * s.k + 2.0 * m * s.n;

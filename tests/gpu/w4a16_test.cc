@@ -48,9 +48,9 @@ const char* KernelName(cu::W4A16Kernel k) {
     case cu::W4A16Kernel::kTiled64: return "tiled64";
     case cu::W4A16Kernel::kGemm16: return "gemm16";
     case cu::W4A16Kernel::kGemm32: return "gemm32";
-    case cu::W4A16Kernel::kStream8: return "stream8";
-    case cu::W4A16Kernel::kStream8Pdl: return "stream8pdl";
     case cu::W4A16Kernel::kDecode8Pdl: return "decode8pdl";
+    case cu::W4A16Kernel::kDecode8Ring: return "decode8ring";
+    case cu::W4A16Kernel::kDecode8RingPdl: return "decode8ringpdl";
   }
   return "?";
 }
@@ -127,16 +127,16 @@ int RunCase(const Case& c, std::mt19937& rng) {
       {cu::W4A16Kernel::kDecode8, false},   {cu::W4A16Kernel::kDecode16, false},
       {cu::W4A16Kernel::kTiled64, false},   {cu::W4A16Kernel::kGemm16, true},
       {cu::W4A16Kernel::kGemm32, true},     {cu::W4A16Kernel::kGemm16, false},
-      {cu::W4A16Kernel::kGemm32, false},    {cu::W4A16Kernel::kStream8, false},
-      {cu::W4A16Kernel::kStream8Pdl, false}, {cu::W4A16Kernel::kDecode8Pdl, false}};
+      {cu::W4A16Kernel::kGemm32, false},    {cu::W4A16Kernel::kDecode8Pdl, false},
+      {cu::W4A16Kernel::kDecode8Ring, false}, {cu::W4A16Kernel::kDecode8RingPdl, false}};
   for (const Choice& choice : choices) {
     const cu::W4A16Kernel kernel = choice.kernel;
     NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_y.get(), 0xff, d_y.bytes()));  // NaN poison
     if (choice.ws) NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_ws.get(), 0xff, d_ws.bytes()));
     // The programmatic (PDL) launch is only made on a stream of its own: there twice in a row,
     // the second overlapping the first's end (the same output both times).
-    const bool pdl =
-        kernel == cu::W4A16Kernel::kStream8Pdl || kernel == cu::W4A16Kernel::kDecode8Pdl;
+    const bool pdl = kernel == cu::W4A16Kernel::kDecode8Pdl ||
+                     kernel == cu::W4A16Kernel::kDecode8RingPdl;
     cudaStream_t stream = nullptr;
     if (pdl) {
       NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());  // the poison is in place
