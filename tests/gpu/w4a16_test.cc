@@ -205,8 +205,8 @@ int main(int argc, char** argv) {
       {32, 1000, 2112, 32, true},   {48, 4104, 4104, 128, false}, {128, 264, 8224, 64, true},
       {200, 2056, 1000, 128, true}, {96, 136, 4096, 32, false},   {33, 40, 172, 64, true},
       {256, 2048, 2048, 128, false}, {131, 8, 520, 32, true},
-      // The streaming kernel's blocks of several whole tiles (263 tiles: the last block has
-      // fewer), a partial last stage per tile (225 chunks), group 32's two groups per chunk.
+      // A long odd k (225 chunks: rings and warps' runs that end part-way), group 32's two
+      // groups per chunk, 263 feature tiles.
       {8, 4200, 14336 + 32, 32, true}, {4, 6144, 4096, 64, false},
   };
   int failures = 0;
