@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(32 * WN * WK)
 // as many fewer warps per SM: NOTES.md runs 2 and 4). A thread reads only the slots it filled,
 // so cp.async.wait_group alone orders them: no barrier, no lockstep between warps (which held
 // back run 16's bulk-copy ring, since removed). Measured (run 24, H100): with PDL the ring is
-// 7-28 % faster than the registers on every 7B and 1.8B shape, since it has twice the weight on
+// 7-29 % faster than the registers on every 7B and 1.8B shape, since it has twice the weight on
 // its way before griddepcontrol.wait; plain launches are within -7 .. +4 %. Partial sums of the
 // warps meet in shared memory; warp 0 writes y.
 // (A 64-register cap, __launch_bounds__(512, 2), spilled 68-196 bytes: not used.)
@@ -274,7 +274,7 @@ __global__ void __launch_bounds__(512)
   // run 6), 8 = the shared-memory ring.
   constexpr bool interleave = (FLAGS & 2) != 0, no_hint = (FLAGS & 1) != 0;
   constexpr bool ring = (FLAGS & 8) != 0;
-  // FLAGS & 4 (kDecode8Pdl, the engine's decode8): programmatic dependent launch
+  // FLAGS & 4 (kDecode8Pdl, kDecode8RingPdl: the engine's): programmatic dependent launch
   // (dependent_launch.h). The next kernel may launch at once; this one issues its first KPF
   // weight and scale/zero loads (constant data) before waiting for the previous kernel, then
   // reads x and writes y.
@@ -873,6 +873,27 @@ cudaError_t LaunchDecode(const W4A16Layout& l, const uint16_t* x, const uint32_t
   return cudaSuccess;
 }
 
+// The decode kernels' launches by W4A16Kernel (warps 0: the launch's own choice); another
+// kernel gives cudaErrorInvalidValue.
+cudaError_t LaunchDecodeKernel(W4A16Kernel kernel, const W4A16Layout& l, const uint16_t* x,
+                               const uint32_t* qw, const uint32_t* zs, const float* bias,
+                               uint16_t* y, int64_t m, cudaStream_t stream, int warps) {
+  switch (kernel) {
+    case W4A16Kernel::kDecode8:
+      return LaunchDecode<1, 4>(l, x, qw, zs, bias, y, m, stream, warps);
+    case W4A16Kernel::kDecode8Pdl:
+      return LaunchDecode<1, 4, 4>(l, x, qw, zs, bias, y, m, stream, warps);
+    case W4A16Kernel::kDecode8Ring:
+      return LaunchDecode<1, kRingDepth, 8>(l, x, qw, zs, bias, y, m, stream, warps);
+    case W4A16Kernel::kDecode8RingPdl:
+      return LaunchDecode<1, kRingDepth, 12>(l, x, qw, zs, bias, y, m, stream, warps);
+    case W4A16Kernel::kDecode16:
+      return LaunchDecode<2, 4>(l, x, qw, zs, bias, y, m, stream, warps);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace
 
 W4A16Kernel ChooseW4A16Kernel(const W4A16Layout& layout, int64_t m, bool workspace) {
@@ -881,9 +902,10 @@ W4A16Kernel ChooseW4A16Kernel(const W4A16Layout& layout, int64_t m, bool workspa
   // tokens on for >= 2^23 (1.8b.wqkv); the 64/128-token blocks were never the fastest (removed).
   // Unsplit (no workspace) the GEMM loses to decode16 up to 64 tokens.
   const int64_t values = layout.n * layout.k;
-  // m <= 8: decode8 with its chunks in the shared-memory ring, 6-33 % faster than decode8 in
-  // registers on every 7B and 1.8B shape at m = 1 and 8, and as fast as run 16's bulk-copy ring
-  // (removed) on 1.8b.w2, the one shape where that had won (run 24, H100).
+  // m <= 8: decode8 with its chunks in the shared-memory ring. Launched with PDL (as the engine
+  // does) it is 7-29 % faster than decode8 in registers on every 7B and 1.8B shape at m = 1
+  // and 8, and as fast as run 16's bulk-copy ring (removed) on 1.8b.w2, the one shape where
+  // that had won; launched plainly, within -7 .. +4 % of decode8 (run 24, H100).
   if (m <= 8) return W4A16Kernel::kDecode8Ring;
   if (!workspace) return m <= 64 ? W4A16Kernel::kDecode16 : W4A16Kernel::kGemm32;
   if (m <= 32 && values < (int64_t{1} << 24)) return W4A16Kernel::kDecode16;
@@ -911,15 +933,11 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
   }
   switch (kernel) {
     case W4A16Kernel::kDecode8:
-      return LaunchDecode<1, 4>(layout, x, qw, zs, bias, y, m, stream);
     case W4A16Kernel::kDecode16:
-      return LaunchDecode<2, 4>(layout, x, qw, zs, bias, y, m, stream);
     case W4A16Kernel::kDecode8Pdl:
-      return LaunchDecode<1, 4, 4>(layout, x, qw, zs, bias, y, m, stream);
     case W4A16Kernel::kDecode8Ring:
-      return LaunchDecode<1, kRingDepth, 8>(layout, x, qw, zs, bias, y, m, stream);
     case W4A16Kernel::kDecode8RingPdl:
-      return LaunchDecode<1, kRingDepth, 12>(layout, x, qw, zs, bias, y, m, stream);
+      return LaunchDecodeKernel(kernel, layout, x, qw, zs, bias, y, m, stream, 0);
     case W4A16Kernel::kGemm16:
       return LaunchGemm<4, 1, 2, 2, 6>(layout, x, qw, zs, bias, y, m, stream, workspace,
                                        workspace_bytes);
@@ -945,20 +963,7 @@ cudaError_t MatMulW4A16WithWarps(const W4A16Layout& layout, const uint16_t* x,
     return cudaErrorInvalidValue;
   }
   if (m == 0) return cudaSuccess;
-  switch (kernel) {
-    case W4A16Kernel::kDecode8:
-      return LaunchDecode<1, 4>(layout, x, qw, zs, bias, y, m, stream, warps);
-    case W4A16Kernel::kDecode8Pdl:
-      return LaunchDecode<1, 4, 4>(layout, x, qw, zs, bias, y, m, stream, warps);
-    case W4A16Kernel::kDecode8Ring:
-      return LaunchDecode<1, kRingDepth, 8>(layout, x, qw, zs, bias, y, m, stream, warps);
-    case W4A16Kernel::kDecode8RingPdl:
-      return LaunchDecode<1, kRingDepth, 12>(layout, x, qw, zs, bias, y, m, stream, warps);
-    case W4A16Kernel::kDecode16:
-      return LaunchDecode<2, 4>(layout, x, qw, zs, bias, y, m, stream, warps);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return LaunchDecodeKernel(kernel, layout, x, qw, zs, bias, y, m, stream, warps);
 }
 
 namespace {

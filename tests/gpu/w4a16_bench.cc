@@ -386,9 +386,9 @@ int main(int argc, char** argv) {
                                  (long long)s.n, (long long)m, v.name, us);
         }
       }
-      // decode8 (with PDL, as the engine launches it) at fixed warps per block: the sweep behind
-      // the launch's own choice (ChooseDecodeWarps in w4a16.cu).
-      // The same for its shared-memory ring.
+      // decode8 and its shared-memory ring (with PDL, as the engine launches them) at fixed
+      // warps per block: the sweep behind the launch's own choice (ChooseDecodeWarps in
+      // w4a16.cu).
       if (m == 1 || m == 8) {
         for (const Variant& v : decode_variants) {
           if (v.kernel != cu::W4A16Kernel::kDecode8Pdl &&
