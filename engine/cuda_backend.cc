@@ -1,6 +1,7 @@
 #include "engine/cuda_backend.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -143,6 +144,9 @@ absl::StatusOr<std::vector<DeviceLinear>> UploadGroup(const std::vector<const Li
 
 struct DeviceLayer {
   DeviceMemory attention_norm, ffn_norm;  // fp16 [hidden]
+  // Powers of two that bring each norm weight's largest magnitude to <= 1 (NormWeightFactor):
+  // the decode step's folded norms (kc::W4A16Fusion) write fp16(x * w * c), finite whatever w.
+  float attention_norm_c = 1.0f, ffn_norm_c = 1.0f;
   std::vector<DeviceLinear> qkv;          // stacked q;k;v, or q, k, v
   DeviceLinear o;
   std::vector<DeviceLinear> gate_up;      // stacked gate;up, or gate, up
@@ -363,6 +367,8 @@ class CudaBackend final : public Backend {
       const std::string name = absl::StrCat("layer ", l);
       NIBBLE_ASSIGN_OR_RETURN(layer.attention_norm, UploadHalf(host.attention_norm, name));
       NIBBLE_ASSIGN_OR_RETURN(layer.ffn_norm, UploadHalf(host.ffn_norm, name));
+      layer.attention_norm_c = NormWeightFactor(host.attention_norm);
+      layer.ffn_norm_c = NormWeightFactor(host.ffn_norm);
       NIBBLE_ASSIGN_OR_RETURN(layer.qkv, UploadGroup({host.q_proj.get(), host.k_proj.get(),
                                                       host.v_proj.get()},
                                                      name + " q/k/v"));
@@ -417,6 +423,14 @@ class CudaBackend final : public Backend {
     // (kDecode8Ring); NIBBLE_CUDA_DECODE_RING=0 keeps them in registers (kDecode8), for
     // comparison.
     decode_ring_ = switched_on("NIBBLE_CUDA_DECODE_RING");
+    // The decode step (batch <= 8) folds the norms, the residual adds and SiLU·mul into its
+    // 4-bit products (kc::W4A16Fusion, Enqueue) where the kernels launch without PDL (before
+    // sm_90: the Jetson Orin, the A100): there each of those kernels is a full launch gap. With
+    // PDL they cost nothing on the H100 (their time already overlaps the next product's first
+    // weight loads) and the fused step measured 1-2.5 % slower (tests/gpu/NOTES.md run 25).
+    // NIBBLE_CUDA_FUSE=1 / 0 forces them on / off.
+    const char* fuse = std::getenv("NIBBLE_CUDA_FUSE");
+    fuse_ = fuse != nullptr ? std::string(fuse) != "0" : !dependent_launch_;
     // Every `sample` span's token is picked on the device by kernels/cuda/sampling.h
     // (tests/gpu/sampling_test.cc and gpu_engine_test, tests/gpu/RESULTS.md). With
     // NIBBLE_CUDA_DEVICE_SAMPLING=0, or a vocabulary past the kernel's limit, only plain greedy
@@ -432,6 +446,19 @@ class CudaBackend final : public Backend {
                                                  const std::string& name) {
     const std::vector<uint16_t> half = ToHalf(values);
     return DeviceMemory::Upload(half.data(), half.size() * 2, name + " norm");
+  }
+
+  // 2^-e for the smallest e >= 0 with max |fp16(w)| <= 2^e (1 for an empty or non-finite
+  // weight: the fused step then checks nothing more than the unfused one would).
+  static float NormWeightFactor(const std::vector<float>& weight) {
+    float largest = 0.0f;
+    for (const uint16_t h : ToHalf(weight)) {
+      largest = std::max(largest, std::fabs(kernels::cpu::HalfToFloat(h)));
+    }
+    if (!(largest > 1.0f) || !std::isfinite(largest)) return 1.0f;
+    int e = 0;
+    std::frexp(largest, &e);  // largest = f * 2^e, f in [0.5, 1)
+    return std::ldexp(1.0f, -e);
   }
 
   // Row-major y[m, out] = x[m, in] · W[out, in]ᵀ with cuBLAS (fp16 in, fp32 accumulation, y
@@ -464,11 +491,31 @@ class CudaBackend final : public Backend {
     return dependent_launch_ ? kc::W4A16Kernel::kDecode8Pdl : kc::W4A16Kernel::kDecode8;
   }
 
+  // Whether `linear` at m tokens runs on the decode ring kernel, the one that takes the fusions
+  // (kc::W4A16Fusion): the decode step's products at batch <= 8, where fuse_ (Init).
+  bool Fusable(const DeviceLinear& linear, int64_t m) const {
+    if (!fuse_ || !linear.int4 || m >= kDequantizeRows) return false;
+    const kc::W4A16Kernel kernel = DecodeKernel(linear, m);
+    return kernel == kc::W4A16Kernel::kDecode8Ring || kernel == kc::W4A16Kernel::kDecode8RingPdl;
+  }
+  bool Fusable(const std::vector<DeviceLinear>& group, int64_t m) const {
+    return std::all_of(group.begin(), group.end(),
+                       [&](const DeviceLinear& linear) { return Fusable(linear, m); });
+  }
+
   // y[m, out] = x[m, in] · Wᵀ (+ bias). A 4-bit weight goes through the W4A16 kernels while
   // m is small (decode kernels, then the tensor-core GEMM reading the weight once per 16 or 32
   // tokens); from kDequantizeRows tokens on it is dequantized to fp16 scratch and multiplied by
   // cuBLAS, whose wgmma tiles outrun mma.sync there.
-  absl::Status RunLinear(const DeviceLinear& linear, const uint16_t* x, int64_t m, uint16_t* y) {
+  absl::Status RunLinear(const DeviceLinear& linear, const uint16_t* x, int64_t m, uint16_t* y,
+                         const kc::W4A16Fusion* fusion = nullptr) {
+    if (fusion != nullptr) {  // the caller checked Fusable(linear, m)
+      NIBBLE_CUDA_OR_RETURN(kc::MatMulW4A16Fused(linear.layout, x, linear.qw.as<uint32_t>(),
+                                                 linear.zs.as<uint32_t>(), linear.bias.as<float>(),
+                                                 y, m, stream_, DecodeKernel(linear, m), *fusion),
+                            "the fused W4A16 matrix multiply");
+      return absl::OkStatus();
+    }
     if (linear.int4 && m < kDequantizeRows) {
       // The dequantize scratch (idle on this path) is the kernels' split-k workspace.
       NIBBLE_CUDA_OR_RETURN(kc::MatMulW4A16(linear.layout, x, linear.qw.as<uint32_t>(),
@@ -506,9 +553,9 @@ class CudaBackend final : public Backend {
   };
   absl::Status RunGroup(const std::vector<DeviceLinear>& group, const int64_t* part_out,
                         size_t num_parts, const uint16_t* x, int64_t m, uint16_t* y,
-                        Part* parts) {
+                        Part* parts, const kc::W4A16Fusion* fusion = nullptr) {
     if (group.size() == 1) {
-      NIBBLE_RETURN_IF_ERROR(RunLinear(group[0], x, m, y));
+      NIBBLE_RETURN_IF_ERROR(RunLinear(group[0], x, m, y, fusion));
       int64_t column = 0;
       for (size_t p = 0; p < num_parts; ++p) {
         parts[p] = {y + column, group[0].out};
@@ -518,12 +565,16 @@ class CudaBackend final : public Backend {
     }
     uint16_t* at = y;
     for (size_t p = 0; p < num_parts; ++p) {
-      NIBBLE_RETURN_IF_ERROR(RunLinear(group[p], x, m, at));
+      NIBBLE_RETURN_IF_ERROR(RunLinear(group[p], x, m, at, fusion));
       parts[p] = {at, group[p].out};
       at += m * group[p].out;
     }
     return absl::OkStatus();
   }
+
+  // The folded norms' partial sums per token: one per 16 features of the hidden size (the o and
+  // down products' output tiles).
+  int64_t SumsqParts() const { return (config_.hidden_size + 15) / 16; }
 
   absl::Status ReserveScratch(int64_t n, int64_t logit_rows) {
     const int64_t hidden = config_.hidden_size, q_dim = config_.q_dim(), kv_dim = config_.kv_dim();
@@ -539,6 +590,7 @@ class CudaBackend final : public Backend {
     NIBBLE_RETURN_IF_ERROR(projected_.Reserve(n * hidden * h, "activations", gen));
     NIBBLE_RETURN_IF_ERROR(gate_up_.Reserve(n * 2 * ffn * h, "activations", gen));
     NIBBLE_RETURN_IF_ERROR(act_.Reserve(n * ffn * h, "activations", gen));
+    NIBBLE_RETURN_IF_ERROR(sumsq_.Reserve(2 * n * SumsqParts() * sizeof(float), "activations", gen));
     NIBBLE_RETURN_IF_ERROR(last_.Reserve(r * hidden * h, "activations", gen));
     NIBBLE_RETURN_IF_ERROR(logits16_.Reserve(r * config_.vocab_size * h, "logits", gen));
     NIBBLE_RETURN_IF_ERROR(logits32_.Reserve(r * config_.vocab_size * sizeof(float), "logits", gen));
@@ -800,10 +852,38 @@ class CudaBackend final : public Backend {
                           "the attention norm");
     const int64_t qkv_out[3] = {q_dim, kv_dim, kv_dim};
     const int64_t gate_up_out[2] = {ffn, ffn};
+    // The decode step's fusions (Fusable: 4-bit products on the ring kernel, batch <= 8): the
+    // residual add and the next norm in the o and down products' epilogues, which leave in
+    // `normed` the folded form fp16(x * w * c) and in sumsq_ its sums of squares; the q/k/v
+    // and gate/up products apply the norm's per-token scale to their sums; gate/up (stacked)
+    // writes silu(gate) * up. Where a product cannot take its part, that part runs as a kernel
+    // of its own, as in every other pass.
+    const int64_t parts = SumsqParts();
+    float* ffn_sumsq = sumsq_.as<float>();           // written by o, read by gate/up
+    float* attention_sumsq = ffn_sumsq + n * parts;  // written by down, read by the next q/k/v
+    bool attention_folded = false;  // `normed` holds the attention norm in the folded form
+    const auto folded_input = [&](const float* sumsq, float c) {
+      kc::W4A16Fusion fusion;
+      fusion.x_sumsq = sumsq;
+      fusion.x_sumsq_parts = parts;
+      fusion.x_eps = eps;
+      fusion.x_norm_c = c;
+      return fusion;
+    };
+    const auto residual_output = [&](const DeviceMemory& norm, float c, float* sumsq) {
+      kc::W4A16Fusion fusion;
+      fusion.norm_weight = norm.as<uint16_t>();
+      fusion.norm_c = c;
+      fusion.normed = normed;
+      fusion.sumsq = sumsq;
+      return fusion;
+    };
     for (int64_t l = 0; l < config_.num_layers; ++l) {
       const DeviceLayer& layer = layers_[l];
       Part qkv[3];
-      NIBBLE_RETURN_IF_ERROR(RunGroup(layer.qkv, qkv_out, 3, normed, n, qkv_.as<uint16_t>(), qkv));
+      const kc::W4A16Fusion qkv_fusion = folded_input(attention_sumsq, layer.attention_norm_c);
+      NIBBLE_RETURN_IF_ERROR(RunGroup(layer.qkv, qkv_out, 3, normed, n, qkv_.as<uint16_t>(), qkv,
+                                      attention_folded ? &qkv_fusion : nullptr));
       // RoPE on q in place; the rotated keys and the values straight into the paged cache.
       uint16_t* keys = kv.base + 2 * l * kv.block_seq_len * kv_dim;
       uint16_t* values = keys + kv.block_seq_len * kv_dim;
@@ -840,24 +920,48 @@ class CudaBackend final : public Backend {
                                                        attention_.as<uint16_t>(), stream_),
                               "attention");
       }
-      NIBBLE_RETURN_IF_ERROR(RunLinear(layer.o, attention_.as<uint16_t>(), n, projected));
-      NIBBLE_CUDA_OR_RETURN(kc::AddRmsNorm(x, projected, layer.ffn_norm.as<uint16_t>(), n, hidden,
-                                           eps, normed, stream_, dependent_launch_),
-                            "the residual add and FFN norm");
-      Part gate_up[2];
-      NIBBLE_RETURN_IF_ERROR(RunGroup(layer.gate_up, gate_up_out, 2, normed, n,
-                                      gate_up_.as<uint16_t>(), gate_up));
-      NIBBLE_CUDA_OR_RETURN(kc::SiluMul(gate_up[0].data, gate_up[0].stride, gate_up[1].data,
-                                        gate_up[1].stride, n, ffn, act_.as<uint16_t>(), ffn,
-                                        stream_, dependent_launch_),
-                            "SiLU(gate) * up");
-      NIBBLE_RETURN_IF_ERROR(RunLinear(layer.down, act_.as<uint16_t>(), n, projected));
-      const uint16_t* next_norm = l + 1 < config_.num_layers
-                                      ? layers_[l + 1].attention_norm.as<uint16_t>()
-                                      : final_norm_.as<uint16_t>();
-      NIBBLE_CUDA_OR_RETURN(kc::AddRmsNorm(x, projected, next_norm, n, hidden, eps, normed, stream_,
-                                           dependent_launch_),
-                            "the residual add and norm");
+      const bool ffn_folded = Fusable(layer.o, n) && Fusable(layer.gate_up, n);
+      if (ffn_folded) {
+        const kc::W4A16Fusion fusion = residual_output(layer.ffn_norm, layer.ffn_norm_c, ffn_sumsq);
+        NIBBLE_RETURN_IF_ERROR(RunLinear(layer.o, attention_.as<uint16_t>(), n, x, &fusion));
+      } else {
+        NIBBLE_RETURN_IF_ERROR(RunLinear(layer.o, attention_.as<uint16_t>(), n, projected));
+        NIBBLE_CUDA_OR_RETURN(kc::AddRmsNorm(x, projected, layer.ffn_norm.as<uint16_t>(), n,
+                                             hidden, eps, normed, stream_, dependent_launch_),
+                              "the residual add and FFN norm");
+      }
+      kc::W4A16Fusion gate_up_fusion = folded_input(ffn_sumsq, layer.ffn_norm_c);
+      if (!ffn_folded) gate_up_fusion.x_sumsq = nullptr;
+      if (Fusable(layer.gate_up, n) && layer.gate_up.size() == 1 && layer.gate_up[0].out % 32 == 0) {
+        gate_up_fusion.gated = true;
+        NIBBLE_RETURN_IF_ERROR(RunLinear(layer.gate_up[0], normed, n, act_.as<uint16_t>(),
+                                         &gate_up_fusion));
+      } else {
+        Part gate_up[2];
+        NIBBLE_RETURN_IF_ERROR(RunGroup(layer.gate_up, gate_up_out, 2, normed, n,
+                                        gate_up_.as<uint16_t>(), gate_up,
+                                        ffn_folded ? &gate_up_fusion : nullptr));
+        NIBBLE_CUDA_OR_RETURN(kc::SiluMul(gate_up[0].data, gate_up[0].stride, gate_up[1].data,
+                                          gate_up[1].stride, n, ffn, act_.as<uint16_t>(), ffn,
+                                          stream_, dependent_launch_),
+                              "SiLU(gate) * up");
+      }
+      // The last layer's down keeps the plain epilogue: lm_head (cuBLAS) reads the final norm.
+      const bool last = l + 1 == config_.num_layers;
+      attention_folded = !last && Fusable(layer.down, n) && Fusable(layers_[l + 1].qkv, n);
+      if (attention_folded) {
+        const DeviceLayer& next = layers_[l + 1];
+        const kc::W4A16Fusion fusion =
+            residual_output(next.attention_norm, next.attention_norm_c, attention_sumsq);
+        NIBBLE_RETURN_IF_ERROR(RunLinear(layer.down, act_.as<uint16_t>(), n, x, &fusion));
+      } else {
+        NIBBLE_RETURN_IF_ERROR(RunLinear(layer.down, act_.as<uint16_t>(), n, projected));
+        const uint16_t* next_norm =
+            last ? final_norm_.as<uint16_t>() : layers_[l + 1].attention_norm.as<uint16_t>();
+        NIBBLE_CUDA_OR_RETURN(kc::AddRmsNorm(x, projected, next_norm, n, hidden, eps, normed,
+                                             stream_, dependent_launch_),
+                              "the residual add and norm");
+      }
     }
     if (r == 0) return absl::OkStatus();
     // The logit rows of the final-normed activations, gathered (an embedding lookup into
@@ -922,12 +1026,16 @@ class CudaBackend final : public Backend {
   // Per-pass scratch, grown to the largest pass seen.
   GrowingDeviceBuffer x_, normed_, qkv_, q_, attention_, projected_, gate_up_, act_, last_,
       logits16_, logits32_, sampled_, meta_, workspace_;
+  // The folded norms' partial sums of squares (kc::W4A16Fusion): [2][n][SumsqParts()] fp32, one
+  // half written by the o product (read by gate/up), the other by down (read by the next q/k/v).
+  GrowingDeviceBuffer sumsq_;
   uint64_t scratch_generation_ = 0;  // bumped whenever a scratch buffer moves
   uint64_t graphs_generation_ = 0;   // the generation the graphs were captured in
   bool use_graphs_ = true;
   bool device_sampling_ = false;  // every `sample` span on the device (Init)
   bool dependent_launch_ = false;  // a pass's kernels with PDL (Init)
   bool decode_ring_ = true;        // the decode products' shared-memory ring (Init)
+  bool fuse_ = false;              // the decode step's fusions (Init, Fusable)
   // Decode-step graphs by (batch size, block-table width, spans sampled on the device).
   std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<GraphExec>> graphs_;
   PinnedBuffer host_meta_;

@@ -19,6 +19,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <cstdio>
 
 #include <cuda_fp16.h>
 
@@ -45,6 +47,10 @@ __device__ __forceinline__ uint4 LoadWeightsNoHint(const uint4* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
+}
+
+__device__ __forceinline__ void PrefetchL1(const void* p) {
+  asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
 }
 
 __device__ __forceinline__ void Mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
@@ -138,24 +144,96 @@ __device__ __forceinline__ void LoadX16(const __half* x, int tok, int kb, int m,
                   v[14] | (v[15] << 16));
 }
 
-// Writes a 16-feature tile's accumulators (+ bias) to y as fp16. The mma C fragment:
-// c0, c1 = feature g, tokens 2t, 2t + 1; c2, c3 = feature g + 8, the same tokens.
+// The mma C fragment of a 16-feature tile: c0, c1 = feature g, tokens 2t, 2t + 1; c2, c3 =
+// feature g + 8, the same tokens. Calls f(tt, r, token, feature) for this thread's outputs
+// acc[tt][r] that lie inside [0, m) x [0, n).
+template <int TT, typename F>
+__device__ __forceinline__ void ForEachTileOutput(int m, int n, int tile, int tok0, int g, int t,
+                                                  F&& f) {
+  const int row0 = tile * 16 + g;
+#pragma unroll
+  for (int tt = 0; tt < TT; ++tt) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int tk = tok0 + tt * 8 + 2 * t + (r & 1);
+      const int row = row0 + (r < 2 ? 0 : 8);
+      if (tk < m && row < n) f(tt, r, tk, row);
+    }
+  }
+}
+
+// Writes a 16-feature tile's accumulators (+ bias) to y as fp16.
 template <int TT>
 __device__ __forceinline__ void StoreTile(const float (&acc)[TT][4], const float* bias, __half* y,
                                           int m, int n, int tile, int tok0, int g, int t) {
-  const int row0 = tile * 16 + g, row1 = row0 + 8;
-  const float b0 = bias != nullptr && row0 < n ? bias[row0] : 0.0f;
-  const float b1 = bias != nullptr && row1 < n ? bias[row1] : 0.0f;
+  ForEachTileOutput<TT>(m, n, tile, tok0, g, t, [&](int tt, int r, int tk, int row) {
+    const float b = bias != nullptr ? bias[row] : 0.0f;
+    y[static_cast<size_t>(tk) * n + row] = __float2half_rn(acc[tt][r] + b);
+  });
+}
+
+// The decode kernel's fusions (W4A16Fusion in w4a16.h, as the kernel reads it): x_sumsq null
+// = no folded norm; norm_weight null = no residual epilogue.
+struct DecodeFusionArgs {
+  const float* x_sumsq;  // [m][x_parts]
+  int x_parts;
+  float x_eps, x_inv_c;
+  const __half* norm_weight;  // [n]
+  float norm_c;
+  __half* normed;   // [m][n]
+  float* sumsq;     // [m][n_pad / 16]
+};
+
+// Gated (the stacked [gate | up] product, n = 2 * half): the gate tile's accumulators (+ bias)
+// and the up tile's (tile + up_tiles) are each rounded to fp16, as the product's output would
+// be, and y[tok][row] = silu(gate) * up is formed as SiluMulKernel forms it (ops.cu). (Not bit
+// for bit the product then SiLU·mul: the gated launch may split k over another number of
+// warps, so its fp32 sums may round differently.) y is [m][half].
+template <int TT>
+__device__ __forceinline__ void StoreGatedTile(const float (&gate)[TT][4], const float (&up)[TT][4],
+                                               const float* bias, __half* y, int m, int n,
+                                               int tile, int up_tiles, int tok0, int g, int t) {
+  const int half = n / 2;
+  ForEachTileOutput<TT>(m, half, tile, tok0, g, t, [&](int tt, int r, int tk, int row) {
+    const int up_row = row + 16 * up_tiles;
+    const float gb = bias != nullptr ? bias[row] : 0.0f, ub = bias != nullptr ? bias[up_row] : 0.0f;
+    const float gv = __half2float(__float2half_rn(gate[tt][r] + gb));
+    const float uv = __half2float(__float2half_rn(up[tt][r] + ub));
+    y[static_cast<size_t>(tk) * half + row] = __float2half_rn(gv / (1.0f + expf(-gv)) * uv);
+  });
+}
+
+// The residual epilogue: y is the residual stream [m][n]; y += the product (+ bias) rounded to
+// fp16, the sum rounded to fp16 (AddRmsNorm's x, bit for bit); then the next norm's inputs:
+// normed = fp16(y * (norm_weight * norm_c)) and this tile's sum of y^2 over its 16 features per
+// token into sumsq[tok][tile] (rows >= n count zero), reduced over the 8 lanes that hold a
+// token's features in a fixed order (deterministic).
+template <int TT>
+__device__ __forceinline__ void StoreResidualTile(const float (&acc)[TT][4], const float* bias,
+                                                  __half* y, int m, int n, int tile, int tok0,
+                                                  int g, int t, const DecodeFusionArgs& f) {
+  float sq[TT][2] = {};
+  ForEachTileOutput<TT>(m, n, tile, tok0, g, t, [&](int tt, int r, int tk, int row) {
+    const size_t at = static_cast<size_t>(tk) * n + row;
+    const float b = bias != nullptr ? bias[row] : 0.0f;
+    const float v = __half2float(__float2half_rn(acc[tt][r] + b));
+    const float sum = __half2float(__float2half_rn(__half2float(y[at]) + v));
+    y[at] = __float2half_rn(sum);
+    f.normed[at] = __float2half_rn(sum * (__half2float(f.norm_weight[row]) * f.norm_c));
+    sq[tt][r & 1] = fmaf(sum, sum, sq[tt][r & 1]);
+  });
+  const int parts = static_cast<int>(gridDim.x);
 #pragma unroll
   for (int tt = 0; tt < TT; ++tt) {
-    const int tok = tok0 + tt * 8 + 2 * t;
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int tk = tok + (r & 1);
-      const int row = r < 2 ? row0 : row1;
-      if (tk < m && row < n) {
-        y[static_cast<size_t>(tk) * n + row] = __float2half_rn(acc[tt][r] + (r < 2 ? b0 : b1));
-      }
+    for (int o = 4; o < 32; o <<= 1) {
+      sq[tt][0] += __shfl_xor_sync(0xffffffffu, sq[tt][0], o);
+      sq[tt][1] += __shfl_xor_sync(0xffffffffu, sq[tt][1], o);
+    }
+    const int tok = tok0 + tt * 8 + 2 * t;
+    if (g == 0) {
+      if (tok < m) f.sumsq[static_cast<size_t>(tok) * parts + tile] = sq[tt][0];
+      if (tok + 1 < m) f.sumsq[static_cast<size_t>(tok + 1) * parts + tile] = sq[tt][1];
     }
   }
 }
@@ -260,20 +338,33 @@ __global__ void __launch_bounds__(512)
     W4A16DecodeKernel(const __half* __restrict__ x, const uint4* __restrict__ qw,
                       const uint32_t* __restrict__ zs, const float* __restrict__ bias,
                       __half* __restrict__ y, int m, int n, int k, int n_pad, int k_chunks,
-                      int chunks_per_warp, int group_shift, bool x_vec, bool fold_scale) {
-  // [warps - 1][TT * 4][32] partial sums, then (the ring) [KPF][threads] weight pieces and
-  // [KPF][threads] scale/zero pairs (DecodeSmemBytes).
-  extern __shared__ float partial[];
+                      int chunks_per_warp, int group_shift, bool x_vec, bool fold_scale,
+                      DecodeFusionArgs fusion) {
+  // [warps - 1][tiles * TT * 4][32] partial sums and (the ring) [KPF][threads] weight pieces and
+  // [KPF][threads] scale/zero pairs (DecodeSmemBytes): the partial sums first, except in the
+  // gated kernel. There ptxas (CUDA 13.0, sm_90) addressed the first cp.async from a uniform
+  // register it never set (compute-sanitizer: shared writes at -1 KB; tests/gpu/NOTES.md run
+  // 25; see also the gated fill below), so its ring comes first, at a constant address. The
+  // others keep the order they were measured in: ring-first ran them 5-9 % slower (run 25).
+  extern __shared__ uint4 decode_smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const int g = lane / 4, t = lane % 4;
   const int tile = blockIdx.x;
   const int tok0 = blockIdx.y * 8 * TT;
   // Chunks c0 + cs * i, i < nch: a contiguous run per warp, or (flags & 2) interleaved.
-  // FLAGS (0, 4, 8 and 12 are instantiated): 1 = weight loads without the evict-first hint, 2 =
-  // chunks interleaved over the block's warps (both measured no faster on the H100, NOTES.md
-  // run 6), 8 = the shared-memory ring.
+  // FLAGS (0, 4, 8, 12, 28, 40 and 44 are instantiated): 1 = weight loads without the evict-first hint,
+  // 2 = chunks interleaved over the block's warps (both measured no faster on the H100, NOTES.md
+  // run 6), 8 = the shared-memory ring, 16 = gated (with the ring only): the block multiplies
+  // two tiles, gate tile blockIdx.x and up tile blockIdx.x + gridDim.x of the stacked
+  // [gate | up] weight, with the same activations, and writes silu(gate) * up (DecodeEpilogue).
   constexpr bool interleave = (FLAGS & 2) != 0, no_hint = (FLAGS & 1) != 0;
   constexpr bool ring = (FLAGS & 8) != 0;
+  constexpr bool gated = (FLAGS & 16) != 0;
+  // FLAGS & 32 (and gated): the fusions (DecodeFusionArgs) are read; without it the kernel
+  // compiles to the code measured before them (run 24) and ignores `fusion`.
+  constexpr bool fused = (FLAGS & 32) != 0 || gated;
+  static_assert(!fused || ring, "the fusions run on the ring");
+  constexpr int kTiles = gated ? 2 : 1;
   // FLAGS & 4 (kDecode8Pdl, kDecode8RingPdl: the engine's): programmatic dependent launch
   // (dependent_launch.h). The next kernel may launch at once; this one issues its first KPF
   // weight and scale/zero loads (constant data) before waiting for the previous kernel, then
@@ -286,13 +377,18 @@ __global__ void __launch_bounds__(512)
 
   const uint64_t policy = EvictFirstPolicy();
 
-  float acc[TT][4];
+  float acc[kTiles][TT][4];
 #pragma unroll
-  for (int i = 0; i < TT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+  for (int h = 0; h < kTiles; ++h)
+#pragma unroll
+    for (int i = 0; i < TT; ++i) acc[h][i][0] = acc[h][i][1] = acc[h][i][2] = acc[h][i][3] = 0.0f;
 
   const uint4* wp = qw + (static_cast<size_t>(tile) * k_chunks + c0) * 32 + lane;
   const int groups_pad = (k_chunks * 64 + (1 << group_shift) - 1) >> group_shift;
   const uint32_t* zs_row = zs + static_cast<size_t>(tile) * groups_pad * 16 + g;
+  // Gated: the up tile's weight and scale/zero words lie gridDim.x tiles further on.
+  const size_t up_w = static_cast<size_t>(gridDim.x) * k_chunks * 32;
+  const size_t up_z = static_cast<size_t>(gridDim.x) * groups_pad * 16;
   const int kt = c0 * 64 + 16 * t;  // this thread's first k in the warp's first chunk
   // Whole 16-byte activation loads with no bounds checks when k is a multiple of 64.
   const bool x_whole = x_vec && k % 64 == 0;
@@ -329,9 +425,9 @@ __global__ void __launch_bounds__(512)
       DequantPiece(w, gc, a);
     }
   };
-  // The chunk's products added to acc.
+  // The chunk's products added to acc (one tile's accumulators).
   const auto multiply = [&](const uint32_t (&a)[4][4], const GroupConsts& gc,
-                            const uint4 (&xa)[TT], const uint4 (&xb)[TT]) {
+                            const uint4 (&xa)[TT], const uint4 (&xb)[TT], float (&acc)[TT][4]) {
     if (fold_scale) {
       // group >= 64: the whole chunk is one group; (q - z) exact, the scale applied in fp32.
       const float s0 = __half2float(__low2half(gc.s0)), s1 = __half2float(__low2half(gc.s1));
@@ -350,16 +446,45 @@ __global__ void __launch_bounds__(512)
     }
   };
 
+  constexpr int kAcc = kTiles * TT * 4;  // accumulators per thread
+  // After WaitForPriorGrid (the ring kernels, which take the fusions): the epilogue's inputs
+  // written by the kernels before (the folded norm's partial sums, the residual rows of this
+  // tile) asked into L1, so that the block's tail
+  // finds them there instead of waiting on L2 round trips after its main loop.
+  const auto prefetch_epilogue = [&]() {
+    if (fusion.x_sumsq != nullptr) {
+      for (int j = warp; j < 8 * TT && tok0 + j < m; j += warps) {
+        const float* parts = fusion.x_sumsq + static_cast<size_t>(tok0 + j) * fusion.x_parts;
+        for (int p = lane * 32; p < fusion.x_parts; p += 32 * 32) PrefetchL1(parts + p);
+      }
+    }
+    if (fusion.norm_weight != nullptr && warp == 0 && lane < 8 * TT && tok0 + lane < m) {
+      PrefetchL1(y + static_cast<size_t>(tok0 + lane) * n + tile * 16);
+    }
+  };
+  constexpr bool ring_first = gated;
+  float* partial = reinterpret_cast<float*>(ring_first ? decode_smem + KPF * blockDim.x * 3 / 2
+                                                       : decode_smem);
   if constexpr (ring) {
-    uint4* ring_w = reinterpret_cast<uint4*>(partial + (warps - 1) * TT * 4 * 32);
+    uint4* ring_w = ring_first ? decode_smem : reinterpret_cast<uint4*>(partial + (warps - 1) * kAcc * 32);
     uint2* ring_z = reinterpret_cast<uint2*>(ring_w + KPF * blockDim.x);
-    // Chunk i (if any) into slot i % KPF; one commit group per chunk, empty past the end, so
-    // that "at most KPF - 1 groups in flight" always means "chunk i has landed".
-    const auto fill = [&](int i) {
-      if (i < nch) {
-        const int slot = (i % KPF) * blockDim.x + threadIdx.x;
-        CpAsync16Hint(SmemAddr(ring_w + slot), wp + i * cs * 32, true, policy);
-        const uint32_t* zg = zs_row + ((kt + 64 * cs * i) >> group_shift) * 16;
+    // Item j = tile j % kTiles of chunk j / kTiles (if any) into slot j % KPF; one commit group
+    // per item, empty past the end, so that "at most KPF - 1 groups in flight" always means
+    // "item j has landed".
+    const auto fill = [&](int j) {
+      if (j < nch * kTiles) {
+        const int i = j / kTiles, h = j % kTiles;
+        const int slot = (j % KPF) * blockDim.x + threadIdx.x;
+        if constexpr (gated) {
+          // Without the evict-first hint: with it, ptxas (CUDA 13.0, sm_90) gave this kernel's
+          // first cp.async an odd uniform register pair as its cache-policy descriptor (an
+          // illegal instruction; tests/gpu/NOTES.md run 25). The hint was measured worth
+          // nothing on the decode kernel (FLAGS & 1, run 6).
+          CpAsync16(SmemAddr(ring_w + slot), wp + h * up_w + i * cs * 32, true);
+        } else {
+          CpAsync16Hint(SmemAddr(ring_w + slot), wp + h * up_w + i * cs * 32, true, policy);
+        }
+        const uint32_t* zg = zs_row + h * up_z + ((kt + 64 * cs * i) >> group_shift) * 16;
         CpAsync4(SmemAddr(&ring_z[slot].x), zg);
         CpAsync4(SmemAddr(&ring_z[slot].y), zg + 8);
       }
@@ -368,20 +493,25 @@ __global__ void __launch_bounds__(512)
 #pragma unroll
     for (int s = 0; s < KPF; ++s) fill(s);
     if constexpr ((FLAGS & 4) != 0) WaitForPriorGrid();
+    if constexpr (fused) prefetch_epilogue();
     for (int i = 0; i < nch; ++i) {
       uint4 xa[TT], xb[TT];
       load_x(i, xa, xb);  // issued before the wait: its latency hides behind the weight's
-      CpAsyncWait<KPF - 1>();
-      const int slot = (i % KPF) * blockDim.x + threadIdx.x;
-      const uint4 w = ring_w[slot];
-      const uint2 z = ring_z[slot];
-      const GroupConsts gc = MakeGroupConsts(z.x, z.y);
-      uint32_t a[4][4];
-      dequant(w, gc, a);
-      // The slot's refill, after the reads above have been consumed (in-order issue: the
-      // thread's shared reads of the slot are complete before its next copy into it starts).
-      fill(i + KPF);
-      multiply(a, gc, xa, xb);
+#pragma unroll
+      for (int h = 0; h < kTiles; ++h) {
+        const int j = i * kTiles + h;
+        CpAsyncWait<KPF - 1>();
+        const int slot = (j % KPF) * blockDim.x + threadIdx.x;
+        const uint4 w = ring_w[slot];
+        const uint2 z = ring_z[slot];
+        const GroupConsts gc = MakeGroupConsts(z.x, z.y);
+        uint32_t a[4][4];
+        dequant(w, gc, a);
+        // The slot's refill, after the reads above have been consumed (in-order issue: the
+        // thread's shared reads of the slot are complete before its next copy into it starts).
+        fill(j + KPF);
+        multiply(a, gc, xa, xb, acc[h]);
+      }
     }
     CpAsyncWait<0>();  // no copy outlives the block (all of them are empty groups by now)
   } else {
@@ -416,31 +546,67 @@ __global__ void __launch_bounds__(512)
           }
           uint32_t a[4][4];
           dequant(w, gc, a);
-          multiply(a, gc, xa, xb);
+          multiply(a, gc, xa, xb, acc[0]);
         }
       }
     }
   }
 
-  if (warps > 1) {
-    if (warp > 0) {
-      float* p = partial + (warp - 1) * TT * 4 * 32 + lane;
+  if (warps > 1 && warp > 0) {
+    float* p = partial + (warp - 1) * kAcc * 32 + lane;
+#pragma unroll
+    for (int h = 0; h < kTiles; ++h)
 #pragma unroll
       for (int tt = 0; tt < TT; ++tt)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) p[(tt * 4 + r) * 32] = acc[tt][r];
-    }
-    __syncthreads();
-    if (warp > 0) return;
-    for (int w = 0; w < warps - 1; ++w) {
-      const float* p = partial + w * TT * 4 * 32 + lane;
+        for (int r = 0; r < 4; ++r) p[((h * TT + tt) * 4 + r) * 32] = acc[h][tt][r];
+  }
+  // The folded RMSNorm's per-token scale (DecodeFusionArgs), by every warp, after the main loop:
+  // the partial sums were written by the kernel before this one, so they are read after
+  // WaitForPriorGrid, and reading them here keeps their latency off the weight stream.
+  __shared__ float row_scale[fused ? 8 * TT : 1];
+  const bool scaled = fused && fusion.x_sumsq != nullptr;
+  if (scaled) {
+    for (int j = warp; j < 8 * TT; j += warps) {
+      const int tok = tok0 + j;
+      float s = 0.0f;
+      if (tok < m) {
+        // Eight independent loads in flight per lane (256 partials a token at hidden 4096).
+        const float* parts = fusion.x_sumsq + static_cast<size_t>(tok) * fusion.x_parts;
+#pragma unroll 8
+        for (int p = lane; p < fusion.x_parts; p += 32) s += parts[p];
+      }
 #pragma unroll
-      for (int tt = 0; tt < TT; ++tt)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) acc[tt][r] += p[(tt * 4 + r) * 32];
+      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (lane == 0) row_scale[j] = fusion.x_inv_c / sqrtf(s / static_cast<float>(k) + fusion.x_eps);
     }
   }
-  StoreTile<TT>(acc, bias, y, m, n, tile, tok0, g, t);
+  if (warps > 1 || scaled) __syncthreads();
+  if (warp > 0) return;
+  for (int w = 0; w < warps - 1; ++w) {
+    const float* p = partial + w * kAcc * 32 + lane;
+#pragma unroll
+    for (int h = 0; h < kTiles; ++h)
+#pragma unroll
+      for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[h][tt][r] += p[((h * TT + tt) * 4 + r) * 32];
+  }
+  if (scaled) {
+#pragma unroll
+    for (int h = 0; h < kTiles; ++h)
+#pragma unroll
+      for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[h][tt][r] *= row_scale[tt * 8 + 2 * t + (r & 1)];
+  }
+  if constexpr (gated) {
+    StoreGatedTile<TT>(acc[0], acc[1], bias, y, m, n, tile, gridDim.x, tok0, g, t);
+  } else if (fused && fusion.norm_weight != nullptr) {
+    StoreResidualTile<TT>(acc[0], bias, y, m, n, tile, tok0, g, t, fusion);
+  } else {
+    StoreTile<TT>(acc[0], bias, y, m, n, tile, tok0, g, t);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -739,7 +905,8 @@ int DeviceMajor(int device) {
 // and, for the ring (FLAGS & 8), KPF slots of 16 + 8 bytes per thread.
 template <int TT, int KPF, int FLAGS>
 constexpr size_t DecodeSmemBytes(int warps) {
-  return static_cast<size_t>(warps - 1) * TT * 4 * 32 * 4 +
+  constexpr int kTiles = (FLAGS & 16) != 0 ? 2 : 1;
+  return static_cast<size_t>(warps - 1) * kTiles * TT * 4 * 32 * 4 +
          ((FLAGS & 8) != 0 ? static_cast<size_t>(KPF) * 32 * warps * (16 + 8) : 0);
 }
 
@@ -846,8 +1013,10 @@ constexpr int kRingDepth = 8;
 template <int TT, int KPF, int FLAGS = 0>
 cudaError_t LaunchDecode(const W4A16Layout& l, const uint16_t* x, const uint32_t* qw,
                          const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
-                         cudaStream_t stream, int warps = 0, bool allow_fold = true) {
-  const int n_tiles = static_cast<int>(l.n_pad / 16);
+                         cudaStream_t stream, int warps = 0, const W4A16Fusion* fusion = nullptr,
+                         bool allow_pdl = true) {
+  // Gated: one block per (gate tile, up tile) pair (the caller checked n % 32 == 0).
+  const int n_tiles = static_cast<int>(l.n_pad / ((FLAGS & 16) != 0 ? 32 : 16));
   const int k_chunks = static_cast<int>(l.k_pad / 64);
   const int64_t tok_blocks = (m + 8 * TT - 1) / (8 * TT);
   int device = 0;
@@ -863,13 +1032,25 @@ cudaError_t LaunchDecode(const W4A16Layout& l, const uint16_t* x, const uint32_t
   const bool x_vec = l.k % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   const size_t smem = DecodeSmemBytes<TT, KPF, FLAGS>(warps);
   // FLAGS & 4: the programmatic launch, on sm_90 and a stream of the caller's own (LaunchKernel).
-  const bool dependent = (FLAGS & 4) != 0 && DeviceMajor(device) >= 9;
+  const bool dependent = (FLAGS & 4) != 0 && allow_pdl && DeviceMajor(device) >= 9;
+  DecodeFusionArgs args = {};
+  args.x_inv_c = args.norm_c = 1.0f;
+  if (fusion != nullptr) {
+    args.x_sumsq = fusion->x_sumsq;
+    args.x_parts = static_cast<int>(fusion->x_sumsq_parts);
+    args.x_eps = fusion->x_eps;
+    args.x_inv_c = 1.0f / fusion->x_norm_c;
+    args.norm_weight = reinterpret_cast<const __half*>(fusion->norm_weight);
+    args.norm_c = fusion->norm_c;
+    args.normed = reinterpret_cast<__half*>(fusion->normed);
+    args.sumsq = fusion->sumsq;
+  }
   NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(
       dependent, W4A16DecodeKernel<TT, KPF, FLAGS>, grid, 32 * warps, smem, stream,
       reinterpret_cast<const __half*>(x), reinterpret_cast<const uint4*>(qw), zs, bias,
       reinterpret_cast<__half*>(y), static_cast<int>(m), static_cast<int>(l.n),
       static_cast<int>(l.k), static_cast<int>(l.n_pad), k_chunks, per, group_shift, x_vec,
-      allow_fold && l.group >= 64));
+      l.group >= 64, args));
   return cudaSuccess;
 }
 
@@ -877,7 +1058,23 @@ cudaError_t LaunchDecode(const W4A16Layout& l, const uint16_t* x, const uint32_t
 // kernel gives cudaErrorInvalidValue.
 cudaError_t LaunchDecodeKernel(W4A16Kernel kernel, const W4A16Layout& l, const uint16_t* x,
                                const uint32_t* qw, const uint32_t* zs, const float* bias,
-                               uint16_t* y, int64_t m, cudaStream_t stream, int warps) {
+                               uint16_t* y, int64_t m, cudaStream_t stream, int warps,
+                               const W4A16Fusion* fusion = nullptr) {
+  if (fusion != nullptr) {
+    // The ring kernels only. The gated kernel is instantiated once, with the PDL wait (a no-op
+    // when launched plainly: dependent_launch.h), and launched as `kernel` asks.
+    if (kernel != W4A16Kernel::kDecode8Ring && kernel != W4A16Kernel::kDecode8RingPdl) {
+      return cudaErrorInvalidValue;
+    }
+    if (fusion->gated) {
+      return LaunchDecode<1, kRingDepth, 12 | 16>(l, x, qw, zs, bias, y, m, stream, warps, fusion,
+                                                  kernel == W4A16Kernel::kDecode8RingPdl);
+    }
+    return kernel == W4A16Kernel::kDecode8Ring
+               ? LaunchDecode<1, kRingDepth, 8 | 32>(l, x, qw, zs, bias, y, m, stream, warps, fusion)
+               : LaunchDecode<1, kRingDepth, 12 | 32>(l, x, qw, zs, bias, y, m, stream, warps,
+                                                       fusion);
+  }
   switch (kernel) {
     case W4A16Kernel::kDecode8:
       return LaunchDecode<1, 4>(l, x, qw, zs, bias, y, m, stream, warps);
@@ -948,6 +1145,45 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
     default:
       return Launch<8, 4, 2>(layout, x, qw, zs, bias, y, m, stream);
   }
+}
+
+cudaError_t MatMulW4A16Fused(const W4A16Layout& layout, const uint16_t* x, const uint32_t* qw,
+                             const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
+                             cudaStream_t stream, W4A16Kernel kernel, const W4A16Fusion& fusion) {
+  if (const char* why = CheckW4A16Fusion(layout, fusion)) {
+    std::fprintf(stderr, "%s:%d: MatMulW4A16Fused: %s\n", __FILE__, __LINE__, why);
+    return cudaErrorInvalidValue;
+  }
+  if (m < 0 || m > (int64_t{1} << 30) || layout.k_pad * layout.n_pad > (int64_t{1} << 40)) {
+    return cudaErrorInvalidValue;
+  }
+  if (m == 0) return cudaSuccess;
+  return LaunchDecodeKernel(kernel, layout, x, qw, zs, bias, y, m, stream, 0, &fusion);
+}
+
+const char* CheckW4A16Fusion(const W4A16Layout& layout, const W4A16Fusion& fusion) {
+  if (const char* why = CheckW4A16Shape(layout.n, layout.k, layout.group)) return why;
+  if (fusion.gated && layout.n % 32 != 0) {
+    return "the gated product needs out-features (gate and up stacked) a multiple of 32";
+  }
+  if (fusion.gated && fusion.norm_weight != nullptr) {
+    return "the gated product has no residual epilogue";
+  }
+  if (fusion.norm_weight != nullptr && (fusion.normed == nullptr || fusion.sumsq == nullptr)) {
+    return "the residual epilogue needs normed and sumsq";
+  }
+  if (fusion.x_sumsq != nullptr &&
+      (fusion.x_sumsq_parts <= 0 || fusion.x_sumsq_parts > (int64_t{1} << 24))) {
+    return "x_sumsq_parts out of range";
+  }
+  const auto power_of_two = [](float c) {
+    int e = 0;
+    return c > 0.0f && std::isfinite(c) && std::frexp(c, &e) == 0.5f;
+  };
+  if (!power_of_two(fusion.x_norm_c) || !power_of_two(fusion.norm_c)) {
+    return "the norm weight factors must be powers of two";
+  }
+  return nullptr;
 }
 
 cudaError_t MatMulW4A16WithWarps(const W4A16Layout& layout, const uint16_t* x,

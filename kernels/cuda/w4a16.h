@@ -76,6 +76,45 @@ cudaError_t MatMulW4A16WithWarps(const W4A16Layout& layout, const uint16_t* x,
                                  uint16_t* y, int64_t m, cudaStream_t stream, W4A16Kernel kernel,
                                  int warps);
 
+// The decode step's element-wise kernels folded into its products (m <= 8, the ring kernels).
+// The engine uses them where kernels launch without PDL (before sm_90): on the H100 with PDL
+// the kernels they replace already overlap the next product's first loads, and the fused step
+// measured slower there (tests/gpu/NOTES.md run 25). Each part is off when its pointer is null
+// (gated: false); gated and the residual epilogue exclude each other.
+struct W4A16Fusion {
+  // The RMSNorm of the activations, folded: x[tok] holds fp16(r * (norm_weight * x_norm_c)) of a
+  // residual row r (as the residual epilogue below writes it) and x_sumsq[tok * x_sumsq_parts +
+  // p] the partial sums of r^2 (its sumsq); y = (x · Wᵀ) / (x_norm_c * sqrt(sum / k + x_eps))
+  // + bias, the per-token scale applied to the fp32 sums. Up to fp16 rounding of the
+  // activations, RmsNorm(r) then the product.
+  const float* x_sumsq = nullptr;
+  int64_t x_sumsq_parts = 0;
+  float x_eps = 0.0f;
+  float x_norm_c = 1.0f;  // a power of two
+  // The stacked [gate | up] product (n = 2 * ffn, n % 32 == 0): y [m, n / 2] = silu(gate) * up
+  // of the fp16-rounded gate and up, as SiluMul (ops.h) forms it, without the [m, n]
+  // intermediate.
+  bool gated = false;
+  // The residual add and the next norm's inputs: y, the residual stream [m, n], is read and
+  // y = fp16(y + fp16(x · Wᵀ + bias)) written (AddRmsNorm's x, bit for bit); normed [m, n] =
+  // fp16(y * (norm_weight * norm_c)) and sumsq [m, n_pad / 16] the sums of y^2 over each 16
+  // features: the next product's x and x_sumsq. norm_c, a power of two with
+  // |norm_weight * norm_c| <= 1, keeps normed finite (|y| is).
+  const uint16_t* norm_weight = nullptr;
+  float norm_c = 1.0f;
+  uint16_t* normed = nullptr;
+  float* sumsq = nullptr;
+};
+
+// nullptr when `fusion` fits the layout, else what is wrong.
+const char* CheckW4A16Fusion(const W4A16Layout& layout, const W4A16Fusion& fusion);
+
+// MatMulW4A16 with `fusion`; kernel kDecode8Ring or kDecode8RingPdl (others:
+// cudaErrorInvalidValue), any m (the engine passes m <= 8).
+cudaError_t MatMulW4A16Fused(const W4A16Layout& layout, const uint16_t* x, const uint32_t* qw,
+                             const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
+                             cudaStream_t stream, W4A16Kernel kernel, const W4A16Fusion& fusion);
+
 // w[r, c] = (q - zero) * scale of the weight in the device layout, rounded to fp16, for r < n,
 // c < k: w row-major [n, k] (fully written). For large m the engine multiplies this with
 // cuBLAS (a dense GEMM's tensor-core throughput beats re-reading the 4-bit weight per tile of

@@ -28,7 +28,9 @@
 #     NIBBLE_FULL_PREBUILT=1 skips configure, build and ctest: BUILD_DIR then holds binaries
 #     built elsewhere for this host and carried (bin/, and test-models/ from the fixtures).
 #     NIBBLE_DEVICE_SAMPLING_FILTER (default '*Sampled*'): which gpu_engine_test cases run a
-#     second time with NIBBLE_CUDA_DEVICE_SAMPLING=0 (the device sampler off).
+#     second time with NIBBLE_CUDA_DEVICE_SAMPLING=0 (the device sampler off);
+#     NIBBLE_NO_PDL_FILTER (default '*Paged*:*Synthetic*'): which run again with
+#     NIBBLE_CUDA_PDL=0 (plain launches and the decode step's fused products).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -174,6 +176,12 @@ full_build() {
       NIBBLE_CUDA_DEVICE_SAMPLING=0 NIBBLE_TEST_MODELS="$build/test-models" NIBBLE_SHARED_DIR="$data" \
         timeout "${NIBBLE_ENGINE_TEST_TIMEOUT:-240}" "$build/bin/gpu_engine_test" \
         --gtest_filter="${NIBBLE_DEVICE_SAMPLING_FILTER:-*Sampled*}" >> "$logs/engine_test.log" 2>&1 || rc=$?
+      # The decode path of devices without PDL (the Jetson Orin, the A100) on this card: plain
+      # launches, and the products with the norms, residual adds and SiLU·mul folded in
+      # (kernels/cuda/w4a16.h W4A16Fusion), which the engine uses only there.
+      NIBBLE_CUDA_PDL=0 NIBBLE_TEST_MODELS="$build/test-models" NIBBLE_SHARED_DIR="$data" \
+        timeout "${NIBBLE_ENGINE_TEST_TIMEOUT:-240}" "$build/bin/gpu_engine_test" \
+        --gtest_filter="${NIBBLE_NO_PDL_FILTER:-*Paged*:*Synthetic*}" >> "$logs/engine_test.log" 2>&1 || rc=$?
       engine_status="exit $rc"
     fi
     # The AWQ search on the GPU against the CPU's, over the same fixtures.
