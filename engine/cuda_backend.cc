@@ -144,7 +144,7 @@ absl::StatusOr<std::vector<DeviceLinear>> UploadGroup(const std::vector<const Li
 
 struct DeviceLayer {
   DeviceMemory attention_norm, ffn_norm;  // fp16 [hidden]
-  // Powers of two that bring each norm weight's largest magnitude to <= 1 (NormWeightFactor):
+  // Powers of two that bring each norm weight's largest magnitude into (0.5, 1] (NormWeightFactor):
   // the decode step's folded norms (kc::W4A16Fusion) write fp16(x * w * c), finite whatever w.
   float attention_norm_c = 1.0f, ffn_norm_c = 1.0f;
   std::vector<DeviceLinear> qkv;          // stacked q;k;v, or q, k, v
@@ -448,17 +448,18 @@ class CudaBackend final : public Backend {
     return DeviceMemory::Upload(half.data(), half.size() * 2, name + " norm");
   }
 
-  // 2^-e for the smallest e >= 0 with max |fp16(w)| <= 2^e (1 for an empty or non-finite
-  // weight: the fused step then checks nothing more than the unfused one would).
+  // The power of two c that brings the largest |fp16(w)| into (0.5, 1] (1 for an all-zero or
+  // non-finite weight): |x * w * c| <= |x| stays finite, and as large as that allows, away
+  // from fp16's subnormal range (kc::W4A16Fusion).
   static float NormWeightFactor(const std::vector<float>& weight) {
     float largest = 0.0f;
     for (const uint16_t h : ToHalf(weight)) {
       largest = std::max(largest, std::fabs(kernels::cpu::HalfToFloat(h)));
     }
-    if (!(largest > 1.0f) || !std::isfinite(largest)) return 1.0f;
+    if (!(largest > 0.0f) || !std::isfinite(largest)) return 1.0f;
     int e = 0;
-    std::frexp(largest, &e);  // largest = f * 2^e, f in [0.5, 1)
-    return std::ldexp(1.0f, -e);
+    const float f = std::frexp(largest, &e);  // largest = f * 2^e, f in [0.5, 1)
+    return std::ldexp(1.0f, f == 0.5f ? 1 - e : -e);  // 2^(e-1) exactly: c = 2^(1-e), w * c = 1
   }
 
   // Row-major y[m, out] = x[m, in] · W[out, in]ᵀ with cuBLAS (fp16 in, fp32 accumulation, y

@@ -162,14 +162,28 @@ __device__ __forceinline__ void ForEachTileOutput(int m, int n, int tile, int to
   }
 }
 
-// Writes a 16-feature tile's accumulators (+ bias) to y as fp16.
+// Writes a 16-feature tile's accumulators (+ bias) to y as fp16. (Its own loop rather than
+// ForEachTileOutput's: this form, with the bias read once per row, is the one the GEMM and
+// decode kernels were measured with; the lambda form reads it per output and changed their
+// code, tests/gpu/NOTES.md run 25.)
 template <int TT>
 __device__ __forceinline__ void StoreTile(const float (&acc)[TT][4], const float* bias, __half* y,
                                           int m, int n, int tile, int tok0, int g, int t) {
-  ForEachTileOutput<TT>(m, n, tile, tok0, g, t, [&](int tt, int r, int tk, int row) {
-    const float b = bias != nullptr ? bias[row] : 0.0f;
-    y[static_cast<size_t>(tk) * n + row] = __float2half_rn(acc[tt][r] + b);
-  });
+  const int row0 = tile * 16 + g, row1 = row0 + 8;
+  const float b0 = bias != nullptr && row0 < n ? bias[row0] : 0.0f;
+  const float b1 = bias != nullptr && row1 < n ? bias[row1] : 0.0f;
+#pragma unroll
+  for (int tt = 0; tt < TT; ++tt) {
+    const int tok = tok0 + tt * 8 + 2 * t;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int tk = tok + (r & 1);
+      const int row = r < 2 ? row0 : row1;
+      if (tk < m && row < n) {
+        y[static_cast<size_t>(tk) * n + row] = __float2half_rn(acc[tt][r] + (r < 2 ? b0 : b1));
+      }
+    }
+  }
 }
 
 // The decode kernel's fusions (W4A16Fusion in w4a16.h, as the kernel reads it): x_sumsq null
@@ -318,7 +332,8 @@ __global__ void __launch_bounds__(32 * WN * WK)
   StoreTile<TT>(acc, bias, y, m, n, tile, tok0, g, t);
 }
 
-// The decode kernel (m <= 64): one 16-feature tile per block (grid.x), 8 * TT tokens per block
+// The decode kernel (m <= 64): one 16-feature tile per block (grid.x; the gated kernel: a gate
+// tile and its up tile), 8 * TT tokens per block
 // row (grid.y), the k chunks split into contiguous runs over the block's `warps` warps (chosen at
 // run time so that all blocks are resident at once where possible: LaunchDecode). Each warp keeps
 // KPF chunks in flight: the 16-byte weight load *and* the two scale/zero words of that chunk's
@@ -344,9 +359,12 @@ __global__ void __launch_bounds__(512)
   // [KPF][threads] scale/zero pairs (DecodeSmemBytes): the partial sums first, except in the
   // gated kernel. There ptxas (CUDA 13.0, sm_90) addressed the first cp.async from a uniform
   // register it never set (compute-sanitizer: shared writes at -1 KB; tests/gpu/NOTES.md run
-  // 25; see also the gated fill below), so its ring comes first, at a constant address. The
-  // others keep the order they were measured in: ring-first ran them 5-9 % slower (run 25).
-  extern __shared__ uint4 decode_smem[];
+  // 25; see also the gated fill below), so its ring comes first, at a constant address.
+  // The two declarations (the same memory) and the two stores below keep each kernel's machine
+  // code as it was measured and tested: the plain kernels' as before the fusions (run 24),
+  // the fused kernels' as in run 25f (sm_90 cubins compared instruction for instruction).
+  extern __shared__ float decode_smem[];
+  extern __shared__ uint4 fused_smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const int g = lane / 4, t = lane % 4;
   const int tile = blockIdx.x;
@@ -356,7 +374,7 @@ __global__ void __launch_bounds__(512)
   // 2 = chunks interleaved over the block's warps (both measured no faster on the H100, NOTES.md
   // run 6), 8 = the shared-memory ring, 16 = gated (with the ring only): the block multiplies
   // two tiles, gate tile blockIdx.x and up tile blockIdx.x + gridDim.x of the stacked
-  // [gate | up] weight, with the same activations, and writes silu(gate) * up (DecodeEpilogue).
+  // [gate | up] weight, with the same activations, and writes silu(gate) * up (StoreGatedTile).
   constexpr bool interleave = (FLAGS & 2) != 0, no_hint = (FLAGS & 1) != 0;
   constexpr bool ring = (FLAGS & 8) != 0;
   constexpr bool gated = (FLAGS & 16) != 0;
@@ -463,10 +481,11 @@ __global__ void __launch_bounds__(512)
     }
   };
   constexpr bool ring_first = gated;
-  float* partial = reinterpret_cast<float*>(ring_first ? decode_smem + KPF * blockDim.x * 3 / 2
-                                                       : decode_smem);
+  float* partial = !fused ? decode_smem
+                          : reinterpret_cast<float*>(ring_first ? fused_smem + KPF * blockDim.x * 3 / 2
+                                                                : fused_smem);
   if constexpr (ring) {
-    uint4* ring_w = ring_first ? decode_smem : reinterpret_cast<uint4*>(partial + (warps - 1) * kAcc * 32);
+    uint4* ring_w = ring_first ? fused_smem : reinterpret_cast<uint4*>(partial + (warps - 1) * kAcc * 32);
     uint2* ring_z = reinterpret_cast<uint2*>(ring_w + KPF * blockDim.x);
     // Item j = tile j % kTiles of chunk j / kTiles (if any) into slot j % KPF; one commit group
     // per item, empty past the end, so that "at most KPF - 1 groups in flight" always means
@@ -552,60 +571,89 @@ __global__ void __launch_bounds__(512)
     }
   }
 
-  if (warps > 1 && warp > 0) {
-    float* p = partial + (warp - 1) * kAcc * 32 + lane;
+  if constexpr (!fused) {
+    // Partial sums of the warps meet in shared memory; warp 0 writes y.
+    if (warps > 1) {
+      if (warp > 0) {
+        float* p = partial + (warp - 1) * TT * 4 * 32 + lane;
 #pragma unroll
-    for (int h = 0; h < kTiles; ++h)
+        for (int tt = 0; tt < TT; ++tt)
 #pragma unroll
-      for (int tt = 0; tt < TT; ++tt)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) p[((h * TT + tt) * 4 + r) * 32] = acc[h][tt][r];
-  }
-  // The folded RMSNorm's per-token scale (DecodeFusionArgs), by every warp, after the main loop:
-  // the partial sums were written by the kernel before this one, so they are read after
-  // WaitForPriorGrid, and reading them here keeps their latency off the weight stream.
-  __shared__ float row_scale[fused ? 8 * TT : 1];
-  const bool scaled = fused && fusion.x_sumsq != nullptr;
-  if (scaled) {
-    for (int j = warp; j < 8 * TT; j += warps) {
-      const int tok = tok0 + j;
-      float s = 0.0f;
-      if (tok < m) {
-        // Eight independent loads in flight per lane (256 partials a token at hidden 4096).
-        const float* parts = fusion.x_sumsq + static_cast<size_t>(tok) * fusion.x_parts;
-#pragma unroll 8
-        for (int p = lane; p < fusion.x_parts; p += 32) s += parts[p];
+          for (int r = 0; r < 4; ++r) p[(tt * 4 + r) * 32] = acc[0][tt][r];
       }
+      __syncthreads();
+      if (warp > 0) return;
+      for (int w = 0; w < warps - 1; ++w) {
+        const float* p = partial + w * TT * 4 * 32 + lane;
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (lane == 0) row_scale[j] = fusion.x_inv_c / sqrtf(s / static_cast<float>(k) + fusion.x_eps);
+        for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[0][tt][r] += p[(tt * 4 + r) * 32];
+      }
     }
-  }
-  if (warps > 1 || scaled) __syncthreads();
-  if (warp > 0) return;
-  for (int w = 0; w < warps - 1; ++w) {
-    const float* p = partial + w * kAcc * 32 + lane;
-#pragma unroll
-    for (int h = 0; h < kTiles; ++h)
-#pragma unroll
-      for (int tt = 0; tt < TT; ++tt)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) acc[h][tt][r] += p[((h * TT + tt) * 4 + r) * 32];
-  }
-  if (scaled) {
-#pragma unroll
-    for (int h = 0; h < kTiles; ++h)
-#pragma unroll
-      for (int tt = 0; tt < TT; ++tt)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) acc[h][tt][r] *= row_scale[tt * 8 + 2 * t + (r & 1)];
-  }
-  if constexpr (gated) {
-    StoreGatedTile<TT>(acc[0], acc[1], bias, y, m, n, tile, gridDim.x, tok0, g, t);
-  } else if (fused && fusion.norm_weight != nullptr) {
-    StoreResidualTile<TT>(acc[0], bias, y, m, n, tile, tok0, g, t, fusion);
-  } else {
     StoreTile<TT>(acc[0], bias, y, m, n, tile, tok0, g, t);
+  } else {
+    if (warps > 1 && warp > 0) {
+      float* p = partial + (warp - 1) * kAcc * 32 + lane;
+#pragma unroll
+      for (int h = 0; h < kTiles; ++h)
+#pragma unroll
+        for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) p[((h * TT + tt) * 4 + r) * 32] = acc[h][tt][r];
+    }
+    // The folded RMSNorm's per-token scale (DecodeFusionArgs), by every warp, after the main
+    // loop: the partial sums were written by the kernel before this one, so they are read after
+    // WaitForPriorGrid (asked into L1 then: prefetch_epilogue), and reading them here keeps
+    // their latency off the weight stream.
+    __shared__ float row_scale[8 * TT];
+    const bool scaled = fusion.x_sumsq != nullptr;
+    if (scaled) {
+      for (int j = warp; j < 8 * TT; j += warps) {
+        const int tok = tok0 + j;
+        float s = 0.0f;
+        if (tok < m) {
+          // Eight independent loads in flight per lane (256 partials a token at hidden 4096).
+          const float* parts = fusion.x_sumsq + static_cast<size_t>(tok) * fusion.x_parts;
+#pragma unroll 8
+          for (int p = lane; p < fusion.x_parts; p += 32) s += parts[p];
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) {
+          row_scale[j] = fusion.x_inv_c / sqrtf(s / static_cast<float>(k) + fusion.x_eps);
+        }
+      }
+    }
+    if (warps > 1 || scaled) __syncthreads();
+    if (warp > 0) return;
+    for (int w = 0; w < warps - 1; ++w) {
+      const float* p = partial + w * kAcc * 32 + lane;
+#pragma unroll
+      for (int h = 0; h < kTiles; ++h)
+#pragma unroll
+        for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[h][tt][r] += p[((h * TT + tt) * 4 + r) * 32];
+    }
+    if (scaled) {
+#pragma unroll
+      for (int h = 0; h < kTiles; ++h)
+#pragma unroll
+        for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[h][tt][r] *= row_scale[tt * 8 + 2 * t + (r & 1)];
+    }
+    if constexpr (gated) {
+      StoreGatedTile<TT>(acc[0], acc[1], bias, y, m, n, tile, gridDim.x, tok0, g, t);
+    } else if (fusion.norm_weight != nullptr) {
+      StoreResidualTile<TT>(acc[0], bias, y, m, n, tile, tok0, g, t, fusion);
+    } else {
+      ForEachTileOutput<TT>(m, n, tile, tok0, g, t, [&](int tt, int r, int tk, int row) {
+        const float b = bias != nullptr ? bias[row] : 0.0f;
+        y[static_cast<size_t>(tk) * n + row] = __float2half_rn(acc[0][tt][r] + b);
+      });
+    }
   }
 }
 
@@ -911,8 +959,8 @@ constexpr size_t DecodeSmemBytes(int warps) {
 }
 
 // The most warps per block the decode kernel may launch with on `device` (16, or for the ring
-// as many as its shared memory fits: 16 need ~104 KB, more than the 99 KB per block of sm_86 /
-// sm_89 / sm_120 parts). For the ring it also raises the kernel's dynamic shared-memory limit to
+// as many as its shared memory fits: 16 need ~104 KB (the gated kernel ~111 KB), more than the
+// 99 KB per block of sm_86 / sm_89 / sm_120 parts). For the ring it also raises the kernel's dynamic shared-memory limit to
 // that size (above the 48 KB default) and asks for the largest shared-memory carveout. Cached per
 // device ordinal (< 8; others every call). Returns 0 (the error cleared) if an attribute call
 // failed.
@@ -1150,11 +1198,17 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
 cudaError_t MatMulW4A16Fused(const W4A16Layout& layout, const uint16_t* x, const uint32_t* qw,
                              const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
                              cudaStream_t stream, W4A16Kernel kernel, const W4A16Fusion& fusion) {
-  if (const char* why = CheckW4A16Fusion(layout, fusion)) {
-    std::fprintf(stderr, "%s:%d: MatMulW4A16Fused: %s\n", __FILE__, __LINE__, why);
-    return cudaErrorInvalidValue;
+  const char* why = CheckW4A16Fusion(layout, fusion);
+  if (why == nullptr && kernel != W4A16Kernel::kDecode8Ring &&
+      kernel != W4A16Kernel::kDecode8RingPdl) {
+    why = "the fusions run on kDecode8Ring or kDecode8RingPdl only";
   }
-  if (m < 0 || m > (int64_t{1} << 30) || layout.k_pad * layout.n_pad > (int64_t{1} << 40)) {
+  if (why == nullptr &&
+      (m < 0 || m > (int64_t{1} << 30) || layout.k_pad * layout.n_pad > (int64_t{1} << 40))) {
+    why = "m or the weight's size out of range";
+  }
+  if (why != nullptr) {
+    std::fprintf(stderr, "%s:%d: MatMulW4A16Fused: %s\n", __FILE__, __LINE__, why);
     return cudaErrorInvalidValue;
   }
   if (m == 0) return cudaSuccess;
@@ -1172,9 +1226,8 @@ const char* CheckW4A16Fusion(const W4A16Layout& layout, const W4A16Fusion& fusio
   if (fusion.norm_weight != nullptr && (fusion.normed == nullptr || fusion.sumsq == nullptr)) {
     return "the residual epilogue needs normed and sumsq";
   }
-  if (fusion.x_sumsq != nullptr &&
-      (fusion.x_sumsq_parts <= 0 || fusion.x_sumsq_parts > (int64_t{1} << 24))) {
-    return "x_sumsq_parts out of range";
+  if (fusion.x_sumsq != nullptr && fusion.x_sumsq_parts != (layout.k + 15) / 16) {
+    return "x_sumsq_parts must be ceil(k / 16): one partial sum per 16 in-features";
   }
   const auto power_of_two = [](float c) {
     int e = 0;

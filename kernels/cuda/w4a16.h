@@ -5,7 +5,8 @@
 //
 // Ownership: the kernels own nothing and allocate nothing; every pointer is device memory the
 // caller keeps alive until the stream has run the work. x is row-major [m, k], y row-major
-// [m, n] (fully written, never read), bias fp32 [n] or null. Any k (partial last group);
+// [m, n] (fully written, never read; MatMulW4A16Fused: as its W4A16Fusion says), bias fp32 [n]
+// or null. Any k (partial last group);
 // n a multiple of 8 (CheckW4A16Shape).
 // workspace (optional, device memory, 16-byte aligned, contents not kept): the GEMM kernels'
 // split-k partial sums (fp32, splits x m x n); it must not be in use by other work on other
@@ -77,6 +78,10 @@ cudaError_t MatMulW4A16WithWarps(const W4A16Layout& layout, const uint16_t* x,
                                  int warps);
 
 // The decode step's element-wise kernels folded into its products (m <= 8, the ring kernels).
+// Precision: x = fp16(r * w * c) is rounded before the per-token normalization, so a residual
+// row of very small magnitude (|r * w * c| near fp16's subnormal range, ~6e-5) keeps fewer bits
+// than RmsNorm's fp16(r / rms * w) would; c scales the norm weight's largest |w * c| into
+// (0.5, 1], which keeps it finite and as far from that range as the residual allows.
 // The engine uses them where kernels launch without PDL (before sm_90): on the H100 with PDL
 // the kernels they replace already overlap the next product's first loads, and the fused step
 // measured slower there (tests/gpu/NOTES.md run 25). Each part is off when its pointer is null
@@ -84,7 +89,7 @@ cudaError_t MatMulW4A16WithWarps(const W4A16Layout& layout, const uint16_t* x,
 struct W4A16Fusion {
   // The RMSNorm of the activations, folded: x[tok] holds fp16(r * (norm_weight * x_norm_c)) of a
   // residual row r (as the residual epilogue below writes it) and x_sumsq[tok * x_sumsq_parts +
-  // p] the partial sums of r^2 (its sumsq); y = (x · Wᵀ) / (x_norm_c * sqrt(sum / k + x_eps))
+  // p] the partial sums of r^2 (its sumsq; x_sumsq_parts = ceil(k / 16)); y = (x · Wᵀ) / (x_norm_c * sqrt(sum / k + x_eps))
   // + bias, the per-token scale applied to the fp32 sums. Up to fp16 rounding of the
   // activations, RmsNorm(r) then the product.
   const float* x_sumsq = nullptr;
