@@ -370,11 +370,12 @@ __global__ void __launch_bounds__(512)
   const int tile = blockIdx.x;
   const int tok0 = blockIdx.y * 8 * TT;
   // Chunks c0 + cs * i, i < nch: a contiguous run per warp, or (flags & 2) interleaved.
-  // FLAGS (0, 4, 8, 12, 28, 40 and 44 are instantiated): 1 = weight loads without the evict-first hint,
-  // 2 = chunks interleaved over the block's warps (both measured no faster on the H100, NOTES.md
-  // run 6), 8 = the shared-memory ring, 16 = gated (with the ring only): the block multiplies
-  // two tiles, gate tile blockIdx.x and up tile blockIdx.x + gridDim.x of the stacked
-  // [gate | up] weight, with the same activations, and writes silu(gate) * up (StoreGatedTile).
+  // FLAGS (0, 4, 8, 12, 28, 40 and 44 are instantiated): 1 = weight loads without the
+  // evict-first hint, 2 = chunks interleaved over the block's warps (both measured no faster on
+  // the H100, NOTES.md run 6), 8 = the shared-memory ring, 16 = gated (with the ring only):
+  // the block multiplies two tiles, gate tile blockIdx.x and up tile blockIdx.x + gridDim.x of
+  // the stacked [gate | up] weight, with the same activations, and writes silu(gate) * up
+  // (StoreGatedTile).
   constexpr bool interleave = (FLAGS & 2) != 0, no_hint = (FLAGS & 1) != 0;
   constexpr bool ring = (FLAGS & 8) != 0;
   constexpr bool gated = (FLAGS & 16) != 0;
@@ -465,10 +466,9 @@ __global__ void __launch_bounds__(512)
   };
 
   constexpr int kAcc = kTiles * TT * 4;  // accumulators per thread
-  // After WaitForPriorGrid (the ring kernels, which take the fusions): the epilogue's inputs
-  // written by the kernels before (the folded norm's partial sums, the residual rows of this
-  // tile) asked into L1, so that the block's tail
-  // finds them there instead of waiting on L2 round trips after its main loop.
+  // After WaitForPriorGrid (the fused kernels): the epilogue's inputs written by the kernels
+  // before (the folded norm's partial sums, the residual rows of this tile) asked into L1, so
+  // that the block's tail finds them there instead of waiting on L2 round trips.
   const auto prefetch_epilogue = [&]() {
     if (fusion.x_sumsq != nullptr) {
       for (int j = warp; j < 8 * TT && tok0 + j < m; j += warps) {
@@ -481,11 +481,13 @@ __global__ void __launch_bounds__(512)
     }
   };
   constexpr bool ring_first = gated;
-  float* partial = !fused ? decode_smem
-                          : reinterpret_cast<float*>(ring_first ? fused_smem + KPF * blockDim.x * 3 / 2
-                                                                : fused_smem);
+  float* partial =
+      !fused ? decode_smem
+             : reinterpret_cast<float*>(ring_first ? fused_smem + KPF * blockDim.x * 3 / 2
+                                                   : fused_smem);
   if constexpr (ring) {
-    uint4* ring_w = ring_first ? fused_smem : reinterpret_cast<uint4*>(partial + (warps - 1) * kAcc * 32);
+    uint4* ring_w =
+        ring_first ? fused_smem : reinterpret_cast<uint4*>(partial + (warps - 1) * kAcc * 32);
     uint2* ring_z = reinterpret_cast<uint2*>(ring_w + KPF * blockDim.x);
     // Item j = tile j % kTiles of chunk j / kTiles (if any) into slot j % KPF; one commit group
     // per item, empty past the end, so that "at most KPF - 1 groups in flight" always means
@@ -960,9 +962,9 @@ constexpr size_t DecodeSmemBytes(int warps) {
 
 // The most warps per block the decode kernel may launch with on `device` (16, or for the ring
 // as many as its shared memory fits: 16 need ~104 KB (the gated kernel ~111 KB), more than the
-// 99 KB per block of sm_86 / sm_89 / sm_120 parts). For the ring it also raises the kernel's dynamic shared-memory limit to
-// that size (above the 48 KB default) and asks for the largest shared-memory carveout. Cached per
-// device ordinal (< 8; others every call). Returns 0 (the error cleared) if an attribute call
+// 99 KB per block of sm_86 / sm_89 / sm_120 parts). For the ring it also raises the kernel's
+// dynamic shared-memory limit to that size (above the 48 KB default) and asks for the largest
+// shared-memory carveout. Cached per device ordinal (< 8; others every call). Returns 0 (the error cleared) if an attribute call
 // failed.
 template <int TT, int KPF, int FLAGS>
 int PrepareDecodeKernel(int device) {
