@@ -931,12 +931,15 @@ class CudaBackend final : public Backend {
                                              hidden, eps, normed, stream_, dependent_launch_),
                               "the residual add and FFN norm");
       }
-      kc::W4A16Fusion gate_up_fusion = folded_input(ffn_sumsq, layer.ffn_norm_c);
-      if (!ffn_folded) gate_up_fusion.x_sumsq = nullptr;
-      if (Fusable(layer.gate_up, n) && layer.gate_up.size() == 1 && layer.gate_up[0].out % 32 == 0) {
-        gate_up_fusion.gated = true;
-        NIBBLE_RETURN_IF_ERROR(RunLinear(layer.gate_up[0], normed, n, act_.as<uint16_t>(),
-                                         &gate_up_fusion));
+      kc::W4A16Fusion gate_up_fusion;
+      if (ffn_folded) gate_up_fusion = folded_input(ffn_sumsq, layer.ffn_norm_c);
+      // Gated (silu(gate) * up written by the product) where the stacked weight allows it, as
+      // the kernels' own check says.
+      kc::W4A16Fusion gated = gate_up_fusion;
+      gated.gated = true;
+      if (Fusable(layer.gate_up, n) && layer.gate_up.size() == 1 &&
+          kc::CheckW4A16Fusion(layer.gate_up[0].layout, gated) == nullptr) {
+        NIBBLE_RETURN_IF_ERROR(RunLinear(layer.gate_up[0], normed, n, act_.as<uint16_t>(), &gated));
       } else {
         Part gate_up[2];
         NIBBLE_RETURN_IF_ERROR(RunGroup(layer.gate_up, gate_up_out, 2, normed, n,

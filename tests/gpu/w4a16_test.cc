@@ -39,6 +39,7 @@
 namespace cu = nibble::kernels::cuda;
 namespace cpu = nibble::kernels::cpu;
 using nibble::testing::DeviceBuffer;
+using nibble::testing::RandomHalf;
 
 namespace {
 
@@ -222,16 +223,6 @@ struct FusionCase {
   bool bias;
 };
 
-std::vector<uint16_t> RandomHalves(size_t count, float bound, std::mt19937& rng) {
-  std::uniform_real_distribution<float> dist(-bound, bound);
-  std::vector<uint16_t> v(count);
-  for (auto& h : v) {
-    do h = cpu::FloatToHalf(dist(rng));
-    while ((h & 0x7fff) == 0);
-  }
-  return v;
-}
-
 const char* FusedKernelName(cu::W4A16Kernel kernel) {
   return kernel == cu::W4A16Kernel::kDecode8RingPdl ? "decode8ringpdl" : "decode8ring";
 }
@@ -259,32 +250,48 @@ void RunFused(const RandomWeight& w, const uint16_t* x, uint16_t* y, int64_t m,
                                               kernel, fusion));
 }
 
+// The residual epilogue's norm weight (random in [-3, 3], c = 1/4) and its outputs normed [m, n]
+// and sumsq [m, ceil(n / 16)] on the device, NaN-poisoned; fusion() points a W4A16Fusion at them.
+struct ResidualOutputs {
+  ResidualOutputs(int64_t m, int64_t n, std::mt19937& rng)
+      : norm16(RandomHalf(rng, n, -3.0f, 3.0f)), d_norm(n), d_normed(m * n),
+        d_sumsq(m * ((n + 15) / 16)) {
+    d_norm.CopyFrom(norm16.data());
+    NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_normed.get(), 0xff, d_normed.bytes()));
+    NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_sumsq.get(), 0xff, d_sumsq.bytes()));
+  }
+  cu::W4A16Fusion fusion() const {
+    cu::W4A16Fusion f;
+    f.norm_weight = d_norm.get();
+    f.norm_c = norm_c;
+    f.normed = d_normed.get();
+    f.sumsq = d_sumsq.get();
+    return f;
+  }
+  static constexpr float norm_c = 0.25f;  // |norm| * c <= 1
+  std::vector<uint16_t> norm16;
+  DeviceBuffer<uint16_t> d_norm, d_normed;
+  DeviceBuffer<float> d_sumsq;
+};
+
 // The residual epilogue (the o and down products), launched twice back to back on one stream
 // (with PDL, the second starts while the first ends and must read the y the first wrote):
 // y = residual + product + product, normed = fp16(y * w * c) of the y written, sumsq its
 // per-16-feature sums of squares.
 int RunResidualCase(const FusionCase& c, cu::W4A16Kernel kernel, std::mt19937& rng) {
   const RandomWeight weight(c.n, c.k, c.group, rng);
-  const std::vector<uint16_t> x16 = RandomHalves(c.m * c.k, 1.0f, rng);
-  const std::vector<uint16_t> residual16 = RandomHalves(c.m * c.n, 4.0f, rng);
-  const std::vector<uint16_t> norm16 = RandomHalves(c.n, 3.0f, rng);
-  const float norm_c = 0.25f;  // |norm| * c <= 1
+  const std::vector<uint16_t> x16 = RandomHalf(rng, c.m * c.k, -1.0f, 1.0f);
+  const std::vector<uint16_t> residual16 = RandomHalf(rng, c.m * c.n, -4.0f, 4.0f);
+  const ResidualOutputs outputs(c.m, c.n, rng);
+  const std::vector<uint16_t>& norm16 = outputs.norm16;
+  const float norm_c = outputs.norm_c;
   std::vector<float> ref = weight.Reference(nibble::testing::ToFloat(x16), c.m, c.bias);
   for (size_t i = 0; i < ref.size(); ++i) ref[i] = 2 * ref[i] + cpu::HalfToFloat(residual16[i]);
   const int64_t parts = weight.l.n_pad / 16;
-  DeviceBuffer<uint16_t> d_x(x16.size()), d_y(ref.size()), d_norm(norm16.size()),
-      d_normed(ref.size());
-  DeviceBuffer<float> d_sumsq(c.m * parts);
+  DeviceBuffer<uint16_t> d_x(x16.size()), d_y(ref.size());
   d_x.CopyFrom(x16.data());
   d_y.CopyFrom(residual16.data());
-  d_norm.CopyFrom(norm16.data());
-  NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_normed.get(), 0xff, d_normed.bytes()));
-  NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_sumsq.get(), 0xff, d_sumsq.bytes()));
-  cu::W4A16Fusion fusion;
-  fusion.norm_weight = d_norm.get();
-  fusion.norm_c = norm_c;
-  fusion.normed = d_normed.get();
-  fusion.sumsq = d_sumsq.get();
+  const cu::W4A16Fusion fusion = outputs.fusion();
   NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
   {
     const TestStream stream;
@@ -293,10 +300,10 @@ int RunResidualCase(const FusionCase& c, cu::W4A16Kernel kernel, std::mt19937& r
     }
   }
   std::vector<uint16_t> y(ref.size()), normed(ref.size());
-  std::vector<float> sumsq(d_sumsq.count());
+  std::vector<float> sumsq(outputs.d_sumsq.count());
   d_y.CopyTo(y.data());
-  d_normed.CopyTo(normed.data());
-  d_sumsq.CopyTo(sumsq.data());
+  outputs.d_normed.CopyTo(normed.data());
+  outputs.d_sumsq.CopyTo(sumsq.data());
   char name[160];
   std::snprintf(name, sizeof name, "residual m=%lld n=%lld k=%lld group=%lld bias=%d kernel=%s y",
                 (long long)c.m, (long long)c.n, (long long)c.k, (long long)c.group, c.bias,
@@ -333,37 +340,29 @@ int RunFoldedCase(const FusionCase& c, bool gated, cu::W4A16Kernel kernel, std::
   const int64_t kp = 320;
   const RandomWeight producer(c.k, kp, 64, rng);
   const RandomWeight weight(c.n, c.k, c.group, rng);
-  const std::vector<uint16_t> xp16 = RandomHalves(c.m * kp, 1.0f, rng);
-  const std::vector<uint16_t> r16 = RandomHalves(c.m * c.k, 4.0f, rng);
-  const std::vector<uint16_t> norm16 = RandomHalves(c.k, 3.0f, rng);
-  const float norm_c = 0.25f, eps = 1e-5f;
-  const int64_t parts = (c.k + 15) / 16;
+  const std::vector<uint16_t> xp16 = RandomHalf(rng, c.m * kp, -1.0f, 1.0f);
+  const std::vector<uint16_t> r16 = RandomHalf(rng, c.m * c.k, -4.0f, 4.0f);
+  const ResidualOutputs outputs(c.m, c.k, rng);
+  const std::vector<uint16_t>& norm16 = outputs.norm16;
+  const float eps = 1e-5f;
   const int64_t out = gated ? c.n / 2 : c.n;
-  DeviceBuffer<uint16_t> d_xp(xp16.size()), d_r(r16.size()), d_norm(norm16.size()),
-      d_normed(r16.size()), d_y(c.m * out);
-  DeviceBuffer<float> d_sumsq(c.m * parts);
+  DeviceBuffer<uint16_t> d_xp(xp16.size()), d_r(r16.size()), d_y(c.m * out);
   d_xp.CopyFrom(xp16.data());
   d_r.CopyFrom(r16.data());
-  d_norm.CopyFrom(norm16.data());
-  NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_normed.get(), 0xff, d_normed.bytes()));
-  NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_sumsq.get(), 0xff, d_sumsq.bytes()));
   NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_y.get(), 0xff, d_y.bytes()));
-  cu::W4A16Fusion produce;
-  produce.norm_weight = d_norm.get();
-  produce.norm_c = norm_c;
-  produce.normed = d_normed.get();
-  produce.sumsq = d_sumsq.get();
+  const cu::W4A16Fusion produce = outputs.fusion();
   cu::W4A16Fusion consume;
-  consume.x_sumsq = d_sumsq.get();
-  consume.x_sumsq_parts = parts;
+  consume.x_sumsq = outputs.d_sumsq.get();
+  consume.x_sumsq_parts = (c.k + 15) / 16;
   consume.x_eps = eps;
-  consume.x_norm_c = norm_c;
+  consume.x_norm_c = outputs.norm_c;
   consume.gated = gated;
   NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
   {
     const TestStream stream;
     RunFused(producer, d_xp.get(), d_r.get(), c.m, kernel, produce, false, stream.get());
-    RunFused(weight, d_normed.get(), d_y.get(), c.m, kernel, consume, c.bias, stream.get());
+    RunFused(weight, outputs.d_normed.get(), d_y.get(), c.m, kernel, consume, c.bias,
+             stream.get());
   }
   // The reference, from the residual the producer wrote.
   std::vector<uint16_t> r(r16.size());
