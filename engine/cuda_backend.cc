@@ -423,6 +423,10 @@ class CudaBackend final : public Backend {
     // (kDecode8Ring); NIBBLE_CUDA_DECODE_RING=0 keeps them in registers (kDecode8), for
     // comparison.
     decode_ring_ = switched_on("NIBBLE_CUDA_DECODE_RING");
+    // A pass of one token per sequence rotates q and k inside the decode attention kernel
+    // (PagedDecodeAttentionWithRope: one kernel fewer a layer, the same bits);
+    // NIBBLE_CUDA_ROPE_IN_ATTENTION=0 runs RoPE as its own kernel first, for comparison.
+    rope_in_attention_ = switched_on("NIBBLE_CUDA_ROPE_IN_ATTENTION");
     // The decode step (batch <= 8) folds the norms, the residual adds and SiLU·mul into its
     // 4-bit products (kc::W4A16Fusion, Enqueue) where the kernels launch without PDL (before
     // sm_90: the Jetson Orin, the A100): there each of those kernels is a full launch gap. With
@@ -863,6 +867,8 @@ class CudaBackend final : public Backend {
     float* ffn_sumsq = sumsq_.as<float>();           // written by o, read by gate/up
     float* attention_sumsq = ffn_sumsq + n * parts;  // written by down, read by the next q/k/v
     bool attention_folded = false;  // `normed` holds the attention norm in the folded form
+    // One token per sequence: RoPE inside the decode attention kernel (rope_in_attention_).
+    const bool rope_in_attention = rope_in_attention_ && !plan.prefill;
     const auto folded_input = [&](const float* sumsq, float c) {
       kc::W4A16Fusion fusion;
       fusion.x_sumsq = sumsq;
@@ -885,41 +891,62 @@ class CudaBackend final : public Backend {
       const kc::W4A16Fusion qkv_fusion = folded_input(attention_sumsq, layer.attention_norm_c);
       NIBBLE_RETURN_IF_ERROR(RunGroup(layer.qkv, qkv_out, 3, normed, n, qkv_.as<uint16_t>(), qkv,
                                       attention_folded ? &qkv_fusion : nullptr));
-      // RoPE on q in place; the rotated keys and the values straight into the paged cache.
       uint16_t* keys = kv.base + 2 * l * kv.block_seq_len * kv_dim;
       uint16_t* values = keys + kv.block_seq_len * kv_dim;
-      const kc::RopeKvStore store{qkv[2].data, qkv[2].stride,   meta.slots,
-                                  keys,        values,          kv.block_stride,
-                                  static_cast<int32_t>(kv.block_seq_len)};
-      NIBBLE_CUDA_OR_RETURN(kc::RopeRotateHalf(qkv[0].data, qkv[0].stride, config_.num_heads,
-                                               qkv[1].data, qkv[1].stride, config_.num_kv_heads,
-                                               d, n, meta.positions, meta.inv_freq,
-                                               meta.freq_index, stream_, &store,
-                                               dependent_launch_),
-                            "RoPE and storing keys and values");
-      const uint16_t* q = qkv[0].data;
-      // Attention reads q as [n, heads, head_dim] contiguous: the stacked q/k/v output's q
-      // rows are gathered, except for one row (a batch-1 decode step), which is that already.
-      if (qkv[0].stride != q_dim && n > 1) {
-        NIBBLE_CUDA_OR_RETURN(cudaMemcpy2DAsync(q_.as<uint16_t>(), q_dim * 2, qkv[0].data,
-                                                qkv[0].stride * 2, q_dim * 2, n,
-                                                cudaMemcpyDeviceToDevice, stream_),
-                              "gathering q");
-        q = q_.as<uint16_t>();
-      }
       const kc::PagedKvView view{keys, values, kv.block_stride,
                                  static_cast<int32_t>(kv.block_seq_len)};
-      if (plan.prefill) {
-        NIBBLE_CUDA_OR_RETURN(kc::PagedPrefillAttention(plan.prefill_plan, q, view, meta.prefill,
-                                                        meta.prefill_spans,
-                                                        attention_.as<uint16_t>(), stream_),
-                              "prefill attention");
+      if (rope_in_attention) {
+        kc::DecodeRopeInput rope;
+        rope.q = qkv[0].data;
+        rope.q_stride = qkv[0].stride;
+        rope.k = qkv[1].data;
+        rope.k_stride = qkv[1].stride;
+        rope.v = qkv[2].data;
+        rope.v_stride = qkv[2].stride;
+        rope.positions = meta.positions;
+        rope.inv_freq = meta.inv_freq;
+        rope.freq_index = meta.freq_index;
+        rope.slots = meta.slots;
+        rope.keys = keys;
+        rope.values = values;
+        NIBBLE_CUDA_OR_RETURN(kc::PagedDecodeAttentionWithRope(
+                                  plan.decode, rope, view, meta.tables, table_stride,
+                                  meta.lengths, n, workspace_.as<void>(),
+                                  attention_.as<uint16_t>(), stream_),
+                              "RoPE and attention");
       } else {
-        NIBBLE_CUDA_OR_RETURN(kc::PagedDecodeAttention(plan.decode, q, view, meta.tables,
-                                                       table_stride, meta.lengths, n,
-                                                       workspace_.as<void>(),
-                                                       attention_.as<uint16_t>(), stream_),
-                              "attention");
+        // RoPE on q in place; the rotated keys and the values straight into the paged cache.
+        const kc::RopeKvStore store{qkv[2].data, qkv[2].stride,   meta.slots,
+                                    keys,        values,          kv.block_stride,
+                                    static_cast<int32_t>(kv.block_seq_len)};
+        NIBBLE_CUDA_OR_RETURN(kc::RopeRotateHalf(qkv[0].data, qkv[0].stride, config_.num_heads,
+                                                 qkv[1].data, qkv[1].stride, config_.num_kv_heads,
+                                                 d, n, meta.positions, meta.inv_freq,
+                                                 meta.freq_index, stream_, &store,
+                                                 dependent_launch_),
+                              "RoPE and storing keys and values");
+        const uint16_t* q = qkv[0].data;
+        // Attention reads q as [n, heads, head_dim] contiguous: the stacked q/k/v output's q
+        // rows are gathered, except for one row (a batch-1 decode step), which is that already.
+        if (qkv[0].stride != q_dim && n > 1) {
+          NIBBLE_CUDA_OR_RETURN(cudaMemcpy2DAsync(q_.as<uint16_t>(), q_dim * 2, qkv[0].data,
+                                                  qkv[0].stride * 2, q_dim * 2, n,
+                                                  cudaMemcpyDeviceToDevice, stream_),
+                                "gathering q");
+          q = q_.as<uint16_t>();
+        }
+        if (plan.prefill) {
+          NIBBLE_CUDA_OR_RETURN(kc::PagedPrefillAttention(plan.prefill_plan, q, view, meta.prefill,
+                                                          meta.prefill_spans,
+                                                          attention_.as<uint16_t>(), stream_),
+                                "prefill attention");
+        } else {
+          NIBBLE_CUDA_OR_RETURN(kc::PagedDecodeAttention(plan.decode, q, view, meta.tables,
+                                                         table_stride, meta.lengths, n,
+                                                         workspace_.as<void>(),
+                                                         attention_.as<uint16_t>(), stream_),
+                                "attention");
+        }
       }
       const bool ffn_folded = Fusable(layer.o, n) && Fusable(layer.gate_up, n);
       if (ffn_folded) {
@@ -1040,6 +1067,7 @@ class CudaBackend final : public Backend {
   bool dependent_launch_ = false;  // a pass's kernels with PDL (Init)
   bool decode_ring_ = true;        // the decode products' shared-memory ring (Init)
   bool fuse_ = false;              // the decode step's fusions (Init, Fusable)
+  bool rope_in_attention_ = true;  // RoPE folded into decode attention (Init)
   // Decode-step graphs by (batch size, block-table width, spans sampled on the device).
   std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<GraphExec>> graphs_;
   PinnedBuffer host_meta_;

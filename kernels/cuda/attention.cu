@@ -15,6 +15,12 @@
 // Each K and V element is read once per (sequence, kv head) when heads / kv_heads <= 8 (more:
 // once per 8 query heads). Instantiated: D in {8, 64, 128} x MAXG in {4, 8} (4 when the group
 // is <= 4: the 7B and 1.8B shapes, the tiny model; 8 above), and EARLY for MAXG 4.
+// ROPE (PagedDecodeAttentionWithRope): the new token's q, k and v come unrotated from the q/k/v
+// product; each block rotates its query heads' q itself (the cos / sin of the token's position in
+// shared memory), and the block whose split holds the new position rotates its kv head's key,
+// uses that key and the value from shared memory for that position (the cache is not read
+// there) and, if it is its kv head's first block, writes both into the cache: one kernel where
+// RoPE and the split kernel were two, with the same roundings (rope_math.h), so the same bits.
 // DecodeCombineKernel: one block per (sequence, query head): the splits' (max, sum, unnormalized
 // output) rescaled to the common max, divided by the total sum, rounded to fp16.
 // Prefill (PrefillKernel, tensor cores): its own comment further down.
@@ -30,6 +36,7 @@
 #include "kernels/cuda/cp_async.h"
 #include "kernels/cuda/dependent_launch.h"
 #include "kernels/cuda/half8.h"
+#include "kernels/cuda/rope_math.h"
 
 namespace nibble::kernels::cuda {
 namespace {
@@ -50,7 +57,24 @@ __host__ __device__ constexpr int RoundPositions(int d) { return kUnroll * kWarp
 // Only there: holding the values through the scores costs registers (4 blocks of 128 threads
 // per SM instead of 5; at MAXG = 8 ptxas spilled), which longer splits, bound by bandwidth,
 // pay for (run 22).
-template <int D, int MAXG, bool EARLY>
+// The new token's unrotated q, k, v and where its key and value go (DecodeRopeInput, device
+// types); last among the kernel's parameters, so that the kernels without ROPE keep theirs.
+struct RopeArgs {
+  const __half* q;
+  int64_t q_stride;
+  const __half* k;
+  int64_t k_stride;
+  const __half* v;
+  int64_t v_stride;
+  const int32_t* positions;
+  const float* inv_freq;
+  const int32_t* freq_index;
+  const int32_t* slots;
+  __half* keys;
+  __half* values;
+};
+
+template <int D, int MAXG, bool EARLY, bool ROPE = false>
 __global__ void __launch_bounds__(kThreads, 4)
     DecodeSplitKernel(const __half* __restrict__ q, const __half* __restrict__ keys,
                       const __half* __restrict__ values, int64_t block_stride, int bsl,
@@ -58,7 +82,7 @@ __global__ void __launch_bounds__(kThreads, 4)
                       const int32_t* __restrict__ seq_lens, int heads, int kv_heads, int gchunks,
                       int split_tokens, int max_splits, int max_seq_len, float scale,
                       float* __restrict__ ws_acc, float2* __restrict__ ws_ml,
-                      __half* __restrict__ out) {
+                      __half* __restrict__ out, RopeArgs rope) {
   AllowDependentLaunch();  // the o projection after it (kernels/cuda/dependent_launch.h)
   WaitForPriorGrid();
   constexpr int LPT = D / 8;     // lanes per position row
@@ -69,6 +93,11 @@ __global__ void __launch_bounds__(kThreads, 4)
   float* scores = qs + MAXG * D;               // [MAXG][split_tokens]
   float* red = scores + MAXG * split_tokens;   // [kWarps - 1][MAXG][D]
   __shared__ float2 ml[MAXG];
+  // ROPE: cos[D / 2], sin[D / 2]; the new token's rotated key and its value, fp16 (the cache's
+  // rounding), read like a cache row (16-byte slices).
+  __shared__ float rope_cs[ROPE ? D : 1];
+  __shared__ __align__(16) __half new_k[ROPE ? D : 8];
+  __shared__ __align__(16) __half new_v[ROPE ? D : 8];
 
   const int group = heads / kv_heads;
   const int kvh = blockIdx.x / gchunks;
@@ -87,6 +116,9 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
   if (start >= len) return;  // an empty split: the combine kernel counts only the used ones
   const int n = min(len - start, split_tokens);
+  // ROPE: the new token's index in this split (position len - 1), or -1 when another split
+  // holds it.
+  const int new_t = ROPE && len - 1 - start < n ? len - 1 - start : -1;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tw = lane / LPT, ds = (lane % LPT) * 8;
@@ -100,11 +132,17 @@ __global__ void __launch_bounds__(kThreads, 4)
   };
   // This lane's slices of src (keys or values) at positions base + u * TPB + tw, u < kUnroll
   // (zeros past n): all kUnroll loads issued before any is used.
-  auto load_slices = [&](const __half* __restrict__ src, int base, uint4 (&r)[kUnroll]) {
+  // ROPE: position new_t's slice from shared memory (new_row: new_k or new_v) instead.
+  auto load_slices = [&](const __half* __restrict__ src, const __half* new_row, int base,
+                         uint4 (&r)[kUnroll]) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = base + u * TPB + tw;
-      r[u] = t < n ? __ldg(reinterpret_cast<const uint4*>(src + offset(t))) : make_uint4(0, 0, 0, 0);
+      if (ROPE && t == new_t) {
+        r[u] = *reinterpret_cast<const uint4*>(new_row + ds);
+      } else {
+        r[u] = t < n ? __ldg(reinterpret_cast<const uint4*>(src + offset(t))) : make_uint4(0, 0, 0, 0);
+      }
     }
   };
   static_assert(!EARLY || MAXG <= 4, "EARLY holds the values in registers: MAXG <= 4 only");
@@ -116,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, 4)
     for (int u = 0; u < kUnroll; ++u) {
       const int t = first + u * TPB + tw;
       k_first[u] = v_first[u] = make_uint4(0, 0, 0, 0);
-      if (t < n) {
+      if (t < n && !(ROPE && t == new_t)) {  // ROPE: new_t's slices come after the staging
         const int64_t o = offset(t);
         k_first[u] = __ldg(reinterpret_cast<const uint4*>(keys + o));
         v_first[u] = __ldg(reinterpret_cast<const uint4*>(values + o));
@@ -124,8 +162,77 @@ __global__ void __launch_bounds__(kThreads, 4)
     }
   }
 
-  for (int i = threadIdx.x; i < ng * D; i += kThreads) qs[i] = __half2float(q[row0 * D + i]) * scale;
-  __syncthreads();
+  if constexpr (ROPE) {
+    // Loads first (q's pairs, the new key's pairs, the value), then the angles, so that the
+    // loads' latency hides behind the double-precision reduction.
+    constexpr int HALF = D / 2;
+    constexpr int QP = (MAXG * HALF + kThreads - 1) / kThreads;  // q pairs per thread
+    const __half* qrow = rope.q + seq * rope.q_stride + static_cast<int64_t>(h0) * D;
+    float2 qp[QP];
+#pragma unroll
+    for (int p = 0; p < QP; ++p) {
+      const int i = threadIdx.x + p * kThreads, g = i / HALF, j = i % HALF;
+      qp[p] = i < ng * HALF ? make_float2(__half2float(qrow[g * D + j]), __half2float(qrow[g * D + HALF + j]))
+                            : make_float2(0.0f, 0.0f);
+    }
+    const bool has_new = new_t >= 0;
+    const bool stores = has_new && g0 == 0;  // one block per (sequence, kv head) writes the cache
+    int64_t cache_row = 0;
+    float2 kp = make_float2(0.0f, 0.0f);
+    if (has_new) {
+      const __half* krow = rope.k + seq * rope.k_stride + static_cast<int64_t>(kvh) * D;
+      const __half* vrow = rope.v + seq * rope.v_stride + static_cast<int64_t>(kvh) * D;
+      if (threadIdx.x < HALF) {
+        kp = make_float2(__half2float(krow[threadIdx.x]), __half2float(krow[HALF + threadIdx.x]));
+      }
+      if (stores) {
+        const int32_t slot = rope.slots[seq];
+        cache_row = static_cast<int64_t>(slot / bsl) * block_stride +
+                    static_cast<int64_t>(slot % bsl) * kv_dim + static_cast<int64_t>(kvh) * D;
+      }
+      for (int i = threadIdx.x; i < D; i += kThreads) {
+        new_v[i] = vrow[i];
+        if (stores) rope.values[cache_row + i] = vrow[i];
+      }
+    }
+    const int position = rope.positions[seq];
+    const float* f = rope.inv_freq + (rope.freq_index != nullptr ? static_cast<int64_t>(rope.freq_index[seq]) * HALF : 0);
+    for (int i = threadIdx.x; i < HALF; i += kThreads) RopeCosSin(position, f[i], &rope_cs[i], &rope_cs[HALF + i]);
+    __syncthreads();
+#pragma unroll
+    for (int p = 0; p < QP; ++p) {
+      const int i = threadIdx.x + p * kThreads, g = i / HALF, j = i % HALF;
+      if (i < ng * HALF) {
+        // Rounded to fp16 as RoPE's in-place write rounds it, then scaled as below.
+        const float2 r = RotatePair(qp[p].x, qp[p].y, rope_cs[j], rope_cs[HALF + j]);
+        qs[g * D + j] = __half2float(__float2half_rn(r.x)) * scale;
+        qs[g * D + HALF + j] = __half2float(__float2half_rn(r.y)) * scale;
+      }
+    }
+    if (has_new && threadIdx.x < HALF) {
+      const int j = threadIdx.x;
+      const float2 r = RotatePair(kp.x, kp.y, rope_cs[j], rope_cs[HALF + j]);
+      new_k[j] = __float2half_rn(r.x);
+      new_k[HALF + j] = __float2half_rn(r.y);
+      if (stores) {
+        rope.keys[cache_row + j] = new_k[j];
+        rope.keys[cache_row + HALF + j] = new_k[HALF + j];
+      }
+    }
+    __syncthreads();
+    if constexpr (EARLY) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (has_new && first + u * TPB + tw == new_t) {
+          k_first[u] = *reinterpret_cast<const uint4*>(new_k + ds);
+          v_first[u] = *reinterpret_cast<const uint4*>(new_v + ds);
+        }
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < ng * D; i += kThreads) qs[i] = __half2float(q[row0 * D + i]) * scale;
+    __syncthreads();
+  }
 
   // 1. Scores.
   {
@@ -140,7 +247,7 @@ __global__ void __launch_bounds__(kThreads, 4)
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) kr[u] = k_first[u];
       } else {
-        load_slices(keys, base, kr);
+        load_slices(keys, new_k, base, kr);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -200,7 +307,7 @@ __global__ void __launch_bounds__(kThreads, 4)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) vr[u] = v_first[u];
     } else {
-      load_slices(values, base, vr);
+      load_slices(values, new_v, base, vr);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -302,19 +409,19 @@ __global__ void DecodeCombineKernel(const float* __restrict__ ws_acc,
 
 int MaxGroupFor(int64_t group) { return group <= 4 ? 4 : 8; }
 
-template <int D, int MAXG, bool EARLY = false>
+template <int D, int MAXG, bool EARLY = false, bool ROPE = false>
 cudaError_t LaunchSplit(const DecodeAttentionPlan& p, dim3 grid, size_t smem, cudaStream_t stream,
                         const uint16_t* q, const PagedKvView& kv, const int32_t* tables,
                         int64_t table_stride, const int32_t* seq_lens, int gchunks, float* ws_acc,
-                        float2* ws_ml, uint16_t* out) {
+                        float2* ws_ml, uint16_t* out, const RopeArgs& rope) {
   return LaunchKernel(
-      p.dependent_launch, DecodeSplitKernel<D, MAXG, EARLY>, grid, kThreads, smem, stream,
+      p.dependent_launch, DecodeSplitKernel<D, MAXG, EARLY, ROPE>, grid, kThreads, smem, stream,
       reinterpret_cast<const __half*>(q), reinterpret_cast<const __half*>(kv.keys),
       reinterpret_cast<const __half*>(kv.values), kv.block_stride, kv.block_seq_len, tables,
       table_stride, seq_lens, static_cast<int>(p.shape.heads), static_cast<int>(p.shape.kv_heads),
       gchunks, p.split_tokens, p.max_splits, static_cast<int>(p.max_seq_len),
       static_cast<float>(1.0 / std::sqrt(static_cast<double>(D))), ws_acc, ws_ml,
-      reinterpret_cast<__half*>(out));
+      reinterpret_cast<__half*>(out), rope);
 }
 
 bool ShapeOk(const DecodeAttentionShape& s) {
@@ -373,20 +480,40 @@ cudaError_t PlanPagedDecodeAttention(const DecodeAttentionShape& shape, int64_t 
   return cudaSuccess;
 }
 
-cudaError_t PagedDecodeAttention(const DecodeAttentionPlan& plan, const uint16_t* q,
-                                 const PagedKvView& kv, const int32_t* block_tables,
-                                 int64_t block_table_stride, const int32_t* seq_lens,
-                                 int64_t num_seqs, void* workspace, uint16_t* out,
-                                 cudaStream_t stream) {
+namespace {
+
+// PagedDecodeAttention, and with rope != nullptr PagedDecodeAttentionWithRope (q unused).
+cudaError_t DecodeAttention(const DecodeAttentionPlan& plan, const uint16_t* q,
+                            const DecodeRopeInput* rope, const PagedKvView& kv,
+                            const int32_t* block_tables, int64_t block_table_stride,
+                            const int32_t* seq_lens, int64_t num_seqs, void* workspace,
+                            uint16_t* out, cudaStream_t stream) {
   const DecodeAttentionShape& s = plan.shape;
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   if (!ShapeOk(s) || plan.split_tokens <= 0 || plan.max_splits <= 0 || num_seqs < 0 ||
       num_seqs > plan.num_seqs || kv.block_seq_len <= 0 || kv.block_stride % 8 != 0 ||
-      !aligned(kv.keys) || !aligned(kv.values) || !aligned(out) || q == nullptr ||
-      block_tables == nullptr || seq_lens == nullptr || block_table_stride < 0 ||
+      !aligned(kv.keys) || !aligned(kv.values) || !aligned(out) ||
+      (rope == nullptr && q == nullptr) || block_tables == nullptr || seq_lens == nullptr ||
+      block_table_stride < 0 ||
       (plan.max_splits > 1 && (workspace == nullptr || !aligned(workspace)))) {
     std::fprintf(stderr, "%s:%d: PagedDecodeAttention: bad arguments\n", __FILE__, __LINE__);
     return cudaErrorInvalidValue;
+  }
+  RopeArgs rope_args{};
+  if (rope != nullptr) {
+    const int64_t q_dim = s.heads * s.head_dim, kv_dim = s.kv_heads * s.head_dim;
+    if (rope->q == nullptr || rope->k == nullptr || rope->v == nullptr ||
+        rope->positions == nullptr || rope->inv_freq == nullptr || rope->slots == nullptr ||
+        rope->keys != kv.keys || rope->values != kv.values || rope->q_stride < q_dim ||
+        rope->k_stride < kv_dim || rope->v_stride < kv_dim) {
+      std::fprintf(stderr, "%s:%d: PagedDecodeAttentionWithRope: bad arguments\n", __FILE__, __LINE__);
+      return cudaErrorInvalidValue;
+    }
+    rope_args = {reinterpret_cast<const __half*>(rope->q), rope->q_stride,
+                 reinterpret_cast<const __half*>(rope->k), rope->k_stride,
+                 reinterpret_cast<const __half*>(rope->v), rope->v_stride,
+                 rope->positions, rope->inv_freq, rope->freq_index, rope->slots,
+                 reinterpret_cast<__half*>(rope->keys), reinterpret_cast<__half*>(rope->values)};
   }
   if (num_seqs == 0) return cudaSuccess;
   const int64_t group = s.heads / s.kv_heads;
@@ -403,11 +530,25 @@ cudaError_t PagedDecodeAttention(const DecodeAttentionPlan& plan, const uint16_t
                       : nullptr;
   const auto split = [&](auto launch) {
     return launch(plan, grid, smem, stream, q, kv, block_tables, block_table_stride, seq_lens,
-                  gchunks, ws_acc, ws_ml, out);
+                  gchunks, ws_acc, ws_ml, out, rope_args);
   };
   const bool early = maxg == 4 && plan.split_tokens <= RoundPositions(static_cast<int>(s.head_dim));
   cudaError_t launched;
-  if (s.head_dim == 128) {
+  if (rope != nullptr) {
+    if (s.head_dim == 128) {
+      launched = maxg == 8 ? split(LaunchSplit<128, 8, false, true>)
+                           : early ? split(LaunchSplit<128, 4, true, true>)
+                                   : split(LaunchSplit<128, 4, false, true>);
+    } else if (s.head_dim == 64) {
+      launched = maxg == 8 ? split(LaunchSplit<64, 8, false, true>)
+                           : early ? split(LaunchSplit<64, 4, true, true>)
+                                   : split(LaunchSplit<64, 4, false, true>);
+    } else {
+      launched = maxg == 8 ? split(LaunchSplit<8, 8, false, true>)
+                           : early ? split(LaunchSplit<8, 4, true, true>)
+                                   : split(LaunchSplit<8, 4, false, true>);
+    }
+  } else if (s.head_dim == 128) {
     launched = maxg == 8 ? split(LaunchSplit<128, 8>)
                          : early ? split(LaunchSplit<128, 4, true>) : split(LaunchSplit<128, 4>);
   } else if (s.head_dim == 64) {
@@ -423,12 +564,34 @@ cudaError_t PagedDecodeAttention(const DecodeAttentionPlan& plan, const uint16_t
     NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(
         plan.dependent_launch, DecodeCombineKernel,
         dim3(static_cast<unsigned>(s.heads), static_cast<unsigned>(num_seqs)), threads,
-        plan.max_splits * sizeof(float), stream,
+        // Rounded up to 4 floats: ptxas may read the weights' last partial group of 4 as
+        // one wider shared load (compute-sanitizer memcheck flagged it past max_splits).
+        (plan.max_splits + 3) / 4 * 4 * sizeof(float), stream,
         ws_acc, ws_ml, seq_lens, static_cast<int>(s.heads), static_cast<int>(s.head_dim),
         plan.split_tokens, plan.max_splits, static_cast<int>(plan.max_seq_len),
         reinterpret_cast<__half*>(out)));
   }
   return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t PagedDecodeAttention(const DecodeAttentionPlan& plan, const uint16_t* q,
+                                 const PagedKvView& kv, const int32_t* block_tables,
+                                 int64_t block_table_stride, const int32_t* seq_lens,
+                                 int64_t num_seqs, void* workspace, uint16_t* out,
+                                 cudaStream_t stream) {
+  return DecodeAttention(plan, q, nullptr, kv, block_tables, block_table_stride, seq_lens,
+                         num_seqs, workspace, out, stream);
+}
+
+cudaError_t PagedDecodeAttentionWithRope(const DecodeAttentionPlan& plan,
+                                         const DecodeRopeInput& rope, const PagedKvView& kv,
+                                         const int32_t* block_tables, int64_t block_table_stride,
+                                         const int32_t* seq_lens, int64_t num_seqs,
+                                         void* workspace, uint16_t* out, cudaStream_t stream) {
+  return DecodeAttention(plan, nullptr, &rope, kv, block_tables, block_table_stride, seq_lens,
+                         num_seqs, workspace, out, stream);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@
 // block table[p / block_seq_len], at keys + table[p / bsl] * block_stride + (p % bsl) * kv_dim.
 // A row of one kv head is head_dim contiguous halves (256 bytes at d = 128): 16 lanes read it
 // with one 16-byte load each, so a warp reads two positions per load instruction, whole
-// sectors. The backend owns the pool; these kernels only read it.
+// sectors. The backend owns the pool; these kernels only read it, except
+// PagedDecodeAttentionWithRope, which writes the new token's key and value.
 //
 // Split along the sequence (flash-decoding): the positions are cut into splits of
 // plan.split_tokens; one block per (sequence, kv head, up to 8 of its query heads, split)
@@ -84,6 +85,38 @@ cudaError_t PagedDecodeAttention(const DecodeAttentionPlan& plan, const uint16_t
                                  int64_t block_table_stride, const int32_t* seq_lens,
                                  int64_t num_seqs, void* workspace, uint16_t* out,
                                  cudaStream_t stream);
+
+// The decode step's RoPE folded into the attention: the new token of each sequence (at
+// position seq_lens[s] - 1) as the q/k/v product leaves it, unrotated. Row s of q / k / v at
+// q + s * q_stride etc. (heads * head_dim, kv_heads * head_dim halves; strides in halves),
+// rotated as RopeRotateHalf (kernels/cuda/ops.h) rotates it: angle positions[s] *
+// inv_freq[freq_index[s] * head_dim / 2 + i] (freq_index null: table 0).
+struct DecodeRopeInput {
+  const uint16_t* q = nullptr;
+  int64_t q_stride = 0;
+  const uint16_t* k = nullptr;
+  int64_t k_stride = 0;
+  const uint16_t* v = nullptr;
+  int64_t v_stride = 0;
+  const int32_t* positions = nullptr;   // device [num_seqs]
+  const float* inv_freq = nullptr;      // device [tables][head_dim / 2]
+  const int32_t* freq_index = nullptr;  // device [num_seqs], or null
+  const int32_t* slots = nullptr;       // device [num_seqs]: the cache row of the new token
+  uint16_t* keys = nullptr;             // the view's keys and values, writable: the new token's
+  uint16_t* values = nullptr;           // key and value go there (as RopeKvStore's do)
+};
+
+// RopeRotateHalf with a RopeKvStore followed by PagedDecodeAttention, in one kernel (two with
+// the combine): the same bits in out and in the cache, except that q is not rotated in place
+// (rope.q is only read). The new token's key and value are written at slot slots[s] and, for
+// the attention, taken from the block's shared memory, never read back from the cache: the rest
+// of sequence s (positions < len_s - 1) must already be there. A sequence whose length is
+// outside [1, max_seq_len] gets a NaN output row and nothing written to the cache.
+cudaError_t PagedDecodeAttentionWithRope(const DecodeAttentionPlan& plan,
+                                         const DecodeRopeInput& rope, const PagedKvView& kv,
+                                         const int32_t* block_tables, int64_t block_table_stride,
+                                         const int32_t* seq_lens, int64_t num_seqs,
+                                         void* workspace, uint16_t* out, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // Prefill: causal attention of many query tokens per sequence (flash-attention 2 style), over

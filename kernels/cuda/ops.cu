@@ -12,6 +12,7 @@
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/dependent_launch.h"
 #include "kernels/cuda/half8.h"
+#include "kernels/cuda/rope_math.h"
 
 namespace nibble::kernels::cuda {
 namespace {
@@ -137,16 +138,6 @@ __global__ void SiluMulKernel(const __half* gate, int64_t gate_stride, const __h
   }
 }
 
-// The rotation angle position * inv_freq, exact in double (a 31-bit integer times a 24-bit
-// significand), reduced to [-pi, pi] in double, then sin and cos in fp32.
-__device__ __forceinline__ void RopeCosSin(int position, float inv_freq, float* c, float* s) {
-  const double a = static_cast<double>(position) * static_cast<double>(inv_freq);
-  const double k = rint(a * 0.15915494309189535);  // 1 / (2 pi)
-  double r = fma(-k, 6.283185307179586, a);        // 2 pi, high part
-  r = fma(-k, 2.4492935982947064e-16, r);          // 2 pi, low part
-  sincosf(static_cast<float>(r), s, c);
-}
-
 // Where RopeKernel<kStore = true> writes a token's keys and values (ops.h RopeKvStore).
 struct KvTarget {
   const __half* v;
@@ -241,15 +232,14 @@ __global__ void RopeKernel(__half* q, int64_t q_stride, int heads, __half* k, in
       if (p != first) load(it, a, b);
       const int i = it.i;
       if constexpr (kPair) {
-        const float c0 = cs[i], c1 = cs[i + 1], s0 = cs[half + i], s1 = cs[half + i + 1];
-        *reinterpret_cast<__half2*>(it.out + i) =
-            __floats2half2_rn(a.x * c0 - b.x * s0, a.y * c1 - b.y * s1);
-        *reinterpret_cast<__half2*>(it.out + half + i) =
-            __floats2half2_rn(b.x * c0 + a.x * s0, b.y * c1 + a.y * s1);
+        const float2 r0 = RotatePair(a.x, b.x, cs[i], cs[half + i]);
+        const float2 r1 = RotatePair(a.y, b.y, cs[i + 1], cs[half + i + 1]);
+        *reinterpret_cast<__half2*>(it.out + i) = __floats2half2_rn(r0.x, r1.x);
+        *reinterpret_cast<__half2*>(it.out + half + i) = __floats2half2_rn(r0.y, r1.y);
       } else {
-        const float c = cs[i], s = cs[half + i];
-        it.out[i] = __float2half_rn(a.x * c - b.x * s);
-        it.out[half + i] = __float2half_rn(b.x * c + a.x * s);
+        const float2 r = RotatePair(a.x, b.x, cs[i], cs[half + i]);
+        it.out[i] = __float2half_rn(r.x);
+        it.out[half + i] = __float2half_rn(r.y);
       }
     }
     __syncthreads();  // cs is rewritten for the next token

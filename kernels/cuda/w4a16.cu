@@ -1260,44 +1260,91 @@ cudaError_t MatMulW4A16WithWarps(const W4A16Layout& layout, const uint16_t* x,
 namespace {
 
 // One warp per (16-feature tile, 64-k chunk) = one 512-byte piece of qw (blockIdx.x: tile,
-// blockIdx.y * warps + warp: chunk); lane (g, t) holds rows r0 = 16 tile + g and r1 = r0 + 8 at
-// k0 = 64 chunk + 16 t .. + 15 (w4a16_layout.h), all in one group (groups are multiples of 16).
-// Dequant as the GEMM kernels do ((q - z) exact, times the scale rounded once to fp16: the same
-// bits as (q - z) * s in fp32 rounded to fp16), then two 16-byte stores per row: a row's 4
-// lanes write 128 contiguous bytes. 32-bit index math (v1 divided 64-bit indices per piece and
-// wrote at ~1/3 of copy bandwidth: tests/gpu/NOTES.md run 11).
+// blockIdx.y * kDequantWarps + warp: chunk); lane (g, t) holds rows r0 = 16 tile + g and
+// r1 = r0 + 8 at k0 = 64 chunk + 16 t .. + 15 (w4a16_layout.h), all in one group (groups are
+// multiples of 16). Dequant as the GEMM kernels do ((q - z) exact, times the scale rounded once
+// to fp16: the same bits as (q - z) * s in fp32 rounded to fp16). 32-bit index math (v1 divided
+// 64-bit indices per piece and wrote at ~1/3 of copy bandwidth: tests/gpu/NOTES.md run 11).
+// STAGED: the block's 16 rows x 512 k go through shared memory, so that each warp's store
+// instruction writes 512 contiguous bytes of one row; otherwise (v2) each lane writes its own
+// 32 bytes of each of its two rows straight from registers (a store instruction covers 8 rows,
+// 16 bytes every 32).
+constexpr int kDequantWarps = 8;
+constexpr int kDequantSpan = 64 * kDequantWarps;  // k per block
+// A staged row's halves: 16 bytes of padding, so that a quarter-warp's 16-byte shared stores
+// (2 rows x 4 lanes, 32 bytes apart) fall in 8 different 16-byte bank groups (a row stride of
+// 1040 bytes is 16 mod 128; without the padding two rows would collide).
+constexpr int kDequantRowHalves = kDequantSpan + 8;
+
+template <bool STAGED>
 __global__ void DequantizeW4A16Kernel(const uint4* __restrict__ qw, const uint32_t* __restrict__ zs,
                                       __half* __restrict__ w, int n, int k, int k_chunks,
                                       int groups_pad, int group_shift) {
-  const int tile = blockIdx.x, lane = threadIdx.x % 32;
-  const int chunk = blockIdx.y * (blockDim.x / 32) + threadIdx.x / 32;
-  if (chunk >= k_chunks) return;
+  const int tile = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int chunk = blockIdx.y * kDequantWarps + warp;
   const int g = lane / 4, t = lane % 4;
   const int k0 = chunk * 64 + 16 * t;
-  if (k0 >= k) return;
-  const uint4 v = __ldg(qw + (static_cast<size_t>(tile) * k_chunks + chunk) * 32 + lane);
-  const uint32_t* zg = zs + (static_cast<size_t>(tile) * groups_pad + (k0 >> group_shift)) * 16 + g;
-  const GroupConsts gc = MakeGroupConsts(__ldg(zg), __ldg(zg + 8));
-  uint32_t a[4][4];
-  DequantPiece(v, gc, a);
-  // a[j][0] / a[j][2]: row r0 at k0 + 4j + 0..1 / + 2..3; a[j][1] / a[j][3]: row r1, the same k.
-  const bool whole = k0 + 16 <= k && k % 8 == 0;
+  if constexpr (STAGED) {
+    __shared__ uint4 staged[16 * kDequantRowHalves / 8];
+    if (chunk < k_chunks) {  // a block's last chunks may lie past k_pad; the barrier is for all
+      const uint4 v = __ldg(qw + (static_cast<size_t>(tile) * k_chunks + chunk) * 32 + lane);
+      const uint32_t* zg = zs + (static_cast<size_t>(tile) * groups_pad + (k0 >> group_shift)) * 16 + g;
+      const GroupConsts gc = MakeGroupConsts(__ldg(zg), __ldg(zg + 8));
+      uint32_t a[4][4];
+      DequantPiece(v, gc, a);
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = 16 * tile + g + 8 * half;
-    if (row >= n) continue;
-    const uint32_t u[8] = {a[0][half], a[0][half + 2], a[1][half], a[1][half + 2],
-                           a[2][half], a[2][half + 2], a[3][half], a[3][half + 2]};
-    __half* out = w + static_cast<size_t>(row) * k + k0;
-    if (whole) {
-      reinterpret_cast<uint4*>(out)[0] = make_uint4(u[0], u[1], u[2], u[3]);
-      reinterpret_cast<uint4*>(out)[1] = make_uint4(u[4], u[5], u[6], u[7]);
-    } else {
-      const int count = k - k0 < 16 ? k - k0 : 16;
+      for (int half = 0; half < 2; ++half) {
+        uint4* s = staged + ((g + 8 * half) * kDequantRowHalves + warp * 64 + 16 * t) / 8;
+        s[0] = make_uint4(a[0][half], a[0][half + 2], a[1][half], a[1][half + 2]);
+        s[1] = make_uint4(a[2][half], a[2][half + 2], a[3][half], a[3][half + 2]);
+      }
+    }
+    __syncthreads();
+    const int kb = blockIdx.y * kDequantSpan;
+    constexpr int kRowVectors = kDequantSpan / 8;  // 16-byte pieces of a staged row
+    for (int i = threadIdx.x; i < 16 * kRowVectors; i += 32 * kDequantWarps) {
+      const int r = i / kRowVectors, c = i % kRowVectors;
+      const int row = 16 * tile + r, kc = kb + 8 * c;
+      if (row >= n || kc >= k) continue;
+      const uint4 v = staged[r * (kDequantRowHalves / 8) + c];
+      __half* out = w + static_cast<size_t>(row) * k + kc;
+      if (k % 8 == 0 && kc + 8 <= k) {
+        *reinterpret_cast<uint4*>(out) = v;
+      } else {
+        const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+        const int count = k - kc < 8 ? k - kc : 8;
 #pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        if (i < count) {
-          out[i] = __ushort_as_half(static_cast<unsigned short>(u[i / 2] >> (16 * (i & 1))));
+        for (int j = 0; j < 8; ++j) {
+          if (j < count) out[j] = __ushort_as_half(static_cast<unsigned short>(u[j / 2] >> (16 * (j & 1))));
+        }
+      }
+    }
+  } else {
+    if (chunk >= k_chunks || k0 >= k) return;
+    const uint4 v = __ldg(qw + (static_cast<size_t>(tile) * k_chunks + chunk) * 32 + lane);
+    const uint32_t* zg = zs + (static_cast<size_t>(tile) * groups_pad + (k0 >> group_shift)) * 16 + g;
+    const GroupConsts gc = MakeGroupConsts(__ldg(zg), __ldg(zg + 8));
+    uint32_t a[4][4];
+    DequantPiece(v, gc, a);
+    // a[j][0] / a[j][2]: row r0 at k0 + 4j + 0..1 / + 2..3; a[j][1] / a[j][3]: row r1, the same k.
+    const bool whole = k0 + 16 <= k && k % 8 == 0;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = 16 * tile + g + 8 * half;
+      if (row >= n) continue;
+      const uint32_t u[8] = {a[0][half], a[0][half + 2], a[1][half], a[1][half + 2],
+                             a[2][half], a[2][half + 2], a[3][half], a[3][half + 2]};
+      __half* out = w + static_cast<size_t>(row) * k + k0;
+      if (whole) {
+        reinterpret_cast<uint4*>(out)[0] = make_uint4(u[0], u[1], u[2], u[3]);
+        reinterpret_cast<uint4*>(out)[1] = make_uint4(u[4], u[5], u[6], u[7]);
+      } else {
+        const int count = k - k0 < 16 ? k - k0 : 16;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          if (i < count) {
+            out[i] = __ushort_as_half(static_cast<unsigned short>(u[i / 2] >> (16 * (i & 1))));
+          }
         }
       }
     }
@@ -1307,16 +1354,16 @@ __global__ void DequantizeW4A16Kernel(const uint4* __restrict__ qw, const uint32
 }  // namespace
 
 cudaError_t DequantizeW4A16(const W4A16Layout& layout, const uint32_t* qw, const uint32_t* zs,
-                            uint16_t* w, cudaStream_t stream) {
+                            uint16_t* w, cudaStream_t stream, bool staged) {
   if (CheckW4A16Shape(layout.n, layout.k, layout.group) != nullptr) return cudaErrorInvalidValue;
   if (layout.n_pad / 16 > (int64_t{1} << 31) - 1 || layout.k_pad > (int64_t{1} << 30)) {
     return cudaErrorInvalidValue;
   }
   const int k_chunks = static_cast<int>(layout.k_pad / 64);
-  constexpr int kWarps = 8;
-  const dim3 grid(static_cast<unsigned>(layout.n_pad / 16), (k_chunks + kWarps - 1) / kWarps);
+  const dim3 grid(static_cast<unsigned>(layout.n_pad / 16), (k_chunks + kDequantWarps - 1) / kDequantWarps);
   const int group_shift = layout.group == 32 ? 5 : layout.group == 64 ? 6 : 7;
-  DequantizeW4A16Kernel<<<grid, 32 * kWarps, 0, stream>>>(
+  const auto kernel = staged ? DequantizeW4A16Kernel<true> : DequantizeW4A16Kernel<false>;
+  kernel<<<grid, 32 * kDequantWarps, 0, stream>>>(
       reinterpret_cast<const uint4*>(qw), zs, reinterpret_cast<__half*>(w),
       static_cast<int>(layout.n), static_cast<int>(layout.k), k_chunks,
       static_cast<int>(layout.groups_pad), group_shift);

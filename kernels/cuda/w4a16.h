@@ -123,8 +123,10 @@ cudaError_t MatMulW4A16Fused(const W4A16Layout& layout, const uint16_t* x, const
 // w[r, c] = (q - zero) * scale of the weight in the device layout, rounded to fp16, for r < n,
 // c < k: w row-major [n, k] (fully written). For large m the engine multiplies this with
 // cuBLAS (a dense GEMM's tensor-core throughput beats re-reading the 4-bit weight per tile of
-// tokens once m reaches ~100); w is the caller's scratch.
+// tokens once m reaches ~100); w is the caller's scratch. staged: the rows go out through
+// shared memory as whole 512-byte pieces (false: each lane stores its own 32 bytes of 8 rows;
+// kept for the benchmark's comparison, tests/gpu/NOTES.md run 26).
 cudaError_t DequantizeW4A16(const W4A16Layout& layout, const uint32_t* qw, const uint32_t* zs,
-                            uint16_t* w, cudaStream_t stream);
+                            uint16_t* w, cudaStream_t stream, bool staged = true);
 
 }  // namespace nibble::kernels::cuda

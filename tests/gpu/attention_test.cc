@@ -44,7 +44,9 @@
 
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/half.h"
+#include "kernels/cpu/ops.h"
 #include "kernels/cuda/attention.h"
+#include "kernels/cuda/ops.h"
 #include "tests/gpu/compare.h"
 #include "tests/gpu/device_buffer.h"
 
@@ -62,53 +64,105 @@ struct Shape {
   int64_t heads, kv_heads, d;
 };
 
-// split: 0 auto, > 0 forced.
-int RunCase(std::mt19937& rng, const Shape& s, int bsl, const std::vector<int>& lens,
-            int split, const char* split_name) {
-  const int64_t layers = 2, layer = 1;
-  const int64_t kv_dim = s.kv_heads * s.d;
-  const int64_t block_elems = 2 * layers * bsl * kv_dim;
+// A 2-layer pool in the engine's block layout, layer 1 the one tested: each sequence's blocks
+// at shuffled ids (one unused table entry per row, 3 spare blocks nobody owns), random values
+// at the rows a sequence may read, NaN everywhere else.
+struct TestPool {
+  static constexpr int64_t kLayers = 2, kLayer = 1;
+  int bsl = 0;
+  int64_t kv_dim = 0, block_elems = 0, table_stride = 0;
+  std::vector<int32_t> tables;
+  std::vector<uint16_t> pool;
+  // Offset of this layer's keys of position p of sequence q in `pool` (+ bsl * kv_dim: values).
+  int64_t KeyRow(int64_t q, int64_t p) const {
+    return tables[q * table_stride + p / bsl] * block_elems + 2 * kLayer * bsl * kv_dim +
+           (p % bsl) * kv_dim;
+  }
+  cu::PagedKvView View(uint16_t* device_pool) const {
+    cu::PagedKvView view;
+    view.keys = device_pool + 2 * kLayer * bsl * kv_dim;
+    view.values = view.keys + bsl * kv_dim;
+    view.block_stride = block_elems;
+    view.block_seq_len = bsl;
+    return view;
+  }
+  // The CPU reference's spans (one token at position len - 1 per sequence) over poolf.
+  std::vector<cpu::AttentionSpan> Spans(std::vector<float>& poolf,
+                                        const std::vector<int>& lens) const {
+    std::vector<cpu::AttentionSpan> spans(lens.size());
+    for (size_t i = 0; i < lens.size(); ++i) {
+      spans[i].tokens = 1;
+      spans[i].start = lens[i] - 1;
+      spans[i].kv.keys = poolf.data() + 2 * kLayer * bsl * kv_dim;
+      spans[i].kv.values = spans[i].kv.keys + bsl * kv_dim;
+      spans[i].kv.block_table = tables.data() + i * table_stride;
+      spans[i].kv.block_seq_len = bsl;
+      spans[i].kv.block_stride = block_elems;
+    }
+    return spans;
+  }
+};
+
+TestPool MakeTestPool(std::mt19937& rng, const Shape& s, int bsl, const std::vector<int>& lens) {
+  TestPool p;
+  p.bsl = bsl;
+  p.kv_dim = s.kv_heads * s.d;
+  p.block_elems = 2 * TestPool::kLayers * bsl * p.kv_dim;
   const int64_t seqs = static_cast<int64_t>(lens.size());
   const int max_len = *std::max_element(lens.begin(), lens.end());
-  const int64_t table_stride = (max_len + bsl - 1) / bsl + 1;  // one unused entry per row
+  p.table_stride = (max_len + bsl - 1) / bsl + 1;
   int64_t used = 0;
   for (int len : lens) used += (len + bsl - 1) / bsl;
-  const int64_t num_blocks = used + 3;  // spare blocks nobody owns
+  const int64_t num_blocks = used + 3;
   std::vector<int32_t> ids(num_blocks);
   std::iota(ids.begin(), ids.end(), 0);
   std::shuffle(ids.begin(), ids.end(), rng);
-  std::vector<int32_t> tables(seqs * table_stride, -1);
-  // Pool: NaN everywhere, then random values at the rows sequences may read.
-  std::vector<uint16_t> pool(num_blocks * block_elems, kHalfNaN);
-  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
+  p.tables.assign(seqs * p.table_stride, -1);
+  p.pool.assign(num_blocks * p.block_elems, kHalfNaN);
   int64_t next = 0;
   for (int64_t q = 0; q < seqs; ++q) {
     for (int64_t b = 0; b * bsl < lens[q]; ++b) {
       const int32_t id = ids[next++];
-      tables[q * table_stride + b] = id;
+      p.tables[q * p.table_stride + b] = id;
       const int64_t rows = std::min<int64_t>(bsl, lens[q] - b * bsl);
-      uint16_t* k = pool.data() + id * block_elems + 2 * layer * bsl * kv_dim;
-      const auto kr = RandomHalf(rng, rows * kv_dim, -1.0f, 1.0f);
-      const auto vr = RandomHalf(rng, rows * kv_dim, -1.0f, 1.0f);
+      uint16_t* k = p.pool.data() + id * p.block_elems + 2 * TestPool::kLayer * bsl * p.kv_dim;
+      const auto kr = RandomHalf(rng, rows * p.kv_dim, -1.0f, 1.0f);
+      const auto vr = RandomHalf(rng, rows * p.kv_dim, -1.0f, 1.0f);
       std::copy(kr.begin(), kr.end(), k);
-      std::copy(vr.begin(), vr.end(), k + bsl * kv_dim);
+      std::copy(vr.begin(), vr.end(), k + bsl * p.kv_dim);
     }
   }
+  return p;
+}
+
+std::string CaseName(const char* what, const Shape& s, int bsl, const std::vector<int>& lens,
+                     const char* split_name, const cu::DecodeAttentionPlan& plan) {
+  std::string lens_s;
+  for (int len : lens) {
+    if (!lens_s.empty()) lens_s += ",";
+    lens_s += std::to_string(len);
+  }
+  return std::string(what) + " d=" + std::to_string(s.d) + " heads=" + std::to_string(s.heads) +
+         "/" + std::to_string(s.kv_heads) + " block=" + std::to_string(bsl) + " lens=" + lens_s +
+         " split=" + split_name + "(" + std::to_string(plan.split_tokens) + "x" +
+         std::to_string(plan.max_splits) + ")";
+}
+
+// split: 0 auto, > 0 forced.
+int RunCase(std::mt19937& rng, const Shape& s, int bsl, const std::vector<int>& lens,
+            int split, const char* split_name) {
+  const TestPool tp = MakeTestPool(rng, s, bsl, lens);
+  const std::vector<uint16_t>& pool = tp.pool;
+  const std::vector<int32_t>& tables = tp.tables;
+  const int64_t table_stride = tp.table_stride;
+  const int64_t seqs = static_cast<int64_t>(lens.size());
+  const int max_len = *std::max_element(lens.begin(), lens.end());
   const auto q = RandomHalf(rng, seqs * s.heads * s.d, -2.0f, 2.0f);
 
   // Reference.
   std::vector<float> poolf = ToFloat(pool);
   const auto qf = ToFloat(q);
-  std::vector<cpu::AttentionSpan> spans(seqs);
-  for (int64_t i = 0; i < seqs; ++i) {
-    spans[i].tokens = 1;
-    spans[i].start = lens[i] - 1;
-    spans[i].kv.keys = poolf.data() + 2 * layer * bsl * kv_dim;
-    spans[i].kv.values = spans[i].kv.keys + bsl * kv_dim;
-    spans[i].kv.block_table = tables.data() + i * table_stride;
-    spans[i].kv.block_seq_len = bsl;
-    spans[i].kv.block_stride = block_elems;
-  }
+  const std::vector<cpu::AttentionSpan> spans = tp.Spans(poolf, lens);
   std::vector<float> ref(seqs * s.heads * s.d);
   cpu::PagedCausalAttention(qf.data(), spans.data(), seqs, {s.heads, s.kv_heads, s.d}, ref.data());
 
@@ -124,26 +178,13 @@ int RunCase(std::mt19937& rng, const Shape& s, int bsl, const std::vector<int>& 
   dlens.CopyFrom(lens.data());
   NIBBLE_TEST_CUDA_CHECK(cudaMemset(dout.get(), 0xff, dout.bytes()));
   NIBBLE_TEST_CUDA_CHECK(cudaMemset(ws.get(), 0xff, ws.bytes()));
-  cu::PagedKvView view;
-  view.keys = dpool.get() + 2 * layer * bsl * kv_dim;
-  view.values = view.keys + bsl * kv_dim;
-  view.block_stride = block_elems;
-  view.block_seq_len = bsl;
+  const cu::PagedKvView view = tp.View(dpool.get());
   NIBBLE_TEST_CUDA_CHECK(cu::PagedDecodeAttention(plan, dq.get(), view, dtables.get(), table_stride,
                                                   dlens.get(), seqs, ws.get(), dout.get(), nullptr));
   NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<uint16_t> got(q.size());
   dout.CopyTo(got.data());
-  std::string lens_s;
-  for (int len : lens) {
-    if (!lens_s.empty()) lens_s += ",";
-    lens_s += std::to_string(len);
-  }
-  const std::string name = "decode_attention d=" + std::to_string(s.d) + " heads=" +
-                           std::to_string(s.heads) + "/" + std::to_string(s.kv_heads) +
-                           " block=" + std::to_string(bsl) + " lens=" + lens_s + " split=" +
-                           split_name + "(" + std::to_string(plan.split_tokens) + "x" +
-                           std::to_string(plan.max_splits) + ")";
+  const std::string name = CaseName("decode_attention", s, bsl, lens, split_name, plan);
   int fails = CheckClose(name, got, ref, 1e-3, 1e-4);
 
   // The contract on lengths: sequence 0 given max_len + 1 positions comes out NaN, the others
@@ -165,6 +206,175 @@ int RunCase(std::mt19937& rng, const Shape& s, int bsl, const std::vector<int>& 
     std::printf("FAIL %s.bad_len: NaN %lld/%lld, others unchanged %lld/%lld\n", name.c_str(),
                 static_cast<long long>(nan0), static_cast<long long>(row), static_cast<long long>(same),
                 static_cast<long long>(got.size() - row));
+    ++fails;
+  }
+  return fails;
+}
+
+// PagedDecodeAttentionWithRope: the new token's q, k, v unrotated in a q/k/v buffer (rows of
+// stride q_dim + 2 kv_dim + 8, two inverse-frequency tables, freq_index alternating; or, packed,
+// q, k and v each in a region of its own with contiguous rows and no freq_index: table 0),
+// its rows in the pool NaN (the kernel must not read them). Against (1) the two-kernel route on the
+// GPU (RopeRotateHalf with its RopeKvStore, q gathered, PagedDecodeAttention) on a copy of the
+// same pool: the same bits in the output and in the whole pool, and the q/k/v buffer left as it
+// was; (2) the CPU: RopeRotateHalf in fp32, k and q rounded to fp16, the key and value put in
+// the pool, PagedCausalAttention (the rotations' fp16 roundings may differ by one ulp from the
+// GPU's sincosf: 2e-3 relative, 2e-4 of the rms); (3) a length past the plan's maximum: NaN
+// row, the other rows the same bits, and that sequence's new rows in the pool still NaN.
+int RunRopeCase(std::mt19937& rng, const Shape& s, int bsl, const std::vector<int>& lens,
+                int split, const char* split_name, bool packed = false) {
+  TestPool tp = MakeTestPool(rng, s, bsl, lens);
+  const int64_t seqs = static_cast<int64_t>(lens.size());
+  const int max_len = *std::max_element(lens.begin(), lens.end());
+  const int64_t q_dim = s.heads * s.d, kv_dim = tp.kv_dim, half = s.d / 2;
+  // Where row i of q, k and v starts in the q/k/v buffer, and the rows' strides.
+  const int64_t stride = q_dim + 2 * kv_dim + 8;
+  const int64_t q_stride = packed ? q_dim : stride, kv_stride = packed ? kv_dim : stride;
+  const int64_t k_at = packed ? seqs * q_dim : q_dim;
+  const int64_t v_at = packed ? seqs * (q_dim + kv_dim) : q_dim + kv_dim;
+  const auto qkv = RandomHalf(rng, seqs * stride, -2.0f, 2.0f);
+  std::vector<int32_t> positions(seqs), freq_index(seqs), slots(seqs);
+  std::vector<float> inv_freq(2 * half);
+  cpu::RopeInverseFrequencies(10000.0, s.d, inv_freq.data());
+  cpu::RopeInverseFrequencies(1.0e6, s.d, inv_freq.data() + half);
+  for (int64_t i = 0; i < seqs; ++i) {
+    const int p = lens[i] - 1;
+    positions[i] = p;
+    freq_index[i] = packed ? 0 : static_cast<int32_t>(i % 2);
+    slots[i] = tp.tables[i * tp.table_stride + p / bsl] * bsl + p % bsl;
+    const int64_t row = tp.KeyRow(i, p);
+    std::fill_n(tp.pool.begin() + row, kv_dim, kHalfNaN);
+    std::fill_n(tp.pool.begin() + row + bsl * kv_dim, kv_dim, kHalfNaN);
+  }
+
+  // CPU: rotate, round to fp16 as the cache and q are, store, attend.
+  std::vector<float> poolf = ToFloat(tp.pool);
+  std::vector<float> qf(seqs * q_dim);
+  const auto round16 = [](float v) { return cpu::HalfToFloat(cpu::FloatToHalf(v)); };
+  const auto floats = [&](int64_t at, int64_t count) {
+    return ToFloat(std::vector<uint16_t>(qkv.begin() + at, qkv.begin() + at + count));
+  };
+  for (int64_t i = 0; i < seqs; ++i) {
+    std::vector<float> qr = floats(i * q_stride, q_dim), kr = floats(k_at + i * kv_stride, kv_dim);
+    const std::vector<float> vr = floats(v_at + i * kv_stride, kv_dim);
+    const float* f = inv_freq.data() + freq_index[i] * half;
+    cpu::RopeRotateHalf(qr.data(), s.heads, s.d, positions[i], f);
+    cpu::RopeRotateHalf(kr.data(), s.kv_heads, s.d, positions[i], f);
+    for (int64_t j = 0; j < q_dim; ++j) qf[i * q_dim + j] = round16(qr[j]);
+    const int64_t at = tp.KeyRow(i, positions[i]);
+    for (int64_t j = 0; j < kv_dim; ++j) {
+      poolf[at + j] = round16(kr[j]);
+      poolf[at + bsl * kv_dim + j] = vr[j];
+    }
+  }
+  const std::vector<cpu::AttentionSpan> spans = tp.Spans(poolf, lens);
+  std::vector<float> ref(seqs * q_dim);
+  cpu::PagedCausalAttention(qf.data(), spans.data(), seqs, {s.heads, s.kv_heads, s.d}, ref.data());
+
+  cu::DecodeAttentionPlan plan;
+  NIBBLE_TEST_CUDA_CHECK(cu::PlanPagedDecodeAttention({s.heads, s.kv_heads, s.d}, seqs, max_len, &plan, split));
+  DeviceBuffer<uint16_t> dpool_two(tp.pool.size()), dpool_one(tp.pool.size());
+  DeviceBuffer<uint16_t> dqkv_two(qkv.size()), dqkv_one(qkv.size()), dq(seqs * q_dim);
+  DeviceBuffer<uint16_t> dout_two(seqs * q_dim), dout_one(seqs * q_dim);
+  DeviceBuffer<int32_t> dtables(tp.tables.size()), dlens(seqs), dpos(seqs), didx(seqs), dslots(seqs);
+  DeviceBuffer<float> dfreq(inv_freq.size());
+  DeviceBuffer<char> ws(std::max<int64_t>(plan.workspace_bytes, 1));
+  dpool_two.CopyFrom(tp.pool.data());
+  dpool_one.CopyFrom(tp.pool.data());
+  dqkv_two.CopyFrom(qkv.data());
+  dqkv_one.CopyFrom(qkv.data());
+  dtables.CopyFrom(tp.tables.data());
+  dlens.CopyFrom(lens.data());
+  dpos.CopyFrom(positions.data());
+  didx.CopyFrom(freq_index.data());
+  dslots.CopyFrom(slots.data());
+  dfreq.CopyFrom(inv_freq.data());
+  NIBBLE_TEST_CUDA_CHECK(cudaMemset(dout_two.get(), 0xff, dout_two.bytes()));
+  NIBBLE_TEST_CUDA_CHECK(cudaMemset(dout_one.get(), 0xff, dout_one.bytes()));
+
+  // The two-kernel route.
+  const cu::PagedKvView view_two = tp.View(dpool_two.get());
+  uint16_t* keys_two = dpool_two.get() + (view_two.keys - dpool_two.get());
+  const cu::RopeKvStore store{dqkv_two.get() + v_at, kv_stride, dslots.get(), keys_two,
+                              keys_two + bsl * kv_dim, tp.block_elems, bsl};
+  NIBBLE_TEST_CUDA_CHECK(cu::RopeRotateHalf(dqkv_two.get(), q_stride, s.heads, dqkv_two.get() + k_at,
+                                            kv_stride, s.kv_heads, s.d, seqs, dpos.get(),
+                                            dfreq.get(), packed ? nullptr : didx.get(), nullptr,
+                                            &store));
+  NIBBLE_TEST_CUDA_CHECK(cudaMemcpy2D(dq.get(), q_dim * 2, dqkv_two.get(), q_stride * 2, q_dim * 2,
+                                      seqs, cudaMemcpyDeviceToDevice));
+  NIBBLE_TEST_CUDA_CHECK(cudaMemset(ws.get(), 0xff, ws.bytes()));
+  NIBBLE_TEST_CUDA_CHECK(cu::PagedDecodeAttention(plan, dq.get(), view_two, dtables.get(),
+                                                  tp.table_stride, dlens.get(), seqs, ws.get(),
+                                                  dout_two.get(), nullptr));
+  // One kernel (two with the combine).
+  const cu::PagedKvView view_one = tp.View(dpool_one.get());
+  uint16_t* keys_one = dpool_one.get() + (view_one.keys - dpool_one.get());
+  cu::DecodeRopeInput rope;
+  rope.q = dqkv_one.get();
+  rope.q_stride = q_stride;
+  rope.k = dqkv_one.get() + k_at;
+  rope.k_stride = kv_stride;
+  rope.v = dqkv_one.get() + v_at;
+  rope.v_stride = kv_stride;
+  rope.positions = dpos.get();
+  rope.inv_freq = dfreq.get();
+  rope.freq_index = packed ? nullptr : didx.get();
+  rope.slots = dslots.get();
+  rope.keys = keys_one;
+  rope.values = keys_one + bsl * kv_dim;
+  const auto run_one = [&](DeviceBuffer<uint16_t>& out) {
+    NIBBLE_TEST_CUDA_CHECK(cudaMemset(ws.get(), 0xff, ws.bytes()));
+    NIBBLE_TEST_CUDA_CHECK(cu::PagedDecodeAttentionWithRope(plan, rope, view_one, dtables.get(),
+                                                            tp.table_stride, dlens.get(), seqs,
+                                                            ws.get(), out.get(), nullptr));
+    NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
+  };
+  run_one(dout_one);
+  std::vector<uint16_t> out_two(seqs * q_dim), out_one(seqs * q_dim), pool_two(tp.pool.size()),
+      pool_one(tp.pool.size()), qkv_after(qkv.size());
+  dout_two.CopyTo(out_two.data());
+  dout_one.CopyTo(out_one.data());
+  dpool_two.CopyTo(pool_two.data());
+  dpool_one.CopyTo(pool_one.data());
+  dqkv_one.CopyTo(qkv_after.data());
+  const std::string name =
+      CaseName(packed ? "decode_attention+rope packed" : "decode_attention+rope", s, bsl, lens,
+               split_name, plan);
+  int fails = CheckClose(name, out_one, ref, 2e-3, 2e-4);
+  if (out_one != out_two || pool_one != pool_two || qkv_after != qkv) {
+    int64_t out_diff = 0, pool_diff = 0;
+    for (size_t i = 0; i < out_one.size(); ++i) out_diff += out_one[i] != out_two[i];
+    for (size_t i = 0; i < pool_one.size(); ++i) pool_diff += pool_one[i] != pool_two[i];
+    std::printf("FAIL %s.same_bits: output %lld, pool %lld elements differ from RoPE + attention; "
+                "q/k/v %s\n", name.c_str(), static_cast<long long>(out_diff),
+                static_cast<long long>(pool_diff), qkv_after == qkv ? "unchanged" : "CHANGED");
+    ++fails;
+  }
+
+  // Sequence 0 past the plan's maximum: NaN row, nothing stored for it, the rest the same.
+  std::vector<int> bad_lens = lens;
+  bad_lens[0] = max_len + 1;
+  dlens.CopyFrom(bad_lens.data());
+  dpool_one.CopyFrom(tp.pool.data());
+  NIBBLE_TEST_CUDA_CHECK(cudaMemset(dout_one.get(), 0xff, dout_one.bytes()));
+  run_one(dout_one);
+  std::vector<uint16_t> got_bad(out_one.size()), pool_bad(tp.pool.size());
+  dout_one.CopyTo(got_bad.data());
+  dpool_one.CopyTo(pool_bad.data());
+  int64_t nan0 = 0, same = 0, stored0 = 0;
+  for (int64_t i = 0; i < q_dim; ++i) nan0 += (got_bad[i] & 0x7c00) == 0x7c00 && (got_bad[i] & 0x3ff) != 0;
+  for (int64_t i = q_dim; i < static_cast<int64_t>(got_bad.size()); ++i) same += got_bad[i] == out_one[i];
+  const int64_t row0 = tp.KeyRow(0, positions[0]);
+  for (int64_t j = 0; j < kv_dim; ++j) {
+    stored0 += pool_bad[row0 + j] != kHalfNaN;
+    stored0 += pool_bad[row0 + bsl * kv_dim + j] != kHalfNaN;
+  }
+  if (nan0 != q_dim || same != static_cast<int64_t>(got_bad.size()) - q_dim || stored0 != 0) {
+    std::printf("FAIL %s.bad_len: NaN %lld/%lld, others unchanged %lld/%lld, stored %lld\n",
+                name.c_str(), static_cast<long long>(nan0), static_cast<long long>(q_dim),
+                static_cast<long long>(same), static_cast<long long>(got_bad.size() - q_dim),
+                static_cast<long long>(stored0));
     ++fails;
   }
   return fails;
@@ -369,6 +579,22 @@ int main(int argc, char** argv) {
       fails += RunCase(rng, s, bsl, {129, 7, 1}, 0, "auto");
       cases += 5;
     }
+  }
+  // The rotation folded in (PagedDecodeAttentionWithRope): every shape, the new token in the
+  // first or a later load step of a split's first round (24, 50, 60: steps 2, 3, 1 at d = 128),
+  // in a later round, alone in its split, at a block's first row; EARLY (32), 64-position,
+  // one-split and auto plans; the packed layout once a shape.
+  for (const Shape& s : shapes) {
+    if (prefill_only) break;
+    for (int bsl : {16, 64}) {
+      fails += RunRopeCase(rng, s, bsl, {1, 7, 129, 4097}, 0, "auto");
+      fails += RunRopeCase(rng, s, bsl, {129, 4097, 7, 1, 33, 24, 60}, 32, "32");
+      fails += RunRopeCase(rng, s, bsl, {4097, 65, 129, 7, 50, 24}, 64, "64");
+      fails += RunRopeCase(rng, s, bsl, {7, 129, 1, 512}, 512, "one");
+      cases += 4;
+    }
+    fails += RunRopeCase(rng, s, 16, {40, 1, 300}, 0, "auto", true);
+    ++cases;
   }
   // The largest splits (512 positions) over small blocks (8, 16: 64 and 32 block ids a split).
   for (int bsl : {8, 16}) {

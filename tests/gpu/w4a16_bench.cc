@@ -10,7 +10,9 @@
 //    between a launch and the event: a floor of several us at small sizes).
 // Random non-zero data. Prints CSV (one line per shape and m) to stdout and to argv[1], and the
 // decode variants' graph times (M <= 16) to argv[2]. argv[3] == --decode: only m = 1..8;
-// --gemm: only m = 16..256 (the tensor-core GEMM's range in the engine).
+// --gemm: only m = 16..256 (the tensor-core GEMM's range in the engine); --dequant: only
+// m = 1024, with the dequantize's two store forms and a memset of its output's size (the
+// write ceiling) beside it.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -189,6 +191,7 @@ int main(int argc, char** argv) {
   // --decode (argv[3]): only m = 1, 2, 4, 8 (the decode kernels' range), to keep a run short.
   const bool decode_only = argc > 3 && std::string(argv[3]) == "--decode";
   const bool gemm_only = argc > 3 && std::string(argv[3]) == "--gemm";
+  const bool dequant_only = argc > 3 && std::string(argv[3]) == "--dequant";
   // The programmatic-launch variant only if a graph can capture it (checked on a small weight,
   // nothing fatal): otherwise it is left out rather than ending the run.
   std::vector<Variant> decode_variants(std::begin(variants), std::end(variants));
@@ -266,9 +269,10 @@ int main(int argc, char** argv) {
       {"7b.w2", 14336, 4096},   {"1.8b.wqkv", 2048, 4096}, {"1.8b.wo", 2048, 2048},
       {"1.8b.w1w3", 2048, 8192}, {"1.8b.w2", 8192, 2048}};
   const int64_t all_ms[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096};
-  const std::vector<int64_t> ms = decode_only ? std::vector<int64_t>(all_ms, all_ms + 4)
-                                 : gemm_only   ? std::vector<int64_t>(all_ms + 4, all_ms + 9)
-                                               : std::vector<int64_t>(all_ms, all_ms + 11);
+  const std::vector<int64_t> ms = decode_only    ? std::vector<int64_t>(all_ms, all_ms + 4)
+                                 : gemm_only    ? std::vector<int64_t>(all_ms + 4, all_ms + 9)
+                                 : dequant_only ? std::vector<int64_t>(all_ms + 9, all_ms + 10)
+                                                : std::vector<int64_t>(all_ms, all_ms + 11);
   // The engine's route (engine/cuda_backend.cc RunLinear): the W4A16 kernels below this many
   // tokens, DequantizeW4A16 into fp16 scratch + cuBLAS from it on.
   const int64_t kDequantizeRows = 257;  // engine/cuda_backend.cc
@@ -338,29 +342,52 @@ int main(int argc, char** argv) {
       double route = ours, deq_route = 0, deq_only = 0;
       if (m >= kDequantizeRows || (m >= 64 && m <= 1024)) {
         DeviceBuffer<uint16_t> scratch(s.n * s.k);
-        deq_route = GraphUs(
-            [&](int b) {
-              NIBBLE_TEST_CUDA_CHECK(cu::DequantizeW4A16(l, qws[b].get(), zss[b].get(),
-                                                         scratch.get(), stream));
-              CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, s.n, m, s.k, &alpha,
-                                        scratch.get(), CUDA_R_16F, s.k, x.get(), CUDA_R_16F, s.k,
-                                        &beta, y.get(), CUDA_R_16F, s.n, CUBLAS_COMPUTE_32F,
-                                        CUBLAS_GEMM_DEFAULT));
-            },
-            nbuf_q, stream);
-        if (m >= kDequantizeRows) route = deq_route;
-        if (m == 64) {
-          deq_only = GraphUs(
+        const auto deq_cublas = [&](bool staged) {
+          return GraphUs(
               [&](int b) {
                 NIBBLE_TEST_CUDA_CHECK(cu::DequantizeW4A16(l, qws[b].get(), zss[b].get(),
-                                                           scratch.get(), stream));
+                                                           scratch.get(), stream, staged));
+                CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, s.n, m, s.k, &alpha,
+                                          scratch.get(), CUDA_R_16F, s.k, x.get(), CUDA_R_16F,
+                                          s.k, &beta, y.get(), CUDA_R_16F, s.n,
+                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
               },
               nbuf_q, stream);
+        };
+        deq_route = deq_cublas(true);
+        if (m >= kDequantizeRows) route = deq_route;
+        if (m == 64 || dequant_only) {
+          const auto dequant = [&](bool staged) {
+            return GraphUs(
+                [&](int b) {
+                  NIBBLE_TEST_CUDA_CHECK(cu::DequantizeW4A16(l, qws[b].get(), zss[b].get(),
+                                                             scratch.get(), stream, staged));
+                },
+                nbuf_q, stream);
+          };
+          const double moved = double(wbytes) + 2.0 * s.n * s.k;
+          deq_only = dequant(true);
           std::printf("dequantize %s: %.2f us, %.0f GB/s (int4 + scales read, fp16 written)\n",
-                      s.name, deq_only, (double(wbytes) + 2.0 * s.n * s.k) / (deq_only * 1e3));
+                      s.name, deq_only, moved / (deq_only * 1e3));
+          if (dequant_only) {
+            // The same bytes through the direct stores, and the write ceiling: a memset of the
+            // fp16 weight's size (rotating over the fp16 buffers), bytes written.
+            const double direct = dequant(false);
+            const double fill = GraphUs(
+                [&](int b) {
+                  NIBBLE_TEST_CUDA_CHECK(cudaMemsetAsync(whs[b].get(), 0, whs[b].bytes(), stream));
+                },
+                nbuf_h, stream);
+            std::printf("dequantize %s direct stores: %.2f us, %.0f GB/s; memset of %.1f MB: "
+                        "%.2f us, %.0f GB/s; dequantize + cuBLAS m=%lld: staged %.2f us, direct "
+                        "%.2f us\n",
+                        s.name, direct, moved / (direct * 1e3), 2e-6 * s.n * s.k, fill,
+                        2.0 * s.n * s.k / (fill * 1e3), (long long)m, deq_route,
+                        deq_cublas(false));
+          }
         }
       }
-      if (m >= 16 && m <= 1024) {
+      if (m >= 16 && m <= 1024 && !dequant_only) {
         for (const Variant& v : gemm_variants) {
           const double us = GraphUs(ours_fn(v.kernel), nbuf_q, stream);
           std::printf("variant %s m=%lld %s: %.2f us\n", s.name, (long long)m, v.name, us);

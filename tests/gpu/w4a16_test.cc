@@ -130,12 +130,13 @@ int RunCase(const Case& c, std::mt19937& rng) {
   d_x.CopyFrom(x16.data());
 
   int failures = 0;
-  {
-    // DequantizeW4A16: every weight written, (q - z) * s rounded once to fp16 (within 2^-11
-    // relative of the exact fp32 product; exact zeros stay zero).
+  // DequantizeW4A16, both store forms: every weight written, (q - z) * s rounded once to fp16
+  // (within 2^-11 relative of the exact fp32 product; exact zeros stay zero).
+  for (const bool staged : {true, false}) {
     DeviceBuffer<uint16_t> d_w(c.n * c.k);
     NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_w.get(), 0xff, d_w.bytes()));
-    NIBBLE_TEST_CUDA_CHECK(cu::DequantizeW4A16(l, d_qw.get(), d_zs.get(), d_w.get(), nullptr));
+    NIBBLE_TEST_CUDA_CHECK(
+        cu::DequantizeW4A16(l, d_qw.get(), d_zs.get(), d_w.get(), nullptr, staged));
     NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
     std::vector<uint16_t> w16(c.n * c.k);
     d_w.CopyTo(w16.data());
@@ -149,8 +150,9 @@ int RunCase(const Case& c, std::mt19937& rng) {
         if (!(std::fabs(got - exact) <= std::ldexp(std::fabs(exact), -11) + 1e-7f)) ++bad;
       }
     }
-    std::printf("%s dequantize n=%lld k=%lld group=%lld wrong=%lld\n", bad ? "FAIL" : "PASS",
-                (long long)c.n, (long long)c.k, (long long)c.group, (long long)bad);
+    std::printf("%s dequantize%s n=%lld k=%lld group=%lld wrong=%lld\n", bad ? "FAIL" : "PASS",
+                staged ? "" : " (direct stores)", (long long)c.n, (long long)c.k,
+                (long long)c.group, (long long)bad);
     failures += bad != 0;
   }
   // The GEMM kernels split k over blocks when given a workspace (NaN-poisoned here: every
