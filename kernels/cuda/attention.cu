@@ -21,6 +21,11 @@
 // uses that key and the value from shared memory for that position (the cache is not read
 // there) and, if it is its kv head's first block, writes both into the cache: one kernel where
 // RoPE and the split kernel were two, with the same roundings (rope_math.h), so the same bits.
+// The cache is read through const __restrict__ pointers while that block writes into it: sound
+// because no block reads the row being written (positions below len - 1 are other rows, the new
+// one comes from shared memory), given the engine's invariant that slots[s] is position
+// len - 1's row of sequence s and no other sequence's. Each block forms head_dim / 2 angles in
+// double precision (slow on the Orin, but ~64 per block against the memory round trips).
 // DecodeCombineKernel: one block per (sequence, query head): the splits' (max, sum, unnormalized
 // output) rescaled to the common max, divided by the total sum, rounded to fp16.
 // Prefill (PrefillKernel, tensor cores): its own comment further down.
