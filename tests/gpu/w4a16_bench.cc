@@ -26,6 +26,7 @@
 #include "kernels/cpu/half.h"
 #include "kernels/cuda/w4a16.h"
 #include "tests/gpu/device_buffer.h"
+#include "tests/gpu/timing.h"
 
 namespace cu = nibble::kernels::cuda;
 using nibble::testing::DeviceBuffer;
@@ -156,18 +157,10 @@ int main(int argc, char** argv) {
   std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
               prop.l2CacheSize >> 20);
 
-  // The ceiling: a 1 GiB device-to-device copy, bytes read + written.
-  double copy_gbs = 0;
-  {
-    const size_t bytes = size_t{1} << 30;
-    DeviceBuffer<uint8_t> a(bytes), b(bytes);
-    NIBBLE_TEST_CUDA_CHECK(cudaMemset(a.get(), 1, bytes));
-    const double us = MedianUs(
-        [&](int) { NIBBLE_TEST_CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice)); },
-        1);
-    copy_gbs = 2.0 * bytes / (us * 1e3);
-    std::printf("copy: %.1f us for 1 GiB, %.0f GB/s (read + write)\n", us, copy_gbs);
-  }
+  // The ceiling: a 1 GiB device-to-device copy, bytes read + written (tests/gpu/timing.h, as
+  // every benchmark here measures it).
+  const double copy_gbs = nibble::testing::CopyBandwidth(nullptr);
+  std::printf("copy: %.0f GB/s (read + write)\n", copy_gbs);
 
   cudaStream_t stream;
   NIBBLE_TEST_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
