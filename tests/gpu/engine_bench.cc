@@ -276,8 +276,10 @@ int Main(int argc, char** argv) {
       ttft_lines.push_back(line);
     }
   }
-  std::printf("\n| weights | prompt tokens | time to first token |\n|---|---|---|\n");
-  for (const std::string& line : ttft_lines) std::printf("%s\n", line.c_str());
+  if (!ttft_lines.empty()) {  // --ttft 0: no prompt timed, no table
+    std::printf("\n| weights | prompt tokens | time to first token |\n|---|---|---|\n");
+    for (const std::string& line : ttft_lines) std::printf("%s\n", line.c_str());
+  }
   return 0;
 }
 
