@@ -78,9 +78,11 @@ struct TestPool {
     return tables[q * table_stride + p / bsl] * block_elems + 2 * kLayer * bsl * kv_dim +
            (p % bsl) * kv_dim;
   }
+  // The tested layer's keys of block 0 in a device copy of `pool` (+ bsl * kv_dim: values).
+  uint16_t* LayerKeys(uint16_t* device_pool) const { return device_pool + 2 * kLayer * bsl * kv_dim; }
   cu::PagedKvView View(uint16_t* device_pool) const {
     cu::PagedKvView view;
-    view.keys = device_pool + 2 * kLayer * bsl * kv_dim;
+    view.keys = LayerKeys(device_pool);
     view.values = view.keys + bsl * kv_dim;
     view.block_stride = block_elems;
     view.block_seq_len = bsl;
@@ -148,6 +150,22 @@ std::string CaseName(const char* what, const Shape& s, int bsl, const std::vecto
          std::to_string(plan.max_splits) + ")";
 }
 
+// The contract on lengths (attention.h): with sequence 0 past the plan's maximum, its output row
+// (bad[0, row)) is all NaN and every other element has good's bits.
+struct BadLength {
+  int64_t nan = 0, row = 0, same = 0, others = 0;
+  bool ok() const { return nan == row && same == others; }
+};
+BadLength CountBadLength(const std::vector<uint16_t>& bad, const std::vector<uint16_t>& good,
+                         int64_t row) {
+  BadLength c;
+  c.row = row;
+  c.others = static_cast<int64_t>(good.size()) - row;
+  for (int64_t i = 0; i < row; ++i) c.nan += (bad[i] & 0x7c00) == 0x7c00 && (bad[i] & 0x3ff) != 0;
+  for (int64_t i = row; i < static_cast<int64_t>(good.size()); ++i) c.same += bad[i] == good[i];
+  return c;
+}
+
 // split: 0 auto, > 0 forced.
 int RunCase(std::mt19937& rng, const Shape& s, int bsl, const std::vector<int>& lens,
             int split, const char* split_name) {
@@ -198,14 +216,11 @@ int RunCase(std::mt19937& rng, const Shape& s, int bsl, const std::vector<int>& 
   NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<uint16_t> got_bad(q.size());
   dout.CopyTo(got_bad.data());
-  const int64_t row = s.heads * s.d;
-  int64_t nan0 = 0, same = 0;
-  for (int64_t i = 0; i < row; ++i) nan0 += (got_bad[i] & 0x7c00) == 0x7c00 && (got_bad[i] & 0x3ff) != 0;
-  for (int64_t i = row; i < static_cast<int64_t>(got.size()); ++i) same += got_bad[i] == got[i];
-  if (nan0 != row || same != static_cast<int64_t>(got.size()) - row) {
+  const BadLength c = CountBadLength(got_bad, got, s.heads * s.d);
+  if (!c.ok()) {
     std::printf("FAIL %s.bad_len: NaN %lld/%lld, others unchanged %lld/%lld\n", name.c_str(),
-                static_cast<long long>(nan0), static_cast<long long>(row), static_cast<long long>(same),
-                static_cast<long long>(got.size() - row));
+                static_cast<long long>(c.nan), static_cast<long long>(c.row),
+                static_cast<long long>(c.same), static_cast<long long>(c.others));
     ++fails;
   }
   return fails;
@@ -294,7 +309,7 @@ int RunRopeCase(std::mt19937& rng, const Shape& s, int bsl, const std::vector<in
 
   // The two-kernel route.
   const cu::PagedKvView view_two = tp.View(dpool_two.get());
-  uint16_t* keys_two = dpool_two.get() + (view_two.keys - dpool_two.get());
+  uint16_t* keys_two = tp.LayerKeys(dpool_two.get());
   const cu::RopeKvStore store{dqkv_two.get() + v_at, kv_stride, dslots.get(), keys_two,
                               keys_two + bsl * kv_dim, tp.block_elems, bsl};
   NIBBLE_TEST_CUDA_CHECK(cu::RopeRotateHalf(dqkv_two.get(), q_stride, s.heads, dqkv_two.get() + k_at,
@@ -309,7 +324,7 @@ int RunRopeCase(std::mt19937& rng, const Shape& s, int bsl, const std::vector<in
                                                   dout_two.get(), nullptr));
   // One kernel (two with the combine).
   const cu::PagedKvView view_one = tp.View(dpool_one.get());
-  uint16_t* keys_one = dpool_one.get() + (view_one.keys - dpool_one.get());
+  uint16_t* keys_one = tp.LayerKeys(dpool_one.get());
   cu::DecodeRopeInput rope;
   rope.q = dqkv_one.get();
   rope.q_stride = q_stride;
@@ -362,18 +377,17 @@ int RunRopeCase(std::mt19937& rng, const Shape& s, int bsl, const std::vector<in
   std::vector<uint16_t> got_bad(out_one.size()), pool_bad(tp.pool.size());
   dout_one.CopyTo(got_bad.data());
   dpool_one.CopyTo(pool_bad.data());
-  int64_t nan0 = 0, same = 0, stored0 = 0;
-  for (int64_t i = 0; i < q_dim; ++i) nan0 += (got_bad[i] & 0x7c00) == 0x7c00 && (got_bad[i] & 0x3ff) != 0;
-  for (int64_t i = q_dim; i < static_cast<int64_t>(got_bad.size()); ++i) same += got_bad[i] == out_one[i];
+  const BadLength c = CountBadLength(got_bad, out_one, q_dim);
+  int64_t stored0 = 0;
   const int64_t row0 = tp.KeyRow(0, positions[0]);
   for (int64_t j = 0; j < kv_dim; ++j) {
     stored0 += pool_bad[row0 + j] != kHalfNaN;
     stored0 += pool_bad[row0 + bsl * kv_dim + j] != kHalfNaN;
   }
-  if (nan0 != q_dim || same != static_cast<int64_t>(got_bad.size()) - q_dim || stored0 != 0) {
+  if (!c.ok() || stored0 != 0) {
     std::printf("FAIL %s.bad_len: NaN %lld/%lld, others unchanged %lld/%lld, stored %lld\n",
-                name.c_str(), static_cast<long long>(nan0), static_cast<long long>(q_dim),
-                static_cast<long long>(same), static_cast<long long>(got_bad.size() - q_dim),
+                name.c_str(), static_cast<long long>(c.nan), static_cast<long long>(c.row),
+                static_cast<long long>(c.same), static_cast<long long>(c.others),
                 static_cast<long long>(stored0));
     ++fails;
   }
