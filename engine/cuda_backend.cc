@@ -427,6 +427,10 @@ class CudaBackend final : public Backend {
     // (PagedDecodeAttentionWithRope: one kernel fewer a layer, the same bits);
     // NIBBLE_CUDA_ROPE_IN_ATTENTION=0 runs RoPE as its own kernel first, for comparison.
     rope_in_attention_ = switched_on("NIBBLE_CUDA_ROPE_IN_ATTENTION");
+    // Decode attention's splits (2 to 16 of them, on sm_90) combine inside a thread block
+    // cluster (DecodeAttentionPlan::combine_in_cluster: no combine kernel, the same bits);
+    // NIBBLE_CUDA_CLUSTER_COMBINE=0 runs the combine kernel, for comparison.
+    cluster_combine_ = switched_on("NIBBLE_CUDA_CLUSTER_COMBINE");
     // The decode step (batch <= 8) folds the norms, the residual adds and SiLU·mul into its
     // 4-bit products (kc::W4A16Fusion, Enqueue) where the kernels launch without PDL (before
     // sm_90: the Jetson Orin, the A100): there each of those kernels is a full launch gap. With
@@ -776,6 +780,7 @@ class CudaBackend final : public Backend {
                                        &plan.decode),
           "planning attention");
       plan.decode.dependent_launch = dependent_launch_;
+      plan.decode.combine_in_cluster = plan.decode.combine_in_cluster && cluster_combine_;
     }
     NIBBLE_RETURN_IF_ERROR(workspace_.Reserve(std::max<int64_t>(plan.decode.workspace_bytes, 16),
                                               "the attention workspace", &scratch_generation_));
@@ -1068,6 +1073,7 @@ class CudaBackend final : public Backend {
   bool decode_ring_ = true;        // the decode products' shared-memory ring (Init)
   bool fuse_ = false;              // the decode step's fusions (Init, Fusable)
   bool rope_in_attention_ = true;  // RoPE folded into decode attention (Init)
+  bool cluster_combine_ = true;    // decode attention's splits combined in a cluster (Init)
   // Decode-step graphs by (batch size, block-table width, spans sampled on the device).
   std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<GraphExec>> graphs_;
   PinnedBuffer host_meta_;

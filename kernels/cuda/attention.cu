@@ -34,7 +34,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <type_traits>
 
+#include <cooperative_groups.h>
 #include <cuda_fp16.h>
 
 #include "kernels/cuda/check.h"
@@ -52,6 +54,9 @@ constexpr int kSplitGranule = 64;    // split sizes: multiples of this, or one s
 constexpr int kMaxSplitTokens = 512;  // scores of one split: MAXG * 512 floats of shared memory
 constexpr int kMaxSplits = 4096;      // combine kernel's shared memory: one float per split
 constexpr int kUnroll = 4;
+// CLUSTER: the most splits of one (sequence, kv head) combined inside a thread block cluster
+// (16: the H100's largest cluster, a non-portable size; the planner's limit, attention.h).
+constexpr int kMaxClusterSplits = 16;
 
 // Positions of one round of loads (kUnroll steps of the block's TPB) at head size D.
 __host__ __device__ constexpr int RoundPositions(int d) { return kUnroll * kWarps * (32 / (d / 8)); }
@@ -79,7 +84,56 @@ struct RopeArgs {
   __half* values;
 };
 
-template <int D, int MAXG, bool EARLY, bool ROPE = false>
+// CLUSTER: the splits of one (sequence, kv head, chunk of query heads) are one thread block
+// cluster along z, ranks = split indices. Each block leaves its unnormalized partial output
+// (fp32, [MAXG][D], in the q staging area, free by then) and its (max, sum) per query head in
+// its own shared memory; after a cluster barrier the cluster's blocks, empty splits included,
+// combine them through distributed shared memory, each taking every (splits * kThreads)-th of
+// the ng * D outputs, with DecodeCombineKernel's arithmetic in its order (the same bits).
+// What it saves: the combine kernel's launch, its wait for the whole split grid, and the
+// partial sums' round trip through the workspace; the o product's PDL wait then ends with the
+// split kernel itself. A second barrier keeps every block (and its shared memory) alive until
+// the others have read it. The max and sum of every (query head, split) are gathered into
+// `staged` first, one remote load each, so that the per-output loops read them locally.
+template <int D, int MAXG>
+__device__ __forceinline__ void CombineInCluster(const float* part, const float2* ml,
+                                                 float2* staged, int used_splits, int ng,
+                                                 __half* __restrict__ out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();  // every block's part and ml written (barrier.cluster: release / acquire)
+  for (int i = threadIdx.x; i < ng * used_splits; i += kThreads) {
+    const int g = i / used_splits, split = i % used_splits;
+    staged[g * kMaxClusterSplits + split] = cluster.map_shared_rank(ml, split)[g];
+  }
+  __syncthreads();
+  const int stride = static_cast<int>(cluster.num_blocks()) * kThreads;
+  for (int e = static_cast<int>(cluster.block_rank()) * kThreads + threadIdx.x; e < ng * D; e += stride) {
+    const float2* g_ml = staged + (e / D) * kMaxClusterSplits;
+    float a[kMaxClusterSplits];  // every remote load issued before the first is used
+#pragma unroll
+    for (int i = 0; i < kMaxClusterSplits; ++i) a[i] = i < used_splits ? cluster.map_shared_rank(part, i)[e] : 0.0f;
+    float m = -INFINITY;
+    for (int i = 0; i < used_splits; ++i) m = fmaxf(m, g_ml[i].x);
+    float l = 0.0f, acc = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kMaxClusterSplits; ++i) {
+      if (i < used_splits) {
+        const float w = expf(g_ml[i].x - m);
+        l = fmaf(w, g_ml[i].y, l);
+        acc = fmaf(w, a[i], acc);
+      }
+    }
+    out[e] = __float2half_rn(acc * (1.0f / l));
+  }
+  cluster.sync();
+#else
+  __trap();  // the planner combines in clusters on sm_90 and later only
+#endif
+}
+
+template <int D, int MAXG, bool EARLY, bool ROPE = false, bool CLUSTER = false>
 __global__ void __launch_bounds__(kThreads, 4)
     DecodeSplitKernel(const __half* __restrict__ q, const __half* __restrict__ keys,
                       const __half* __restrict__ values, int64_t block_stride, int bsl,
@@ -103,6 +157,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   __shared__ float rope_cs[ROPE ? D : 1];
   __shared__ __align__(16) __half new_k[ROPE ? D : 8];
   __shared__ __align__(16) __half new_v[ROPE ? D : 8];
+  __shared__ float2 cluster_ml[CLUSTER ? MAXG * kMaxClusterSplits : 1];  // CombineInCluster's
 
   const int group = heads / kv_heads;
   const int kvh = blockIdx.x / gchunks;
@@ -114,12 +169,17 @@ __global__ void __launch_bounds__(kThreads, 4)
   const int len = seq_lens[seq];
   const int start = split * split_tokens;
   if (len < 1 || len > max_seq_len) {
-    if (max_splits == 1) {  // no combine kernel runs: say so here
+    // No combine kernel runs (one split, or the cluster's: every block returns here): say so.
+    if (max_splits == 1 || (CLUSTER && split == 0)) {
       for (int i = threadIdx.x; i < ng * D; i += kThreads) out[row0 * D + i] = __ushort_as_half(0x7e00);
     }
     return;
   }
-  if (start >= len) return;  // an empty split: the combine kernel counts only the used ones
+  const int used_splits = (len + split_tokens - 1) / split_tokens;
+  if (start >= len) {  // an empty split: the combine counts only the used ones
+    if constexpr (CLUSTER) CombineInCluster<D, MAXG>(qs, ml, cluster_ml, used_splits, ng, out + row0 * D);
+    return;
+  }
   const int n = min(len - start, split_tokens);
   // ROPE: the new token's index in this split (position len - 1), or -1 when another split
   // holds it.
@@ -347,33 +407,40 @@ __global__ void __launch_bounds__(kThreads, 4)
         for (int j = 0; j < 8; ++j) red[((warp - 1) * MAXG + g) * D + ds + j] = acc[g][j];
   }
   __syncthreads();
-  if (warp > 0 || lane >= LPT) return;
-#pragma unroll
-  for (int g = 0; g < MAXG; ++g) {
-    if (g >= ng) break;
-    float o[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      o[j] = acc[g][j];
-#pragma unroll
-      for (int w = 0; w < kWarps - 1; ++w) o[j] += red[(w * MAXG + g) * D + ds + j];
-    }
-    const int64_t row = row0 + g;
-    if (max_splits == 1) {
-      const float inv = 1.0f / ml[g].y;
-      uint4 u;
-      __half2* h = reinterpret_cast<__half2*>(&u);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) h[j] = __floats2half2_rn(o[2 * j] * inv, o[2 * j + 1] * inv);
-      *reinterpret_cast<uint4*>(out + row * D + ds) = u;
-    } else {
-      const int64_t slot = row * max_splits + split;
-      float4* a = reinterpret_cast<float4*>(ws_acc + slot * D + ds);
-      a[0] = make_float4(o[0], o[1], o[2], o[3]);
-      a[1] = make_float4(o[4], o[5], o[6], o[7]);
-      if (lane == 0) ws_ml[slot] = ml[g];
+  // Warp 0's first LPT lanes hold the block's sums (each lane its 8 dimensions).
+  if (warp == 0 && lane < LPT) {
+  #pragma unroll
+    for (int g = 0; g < MAXG; ++g) {
+      if (g >= ng) break;
+      float o[8];
+  #pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        o[j] = acc[g][j];
+  #pragma unroll
+        for (int w = 0; w < kWarps - 1; ++w) o[j] += red[(w * MAXG + g) * D + ds + j];
+      }
+      const int64_t row = row0 + g;
+      if (CLUSTER) {
+        float4* part = reinterpret_cast<float4*>(qs + g * D + ds);
+        part[0] = make_float4(o[0], o[1], o[2], o[3]);
+        part[1] = make_float4(o[4], o[5], o[6], o[7]);
+      } else if (max_splits == 1) {
+        const float inv = 1.0f / ml[g].y;
+        uint4 u;
+        __half2* h = reinterpret_cast<__half2*>(&u);
+  #pragma unroll
+        for (int j = 0; j < 4; ++j) h[j] = __floats2half2_rn(o[2 * j] * inv, o[2 * j + 1] * inv);
+        *reinterpret_cast<uint4*>(out + row * D + ds) = u;
+      } else {
+        const int64_t slot = row * max_splits + split;
+        float4* a = reinterpret_cast<float4*>(ws_acc + slot * D + ds);
+        a[0] = make_float4(o[0], o[1], o[2], o[3]);
+        a[1] = make_float4(o[4], o[5], o[6], o[7]);
+        if (lane == 0) ws_ml[slot] = ml[g];
+      }
     }
   }
+  if constexpr (CLUSTER) CombineInCluster<D, MAXG>(qs, ml, cluster_ml, used_splits, ng, out + row0 * D);
 }
 
 // The splits' combine: one block per (query head, sequence). (Combining in each head group's
@@ -414,13 +481,21 @@ __global__ void DecodeCombineKernel(const float* __restrict__ ws_acc,
 
 int MaxGroupFor(int64_t group) { return group <= 4 ? 4 : 8; }
 
-template <int D, int MAXG, bool EARLY = false, bool ROPE = false>
+template <int D, int MAXG, bool EARLY, bool ROPE, bool CLUSTER>
 cudaError_t LaunchSplit(const DecodeAttentionPlan& p, dim3 grid, size_t smem, cudaStream_t stream,
                         const uint16_t* q, const PagedKvView& kv, const int32_t* tables,
                         int64_t table_stride, const int32_t* seq_lens, int gchunks, float* ws_acc,
                         float2* ws_ml, uint16_t* out, const RopeArgs& rope) {
-  return LaunchKernel(
-      p.dependent_launch, DecodeSplitKernel<D, MAXG, EARLY, ROPE>, grid, kThreads, smem, stream,
+  const auto kernel = DecodeSplitKernel<D, MAXG, EARLY, ROPE, CLUSTER>;
+  dim3 cluster(1, 1, 1);
+  if constexpr (CLUSTER) {
+    cluster.z = grid.z;  // every split of a (sequence, kv head, chunk) in one cluster
+    if (cluster.z > 8) {
+      NIBBLE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    }
+  }
+  return LaunchKernelInClusters(
+      p.dependent_launch, cluster, kernel, grid, kThreads, smem, stream,
       reinterpret_cast<const __half*>(q), reinterpret_cast<const __half*>(kv.keys),
       reinterpret_cast<const __half*>(kv.values), kv.block_stride, kv.block_seq_len, tables,
       table_stride, seq_lens, static_cast<int>(p.shape.heads), static_cast<int>(p.shape.kv_heads),
@@ -456,13 +531,14 @@ cudaError_t PlanPagedDecodeAttention(const DecodeAttentionShape& shape, int64_t 
   const auto granular = [&](int64_t v) {
     return v <= shortest ? shortest : round_up(v, kSplitGranule);
   };
+  int device = 0, sms = 0, major = 0;
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  NIBBLE_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   int64_t st;
   if (split_tokens > 0) {
     st = granular(split_tokens);
   } else {
-    int device = 0, sms = 0;
-    NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-    NIBBLE_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     const int64_t splits = std::max<int64_t>(1, (4 * sms + units - 1) / units);
     st = std::min<int64_t>(granular((max_seq_len + splits - 1) / splits), kMaxSplitTokens);
   }
@@ -478,6 +554,7 @@ cudaError_t PlanPagedDecodeAttention(const DecodeAttentionShape& shape, int64_t 
   plan->max_seq_len = max_seq_len;
   plan->split_tokens = static_cast<int32_t>(st);
   plan->max_splits = static_cast<int32_t>((max_seq_len + st - 1) / st);
+  plan->combine_in_cluster = major >= 9 && plan->max_splits > 1 && plan->max_splits <= kMaxClusterSplits;
   plan->workspace_bytes = plan->max_splits == 1
                               ? 0
                               : num_seqs * shape.heads * plan->max_splits *
@@ -500,7 +577,8 @@ cudaError_t DecodeAttention(const DecodeAttentionPlan& plan, const uint16_t* q,
       !aligned(kv.keys) || !aligned(kv.values) || !aligned(out) ||
       (rope == nullptr && q == nullptr) || block_tables == nullptr || seq_lens == nullptr ||
       block_table_stride < 0 ||
-      (plan.max_splits > 1 && (workspace == nullptr || !aligned(workspace)))) {
+      (plan.combine_in_cluster && (plan.max_splits < 2 || plan.max_splits > kMaxClusterSplits)) ||
+      (plan.max_splits > 1 && !plan.combine_in_cluster && (workspace == nullptr || !aligned(workspace)))) {
     std::fprintf(stderr, "%s:%d: PagedDecodeAttention: bad arguments\n", __FILE__, __LINE__);
     return cudaErrorInvalidValue;
   }
@@ -538,33 +616,28 @@ cudaError_t DecodeAttention(const DecodeAttentionPlan& plan, const uint16_t* q,
                   gchunks, ws_acc, ws_ml, out, rope_args);
   };
   const bool early = maxg == 4 && plan.split_tokens <= RoundPositions(static_cast<int>(s.head_dim));
-  cudaError_t launched;
-  if (rope != nullptr) {
-    if (s.head_dim == 128) {
-      launched = maxg == 8 ? split(LaunchSplit<128, 8, false, true>)
-                           : early ? split(LaunchSplit<128, 4, true, true>)
-                                   : split(LaunchSplit<128, 4, false, true>);
-    } else if (s.head_dim == 64) {
-      launched = maxg == 8 ? split(LaunchSplit<64, 8, false, true>)
-                           : early ? split(LaunchSplit<64, 4, true, true>)
-                                   : split(LaunchSplit<64, 4, false, true>);
-    } else {
-      launched = maxg == 8 ? split(LaunchSplit<8, 8, false, true>)
-                           : early ? split(LaunchSplit<8, 4, true, true>)
-                                   : split(LaunchSplit<8, 4, false, true>);
+  // The kernel for this head size, group and split length, with or without RoPE and clusters.
+  const auto by_shape = [&](auto rope_tag, auto cluster_tag) {
+    constexpr bool R = decltype(rope_tag)::value, C = decltype(cluster_tag)::value;
+    switch (s.head_dim) {
+      case 128:
+        return maxg == 8 ? split(LaunchSplit<128, 8, false, R, C>)
+                         : early ? split(LaunchSplit<128, 4, true, R, C>) : split(LaunchSplit<128, 4, false, R, C>);
+      case 64:
+        return maxg == 8 ? split(LaunchSplit<64, 8, false, R, C>)
+                         : early ? split(LaunchSplit<64, 4, true, R, C>) : split(LaunchSplit<64, 4, false, R, C>);
+      default:
+        return maxg == 8 ? split(LaunchSplit<8, 8, false, R, C>)
+                         : early ? split(LaunchSplit<8, 4, true, R, C>) : split(LaunchSplit<8, 4, false, R, C>);
     }
-  } else if (s.head_dim == 128) {
-    launched = maxg == 8 ? split(LaunchSplit<128, 8>)
-                         : early ? split(LaunchSplit<128, 4, true>) : split(LaunchSplit<128, 4>);
-  } else if (s.head_dim == 64) {
-    launched = maxg == 8 ? split(LaunchSplit<64, 8>)
-                         : early ? split(LaunchSplit<64, 4, true>) : split(LaunchSplit<64, 4>);
-  } else {
-    launched = maxg == 8 ? split(LaunchSplit<8, 8>)
-                         : early ? split(LaunchSplit<8, 4, true>) : split(LaunchSplit<8, 4>);
-  }
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  const cudaError_t launched =
+      rope != nullptr ? (plan.combine_in_cluster ? by_shape(Yes{}, Yes{}) : by_shape(Yes{}, No{}))
+                      : (plan.combine_in_cluster ? by_shape(No{}, Yes{}) : by_shape(No{}, No{}));
   NIBBLE_CUDA_RETURN_IF_ERROR(launched);
-  if (plan.max_splits > 1) {
+  if (plan.max_splits > 1 && !plan.combine_in_cluster) {
     const int threads = static_cast<int>((s.head_dim + 31) / 32 * 32);
     NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(
         plan.dependent_launch, DecodeCombineKernel,

@@ -27,26 +27,47 @@ __device__ __forceinline__ void WaitForPriorGrid() {
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-serialization attribute
 // when `dependent` and `stream` is not null (a stream of the caller's own: the legacy default
-// stream does not offer it). The caller passes dependent only on sm_90 and later, and only for
-// kernels that call WaitForPriorGrid before their first dependent memory access.
+// stream does not offer it), and in thread block clusters of `cluster` blocks (sm_90; a
+// cluster of one block is a plain launch; more than 8 needs the kernel's
+// cudaFuncAttributeNonPortableClusterSizeAllowed). The caller passes dependent only on sm_90
+// and later, and only for kernels that call WaitForPriorGrid before their first dependent
+// memory access.
 template <typename... Params, typename... Args>
-cudaError_t LaunchKernel(bool dependent, void (*kernel)(Params...), dim3 grid, dim3 block,
-                         size_t smem, cudaStream_t stream, Args... args) {
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+cudaError_t LaunchKernelInClusters(bool dependent, dim3 cluster, void (*kernel)(Params...),
+                                   dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                   Args... args) {
+  cudaLaunchAttribute attr[2];
+  unsigned num_attrs = 0;
+  if (dependent && stream != nullptr) {
+    attr[num_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[num_attrs].val.programmaticStreamSerializationAllowed = 1;
+    ++num_attrs;
+  }
+  if (cluster.x * cluster.y * cluster.z > 1) {
+    attr[num_attrs].id = cudaLaunchAttributeClusterDimension;
+    attr[num_attrs].val.clusterDim.x = cluster.x;
+    attr[num_attrs].val.clusterDim.y = cluster.y;
+    attr[num_attrs].val.clusterDim.z = cluster.z;
+    ++num_attrs;
+  }
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = attr;
-  config.numAttrs = dependent && stream != nullptr ? 1 : 0;
+  config.numAttrs = num_attrs;
   const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
   // A failed launch is reported here; cleared, so that a later check of cudaGetLastError (after
   // a plain launch elsewhere) does not report it a second time.
   if (launched != cudaSuccess) (void)cudaGetLastError();
   return launched;
+}
+
+template <typename... Params, typename... Args>
+cudaError_t LaunchKernel(bool dependent, void (*kernel)(Params...), dim3 grid, dim3 block,
+                         size_t smem, cudaStream_t stream, Args... args) {
+  return LaunchKernelInClusters(dependent, dim3(1, 1, 1), kernel, grid, block, smem, stream, args...);
 }
 
 }  // namespace nibble::kernels::cuda

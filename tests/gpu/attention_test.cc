@@ -147,7 +147,24 @@ std::string CaseName(const char* what, const Shape& s, int bsl, const std::vecto
   return std::string(what) + " d=" + std::to_string(s.d) + " heads=" + std::to_string(s.heads) +
          "/" + std::to_string(s.kv_heads) + " block=" + std::to_string(bsl) + " lens=" + lens_s +
          " split=" + split_name + "(" + std::to_string(plan.split_tokens) + "x" +
-         std::to_string(plan.max_splits) + ")";
+         std::to_string(plan.max_splits) + (plan.combine_in_cluster ? " cluster" : "") + ")";
+}
+
+// `plan` with the splits combined by the combine kernel (where the planner chose a cluster).
+cu::DecodeAttentionPlan WithCombineKernel(cu::DecodeAttentionPlan plan) {
+  plan.combine_in_cluster = false;
+  return plan;
+}
+
+// The cluster's combine and the combine kernel gave different bits: prints and counts a failure.
+int CheckSameCombine(const std::string& name, const std::vector<uint16_t>& cluster,
+                     const std::vector<uint16_t>& kernel) {
+  if (cluster == kernel) return 0;
+  int64_t diff = 0;
+  for (size_t i = 0; i < cluster.size(); ++i) diff += cluster[i] != kernel[i];
+  std::printf("FAIL %s.cluster_vs_combine_kernel: %lld of %zu elements differ\n", name.c_str(),
+              static_cast<long long>(diff), cluster.size());
+  return 1;
 }
 
 // The contract on lengths (attention.h): with sequence 0 past the plan's maximum, its output row
@@ -194,28 +211,37 @@ int RunCase(std::mt19937& rng, const Shape& s, int bsl, const std::vector<int>& 
   dq.CopyFrom(q.data());
   dtables.CopyFrom(tables.data());
   dlens.CopyFrom(lens.data());
-  NIBBLE_TEST_CUDA_CHECK(cudaMemset(dout.get(), 0xff, dout.bytes()));
-  NIBBLE_TEST_CUDA_CHECK(cudaMemset(ws.get(), 0xff, ws.bytes()));
   const cu::PagedKvView view = tp.View(dpool.get());
-  NIBBLE_TEST_CUDA_CHECK(cu::PagedDecodeAttention(plan, dq.get(), view, dtables.get(), table_stride,
-                                                  dlens.get(), seqs, ws.get(), dout.get(), nullptr));
-  NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<uint16_t> got(q.size());
-  dout.CopyTo(got.data());
+  const auto run = [&](const cu::DecodeAttentionPlan& p) {
+    NIBBLE_TEST_CUDA_CHECK(cudaMemset(dout.get(), 0xff, dout.bytes()));
+    NIBBLE_TEST_CUDA_CHECK(cudaMemset(ws.get(), 0xff, ws.bytes()));
+    NIBBLE_TEST_CUDA_CHECK(cu::PagedDecodeAttention(p, dq.get(), view, dtables.get(), table_stride,
+                                                    dlens.get(), seqs, ws.get(), dout.get(), nullptr));
+    NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<uint16_t> got(q.size());
+    dout.CopyTo(got.data());
+    return got;
+  };
+  const std::vector<uint16_t> got = run(plan);
   const std::string name = CaseName("decode_attention", s, bsl, lens, split_name, plan);
   int fails = CheckClose(name, got, ref, 1e-3, 1e-4);
+  // The planner combines in a cluster exactly where the device has clusters and 2-16 splits.
+  int device = 0, major = 0;
+  NIBBLE_TEST_CUDA_CHECK(cudaGetDevice(&device));
+  NIBBLE_TEST_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (plan.combine_in_cluster != (major >= 9 && plan.max_splits > 1 && plan.max_splits <= 16)) {
+    std::printf("FAIL %s.plan: combine_in_cluster %d with %d splits on sm_%d\n", name.c_str(),
+                plan.combine_in_cluster, plan.max_splits, major);
+    ++fails;
+  }
+  if (plan.combine_in_cluster) fails += CheckSameCombine(name, got, run(WithCombineKernel(plan)));
 
   // The contract on lengths: sequence 0 given max_len + 1 positions comes out NaN, the others
   // unchanged.
   std::vector<int> bad_lens = lens;
   bad_lens[0] = max_len + 1;
   dlens.CopyFrom(bad_lens.data());
-  NIBBLE_TEST_CUDA_CHECK(cudaMemset(dout.get(), 0xff, dout.bytes()));
-  NIBBLE_TEST_CUDA_CHECK(cu::PagedDecodeAttention(plan, dq.get(), view, dtables.get(), table_stride,
-                                                  dlens.get(), seqs, ws.get(), dout.get(), nullptr));
-  NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<uint16_t> got_bad(q.size());
-  dout.CopyTo(got_bad.data());
+  const std::vector<uint16_t> got_bad = run(plan);
   const BadLength c = CountBadLength(got_bad, got, s.heads * s.d);
   if (!c.ok()) {
     std::printf("FAIL %s.bad_len: NaN %lld/%lld, others unchanged %lld/%lld\n", name.c_str(),
@@ -230,9 +256,9 @@ int RunCase(std::mt19937& rng, const Shape& s, int bsl, const std::vector<int>& 
 // stride q_dim + 2 kv_dim + 8, two inverse-frequency tables, freq_index alternating; or, packed,
 // q, k and v each in a region of its own with contiguous rows and no freq_index: table 0),
 // its rows in the pool NaN (the kernel must not read them). Against (1) the two-kernel route on the
-// GPU (RopeRotateHalf with its RopeKvStore, q gathered, PagedDecodeAttention) on a copy of the
-// same pool: the same bits in the output and in the whole pool, and the q/k/v buffer left as it
-// was; (2) the CPU: RopeRotateHalf in fp32, k and q rounded to fp16, the key and value put in
+// GPU (RopeRotateHalf with its RopeKvStore, q gathered, PagedDecodeAttention with the combine
+// kernel) on a copy of the same pool: the same bits in the output and in the whole pool (with
+// the planner's cluster combine, where it chose one), and the q/k/v buffer left as it was; (2) the CPU: RopeRotateHalf in fp32, k and q rounded to fp16, the key and value put in
 // the pool, PagedCausalAttention (the rotations' fp16 roundings may differ by one ulp from the
 // GPU's sincosf: 2e-3 relative, 2e-4 of the rms); (3) a length past the plan's maximum: NaN
 // row, the other rows the same bits, and that sequence's new rows in the pool still NaN.
@@ -319,7 +345,7 @@ int RunRopeCase(std::mt19937& rng, const Shape& s, int bsl, const std::vector<in
   NIBBLE_TEST_CUDA_CHECK(cudaMemcpy2D(dq.get(), q_dim * 2, dqkv_two.get(), q_stride * 2, q_dim * 2,
                                       seqs, cudaMemcpyDeviceToDevice));
   NIBBLE_TEST_CUDA_CHECK(cudaMemset(ws.get(), 0xff, ws.bytes()));
-  NIBBLE_TEST_CUDA_CHECK(cu::PagedDecodeAttention(plan, dq.get(), view_two, dtables.get(),
+  NIBBLE_TEST_CUDA_CHECK(cu::PagedDecodeAttention(WithCombineKernel(plan), dq.get(), view_two, dtables.get(),
                                                   tp.table_stride, dlens.get(), seqs, ws.get(),
                                                   dout_two.get(), nullptr));
   // One kernel (two with the combine).
@@ -591,7 +617,13 @@ int main(int argc, char** argv) {
       fails += RunCase(rng, s, bsl, {129, 4097, 7, 1}, 32, "32");
       fails += RunCase(rng, s, bsl, {7, 129, 1}, 512, "one");
       fails += RunCase(rng, s, bsl, {129, 7, 1}, 0, "auto");
-      cases += 5;
+      // Splits combined in a cluster (sm_90): 5, 10 (past the portable 8) and 16 splits (the
+      // most), each also against the combine kernel's bits; 17 splits: the combine kernel.
+      fails += RunCase(rng, s, bsl, {300, 1, 77}, 64, "64");
+      fails += RunCase(rng, s, bsl, {129, 7, 1, 300}, 32, "32");
+      fails += RunCase(rng, s, bsl, {512, 1, 77}, 32, "32");
+      fails += RunCase(rng, s, bsl, {544, 9}, 32, "32");
+      cases += 9;
     }
   }
   // The rotation folded in (PagedDecodeAttentionWithRope): every shape, the new token in the
@@ -605,7 +637,10 @@ int main(int argc, char** argv) {
       fails += RunRopeCase(rng, s, bsl, {129, 4097, 7, 1, 33, 24, 60}, 32, "32");
       fails += RunRopeCase(rng, s, bsl, {4097, 65, 129, 7, 50, 24}, 64, "64");
       fails += RunRopeCase(rng, s, bsl, {7, 129, 1, 512}, 512, "one");
-      cases += 4;
+      // Combined in a cluster (sm_90): 10 and 5 splits, the new token in the last split or not.
+      fails += RunRopeCase(rng, s, bsl, {129, 7, 1, 300, 33}, 32, "32");
+      fails += RunRopeCase(rng, s, bsl, {300, 65, 1}, 64, "64");
+      cases += 6;
     }
     fails += RunRopeCase(rng, s, 16, {40, 1, 300}, 0, "auto", true);
     ++cases;
