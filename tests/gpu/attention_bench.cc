@@ -1,7 +1,9 @@
 // Decode attention benchmark at internlm2-chat-7b's attention shape (32 query heads, 8 kv heads,
 // head_dim 128, blocks of 128 positions: the engine's default cache_block_seq_len), contexts
-// 1k / 4k / 16k, batch 1 and 16, beside the floor (K and V read once + q + out) at the
-// device-to-device copy bandwidth measured in the same run.
+// 1k / 4k / 16k, batch 1 and 16, and 384 (gpu_engine_bench's longest) at batch 1 and 8, beside
+// the floor (K and V read once + q + out) at the device-to-device copy bandwidth measured in the
+// same run. Where the plan combines the splits in a cluster (sm_90, <= 16 splits), the same call
+// with the combine kernel is timed beside it.
 //
 // Timing: a CUDA graph of one call per layer (split + combine kernels) over L layer views of a
 // pool of >= 512 MB (so nothing sits in the 50 MB L2 between calls; L = 2 .. 64), 20 replays
@@ -165,10 +167,10 @@ int main(int argc, char** argv) {
   std::printf("copy bandwidth (1 GiB D2D, read + write): %.0f GB/s\n", copy_gbs);
   std::mt19937 rng(1234);
   std::string table =
-      "| context | batch | split × splits | µs / call | GB/s | % copy BW | floor µs |\n"
-      "|---|---|---|---|---|---|---|\n";
-  for (int64_t ctx : {1024, 4096, 16384}) {
-    for (int64_t batch : {1, 16}) {
+      "| context | batch | split × splits | combine | µs / call | GB/s | % copy BW | floor µs |\n"
+      "|---|---|---|---|---|---|---|---|\n";
+  for (int64_t ctx : {384, 1024, 4096, 16384}) {
+    for (int64_t batch : {1, ctx == 384 ? 8 : 16}) {
       const int64_t blocks_per_seq = (ctx + bsl - 1) / bsl;
       const int64_t layer_bytes = batch * ctx * kv_dim * 2 * 2;
       const int64_t layers = std::clamp<int64_t>((int64_t{512} << 20) / layer_bytes + 1, 2, 64);
@@ -192,42 +194,50 @@ int main(int argc, char** argv) {
       const auto q = RandomHalf(rng, batch * heads * d, -2.0f, 2.0f);
       DeviceBuffer<uint16_t> dq(q.size()), dout(q.size());
       dq.CopyFrom(q.data());
-      cu::DecodeAttentionPlan plan;
-      NIBBLE_TEST_CUDA_CHECK(cu::PlanPagedDecodeAttention({heads, kv_heads, d}, batch, ctx, &plan));
-      DeviceBuffer<char> ws(std::max<int64_t>(plan.workspace_bytes, 1));
+      cu::DecodeAttentionPlan planned;
+      NIBBLE_TEST_CUDA_CHECK(cu::PlanPagedDecodeAttention({heads, kv_heads, d}, batch, ctx, &planned));
+      DeviceBuffer<char> ws(std::max<int64_t>(planned.workspace_bytes, 1));
+      for (bool cluster : {true, false}) {
+        if (cluster && !planned.combine_in_cluster) continue;
+        cu::DecodeAttentionPlan plan = planned;
+        plan.combine_in_cluster = cluster;
+        const char* combine = plan.max_splits == 1 ? "none" : cluster ? "cluster" : "kernel";
 
-      cudaGraph_t graph;
-      cudaGraphExec_t exec;
-      NIBBLE_TEST_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-      for (int64_t l = 0; l < layers; ++l) {
-        cu::PagedKvView view;
-        view.keys = pool.get() + 2 * l * bsl * kv_dim;
-        view.values = view.keys + bsl * kv_dim;
-        view.block_stride = block_elems;
-        view.block_seq_len = static_cast<int32_t>(bsl);
-        NIBBLE_TEST_CUDA_CHECK(cu::PagedDecodeAttention(plan, dq.get(), view, dtables.get(),
-                                                        blocks_per_seq, dlens.get(), batch,
-                                                        ws.get(), dout.get(), stream));
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        NIBBLE_TEST_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+        for (int64_t l = 0; l < layers; ++l) {
+          cu::PagedKvView view;
+          view.keys = pool.get() + 2 * l * bsl * kv_dim;
+          view.values = view.keys + bsl * kv_dim;
+          view.block_stride = block_elems;
+          view.block_seq_len = static_cast<int32_t>(bsl);
+          NIBBLE_TEST_CUDA_CHECK(cu::PagedDecodeAttention(plan, dq.get(), view, dtables.get(),
+                                                          blocks_per_seq, dlens.get(), batch,
+                                                          ws.get(), dout.get(), stream));
+        }
+        NIBBLE_TEST_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+        NIBBLE_TEST_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+        const double t =
+            TimeUs(stream, 20, [&] { NIBBLE_TEST_CUDA_CHECK(cudaGraphLaunch(exec, stream)); }) / layers;
+        NIBBLE_TEST_CUDA_CHECK(cudaGetLastError());
+        const double bytes = static_cast<double>(layer_bytes) + 2.0 * batch * heads * d * 2;
+        const double gbs = bytes / (t * 1e-6) / 1e9;
+        const double floor_us = bytes / (copy_gbs * 1e9) * 1e6;
+        std::printf("decode attention 32/8 heads d=128 block=128 ctx=%lld batch=%lld: %.2f us/call "
+                    "(split %d x %d, combine %s, %lld layers in the graph), %.0f GB/s = %.0f%% of copy, "
+                    "floor %.2f us\n",
+                    static_cast<long long>(ctx), static_cast<long long>(batch), t, plan.split_tokens,
+                    plan.max_splits, combine, static_cast<long long>(layers), gbs,
+                    100.0 * gbs / copy_gbs, floor_us);
+        char line[256];
+        std::snprintf(line, sizeof line, "| %lld | %lld | %d × %d | %s | %.2f | %.0f | %.0f%% | %.2f |\n",
+                      static_cast<long long>(ctx), static_cast<long long>(batch), plan.split_tokens,
+                      plan.max_splits, combine, t, gbs, 100.0 * gbs / copy_gbs, floor_us);
+        table += line;
+        NIBBLE_TEST_CUDA_CHECK(cudaGraphExecDestroy(exec));
+        NIBBLE_TEST_CUDA_CHECK(cudaGraphDestroy(graph));
       }
-      NIBBLE_TEST_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-      NIBBLE_TEST_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-      const double t =
-          TimeUs(stream, 20, [&] { NIBBLE_TEST_CUDA_CHECK(cudaGraphLaunch(exec, stream)); }) / layers;
-      NIBBLE_TEST_CUDA_CHECK(cudaGetLastError());
-      const double bytes = static_cast<double>(layer_bytes) + 2.0 * batch * heads * d * 2;
-      const double gbs = bytes / (t * 1e-6) / 1e9;
-      const double floor_us = bytes / (copy_gbs * 1e9) * 1e6;
-      std::printf("decode attention 32/8 heads d=128 block=128 ctx=%lld batch=%lld: %.2f us/call "
-                  "(split %d x %d, %lld layers in the graph), %.0f GB/s = %.0f%% of copy, floor %.2f us\n",
-                  static_cast<long long>(ctx), static_cast<long long>(batch), t, plan.split_tokens,
-                  plan.max_splits, static_cast<long long>(layers), gbs, 100.0 * gbs / copy_gbs, floor_us);
-      char line[256];
-      std::snprintf(line, sizeof line, "| %lld | %lld | %d × %d | %.2f | %.0f | %.0f%% | %.2f |\n",
-                    static_cast<long long>(ctx), static_cast<long long>(batch), plan.split_tokens,
-                    plan.max_splits, t, gbs, 100.0 * gbs / copy_gbs, floor_us);
-      table += line;
-      NIBBLE_TEST_CUDA_CHECK(cudaGraphExecDestroy(exec));
-      NIBBLE_TEST_CUDA_CHECK(cudaGraphDestroy(graph));
     }
   }
   const std::string prefill = PrefillBench(stream);
