@@ -1,4 +1,5 @@
-// Paged decode attention (attention.h): a split kernel and a combine kernel.
+// Paged decode attention (attention.h): a split kernel and a combine kernel (or, on sm_90 with
+// 2-16 splits, the split kernel alone, its blocks combining inside a cluster).
 //
 // DecodeSplitKernel<D, MAXG, EARLY>: 128 threads (4 warps) per block; the block owns one
 // sequence, one kv head, up to MAXG of its query heads and one split of the positions. A
@@ -95,6 +96,48 @@ struct RopeArgs {
 // split kernel itself. A second barrier keeps every block (and its shared memory) alive until
 // the others have read it. The max and sum of every (query head, split) are gathered into
 // `staged` first, one remote load each, so that the per-output loops read them locally.
+// Distributed shared memory (sm_90): the address of the same shared variable in the cluster's
+// block `rank`, and loads from it. 32-bit addresses (mapa .u32), formed where they are used:
+// cooperative_groups' map_shared_rank gives 64-bit generic ones, and ptxas hoisted all sixteen
+// ranks' out of the loop (ten more registers).
+__device__ __forceinline__ uint32_t ClusterSmemAddress(const void* p, int rank) {
+  uint32_t remote = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+               : "=r"(remote)
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(rank));
+#endif
+  return remote;
+}
+__device__ __forceinline__ float LoadClusterFloat(uint32_t address) {
+  float v = 0.0f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(address));
+#endif
+  return v;
+}
+__device__ __forceinline__ float2 LoadClusterFloat2(uint32_t address) {
+  float2 v = make_float2(0.0f, 0.0f);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(address));
+#endif
+  return v;
+}
+
+// CLUSTER: the splits of one (sequence, kv head, chunk of up to MAXG query heads) are one
+// thread block cluster along z, of max_splits blocks (grid.z), so that a block's rank in it is
+// its split index. Each block leaves its unnormalized partial output (fp32, [MAXG][D], in the q
+// staging area, free by then) and its (max, sum) per query head in its own shared memory; after
+// a cluster barrier the cluster's blocks, empty splits included, combine them through
+// distributed shared memory, each taking every (max_splits * kThreads)-th of the ng * D
+// outputs, with DecodeCombineKernel's arithmetic in its order (the same bits).
+// What it saves: the combine kernel's launch, its wait for the whole split grid, and the
+// partial sums' round trip through the workspace; the o product's PDL wait then ends with the
+// split kernel itself. A second barrier keeps every block (and its shared memory) alive until
+// the others have read it. The max and sum of every (query head, split) are gathered into
+// `staged` first, one remote load each, so that the per-output loops read them locally.
+// Every block of a cluster reads the same sequence length, so all of them reach both barriers
+// (or, for a length out of range, return before the first).
 template <int D, int MAXG>
 __device__ __forceinline__ void CombineInCluster(const float* part, const float2* ml,
                                                  float2* staged, int used_splits, int ng,
@@ -105,7 +148,7 @@ __device__ __forceinline__ void CombineInCluster(const float* part, const float2
   cluster.sync();  // every block's part and ml written (barrier.cluster: release / acquire)
   for (int i = threadIdx.x; i < ng * used_splits; i += kThreads) {
     const int g = i / used_splits, split = i % used_splits;
-    staged[g * kMaxClusterSplits + split] = cluster.map_shared_rank(ml, split)[g];
+    staged[g * kMaxClusterSplits + split] = LoadClusterFloat2(ClusterSmemAddress(ml + g, split));
   }
   __syncthreads();
   const int stride = static_cast<int>(cluster.num_blocks()) * kThreads;
@@ -113,7 +156,9 @@ __device__ __forceinline__ void CombineInCluster(const float* part, const float2
     const float2* g_ml = staged + (e / D) * kMaxClusterSplits;
     float a[kMaxClusterSplits];  // every remote load issued before the first is used
 #pragma unroll
-    for (int i = 0; i < kMaxClusterSplits; ++i) a[i] = i < used_splits ? cluster.map_shared_rank(part, i)[e] : 0.0f;
+    for (int i = 0; i < kMaxClusterSplits; ++i) {
+      a[i] = i < used_splits ? LoadClusterFloat(ClusterSmemAddress(part + e, i)) : 0.0f;
+    }
     float m = -INFINITY;
     for (int i = 0; i < used_splits; ++i) m = fmaxf(m, g_ml[i].x);
     float l = 0.0f, acc = 0.0f;
@@ -129,7 +174,7 @@ __device__ __forceinline__ void CombineInCluster(const float* part, const float2
   }
   cluster.sync();
 #else
-  __trap();  // the planner combines in clusters on sm_90 and later only
+  __trap();  // the planner combines in clusters only where the kernel has sm_90 code
 #endif
 }
 
@@ -409,14 +454,14 @@ __global__ void __launch_bounds__(kThreads, 4)
   __syncthreads();
   // Warp 0's first LPT lanes hold the block's sums (each lane its 8 dimensions).
   if (warp == 0 && lane < LPT) {
-  #pragma unroll
+#pragma unroll
     for (int g = 0; g < MAXG; ++g) {
       if (g >= ng) break;
       float o[8];
-  #pragma unroll
+#pragma unroll
       for (int j = 0; j < 8; ++j) {
         o[j] = acc[g][j];
-  #pragma unroll
+#pragma unroll
         for (int w = 0; w < kWarps - 1; ++w) o[j] += red[(w * MAXG + g) * D + ds + j];
       }
       const int64_t row = row0 + g;
@@ -428,7 +473,7 @@ __global__ void __launch_bounds__(kThreads, 4)
         const float inv = 1.0f / ml[g].y;
         uint4 u;
         __half2* h = reinterpret_cast<__half2*>(&u);
-  #pragma unroll
+#pragma unroll
         for (int j = 0; j < 4; ++j) h[j] = __floats2half2_rn(o[2 * j] * inv, o[2 * j + 1] * inv);
         *reinterpret_cast<uint4*>(out + row * D + ds) = u;
       } else {
@@ -480,6 +525,40 @@ __global__ void DecodeCombineKernel(const float* __restrict__ ws_acc,
 }
 
 int MaxGroupFor(int64_t group) { return group <= 4 ? 4 : 8; }
+
+// Whether the split kernel runs its EARLY variant (splits of one round, MAXG 4).
+bool EarlyFor(int maxg, int32_t split_tokens, int64_t head_dim) {
+  return maxg == 4 && split_tokens <= RoundPositions(static_cast<int>(head_dim));
+}
+
+// Whether `kernel` (a CLUSTER variant) can run here in clusters of `splits` blocks on `grid`:
+// it has sm_90 code (the JIT of its sm_8x PTX would reach CombineInCluster's trap) and at
+// least one such cluster fits the device (cudaOccupancyMaxActiveClusters; past 8 blocks the
+// size is non-portable: Hopper has 16, other parts or a MIG slice may not). Any error says no
+// (and is cleared): the plan then combines with the combine kernel.
+template <typename... Params>
+bool ClusterFits(void (*kernel)(Params...), dim3 grid, size_t smem, int splits) {
+  cudaFuncAttributes attributes{};
+  int clusters = 0;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = 1;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = static_cast<unsigned>(splits);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = kThreads;
+  config.dynamicSmemBytes = smem;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  const bool fits =
+      cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess && attributes.binaryVersion >= 90 &&
+      (splits <= 8 ||
+       cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) &&
+      cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
+  (void)cudaGetLastError();
+  return fits;
+}
 
 template <int D, int MAXG, bool EARLY, bool ROPE, bool CLUSTER>
 cudaError_t LaunchSplit(const DecodeAttentionPlan& p, dim3 grid, size_t smem, cudaStream_t stream,
@@ -554,7 +633,31 @@ cudaError_t PlanPagedDecodeAttention(const DecodeAttentionShape& shape, int64_t 
   plan->max_seq_len = max_seq_len;
   plan->split_tokens = static_cast<int32_t>(st);
   plan->max_splits = static_cast<int32_t>((max_seq_len + st - 1) / st);
-  plan->combine_in_cluster = major >= 9 && plan->max_splits > 1 && plan->max_splits <= kMaxClusterSplits;
+  if (major >= 9 && plan->max_splits > 1 && plan->max_splits <= kMaxClusterSplits) {
+    // Checked on the RoPE variant, the one the engine runs and the one with more registers.
+    const int maxg = MaxGroupFor(group);
+    const bool early = EarlyFor(maxg, plan->split_tokens, shape.head_dim);
+    const dim3 grid(static_cast<unsigned>(shape.kv_heads * ((group + maxg - 1) / maxg)),
+                    static_cast<unsigned>(num_seqs), static_cast<unsigned>(plan->max_splits));
+    const size_t smem = static_cast<size_t>(maxg) * (4 * shape.head_dim + plan->split_tokens) * sizeof(float);
+    const auto fits = [&](auto kernel) { return ClusterFits(kernel, grid, smem, plan->max_splits); };
+    switch (shape.head_dim) {
+      case 128:
+        plan->combine_in_cluster = maxg == 8 ? fits(DecodeSplitKernel<128, 8, false, true, true>)
+                                   : early   ? fits(DecodeSplitKernel<128, 4, true, true, true>)
+                                             : fits(DecodeSplitKernel<128, 4, false, true, true>);
+        break;
+      case 64:
+        plan->combine_in_cluster = maxg == 8 ? fits(DecodeSplitKernel<64, 8, false, true, true>)
+                                   : early   ? fits(DecodeSplitKernel<64, 4, true, true, true>)
+                                             : fits(DecodeSplitKernel<64, 4, false, true, true>);
+        break;
+      default:
+        plan->combine_in_cluster = maxg == 8 ? fits(DecodeSplitKernel<8, 8, false, true, true>)
+                                   : early   ? fits(DecodeSplitKernel<8, 4, true, true, true>)
+                                             : fits(DecodeSplitKernel<8, 4, false, true, true>);
+    }
+  }
   plan->workspace_bytes = plan->max_splits == 1
                               ? 0
                               : num_seqs * shape.heads * plan->max_splits *
@@ -608,14 +711,14 @@ cudaError_t DecodeAttention(const DecodeAttentionPlan& plan, const uint16_t* q,
   // Workspace: the partial outputs [num_seqs][heads][max_splits][head_dim] fp32, then
   // (max, sum) [num_seqs][heads][max_splits] float2.
   float* ws_acc = static_cast<float*>(workspace);
-  float2* ws_ml = plan.max_splits > 1
+  float2* ws_ml = plan.max_splits > 1 && !plan.combine_in_cluster
                       ? reinterpret_cast<float2*>(ws_acc + plan.num_seqs * s.heads * plan.max_splits * s.head_dim)
                       : nullptr;
   const auto split = [&](auto launch) {
     return launch(plan, grid, smem, stream, q, kv, block_tables, block_table_stride, seq_lens,
                   gchunks, ws_acc, ws_ml, out, rope_args);
   };
-  const bool early = maxg == 4 && plan.split_tokens <= RoundPositions(static_cast<int>(s.head_dim));
+  const bool early = EarlyFor(maxg, plan.split_tokens, s.head_dim);
   // The kernel for this head size, group and split length, with or without RoPE and clusters.
   const auto by_shape = [&](auto rope_tag, auto cluster_tag) {
     constexpr bool R = decltype(rope_tag)::value, C = decltype(cluster_tag)::value;

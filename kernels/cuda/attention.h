@@ -22,9 +22,9 @@
 // sum) and the unnormalized weighted sum of the values, into the workspace; a second kernel
 // combines the splits (rescaled by exp(m_i - max)). With a single split the first kernel writes
 // the output directly and the second does not run. On sm_90 and later, with at most 16 splits
-// (plan.combine_in_cluster), the splits of one (sequence, kv head) are one thread block cluster
-// and combine through distributed shared memory instead: one kernel, no workspace, the same
-// bits as the combine kernel. Query heads of one kv head share its K/V
+// (plan.combine_in_cluster), the splits of one (sequence, kv head, up to 8 of its query heads)
+// are one thread block cluster and combine through distributed shared memory instead: one
+// kernel, no workspace, the same bits as the combine kernel. Query heads of one kv head share its K/V
 // reads (GQA: heads % kv_heads == 0, query head h reads kv head h / (heads / kv_heads)).
 //
 // Ownership: nothing is owned or allocated; every pointer is device memory the caller keeps
@@ -63,7 +63,8 @@ struct DecodeAttentionPlan {
   int32_t max_splits = 0;    // ceil(max_seq_len / split_tokens)
   int64_t workspace_bytes = 0;  // 0 when max_splits == 1; unused with combine_in_cluster
   // The splits combine inside a thread block cluster (no combine kernel, no workspace): the
-  // planner sets it on sm_90 and later for 2 to 16 splits; a caller may clear it (to compare),
+  // planner sets it for 2 to 16 splits on sm_90 and later, where the kernels have sm_90 code
+  // and a cluster of max_splits blocks fits the device; a caller may clear it (to compare),
   // never set it otherwise.
   bool combine_in_cluster = false;
   // Launch with programmatic dependent launch (kernels/cuda/dependent_launch.h) on a stream of

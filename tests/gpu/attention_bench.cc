@@ -5,7 +5,7 @@
 // same run. Where the plan combines the splits in a cluster (sm_90, <= 16 splits), the same call
 // with the combine kernel is timed beside it.
 //
-// Timing: a CUDA graph of one call per layer (split + combine kernels) over L layer views of a
+// Timing: a CUDA graph of one call per layer (split + combine kernels, or the split kernel alone) over L layer views of a
 // pool of >= 512 MB (so nothing sits in the 50 MB L2 between calls; L = 2 .. 64), 20 replays
 // after 3 warm-ups, each timed with events; the median replay / L is the time per call.
 // Prints one line per shape and a markdown table (also written to argv[1] when given).
