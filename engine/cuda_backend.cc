@@ -439,19 +439,6 @@ class CudaBackend final : public Backend {
     // NIBBLE_CUDA_FUSE=1 / 0 forces them on / off.
     const char* fuse = std::getenv("NIBBLE_CUDA_FUSE");
     fuse_ = fuse != nullptr ? std::string(fuse) != "0" : !dependent_launch_;
-    // An experiment (tests/gpu/NOTES.md, l2-ahead): NIBBLE_CUDA_L2_AHEAD_MB=N > 0 has each
-    // decode o product ask the first N MB of its layer's gate/up weight into L2 while it waits
-    // for the attention before it (kc::W4A16Fusion::l2_ahead, AddL2Ahead). 0, the default,
-    // leaves the step's kernels as they were.
-    if (const char* mb = std::getenv("NIBBLE_CUDA_L2_AHEAD_MB")) {
-      char* end = nullptr;
-      const long long value = std::strtoll(mb, &end, 10);
-      if (end == mb || *end != '\0' || value < 0 || value > (1 << 20)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("NIBBLE_CUDA_L2_AHEAD_MB must be a whole number of MB (0 to 2^20): ", mb));
-      }
-      l2_ahead_bytes_ = static_cast<int64_t>(value) << 20;
-    }
     // Every `sample` span's token is picked on the device by kernels/cuda/sampling.h
     // (tests/gpu/sampling_test.cc and gpu_engine_test, tests/gpu/RESULTS.md). With
     // NIBBLE_CUDA_DEVICE_SAMPLING=0, or a vocabulary past the kernel's limit, only plain greedy
@@ -513,36 +500,16 @@ class CudaBackend final : public Backend {
     return dependent_launch_ ? kc::W4A16Kernel::kDecode8Pdl : kc::W4A16Kernel::kDecode8;
   }
 
-  // Whether `linear` at m tokens runs on the decode ring kernel, the one that takes a
-  // kc::W4A16Fusion: the decode step's products at batch <= 8.
-  bool OnRingKernel(const DeviceLinear& linear, int64_t m) const {
-    if (!linear.int4 || m >= kDequantizeRows) return false;
+  // Whether `linear` at m tokens runs on the decode ring kernel, the one that takes the fusions
+  // (kc::W4A16Fusion): the decode step's products at batch <= 8, where fuse_ (Init).
+  bool Fusable(const DeviceLinear& linear, int64_t m) const {
+    if (!fuse_ || !linear.int4 || m >= kDequantizeRows) return false;
     const kc::W4A16Kernel kernel = DecodeKernel(linear, m);
     return kernel == kc::W4A16Kernel::kDecode8Ring || kernel == kc::W4A16Kernel::kDecode8RingPdl;
-  }
-  // Whether it takes the fusions: on the ring kernel, where fuse_ (Init).
-  bool Fusable(const DeviceLinear& linear, int64_t m) const {
-    return fuse_ && OnRingKernel(linear, m);
   }
   bool Fusable(const std::vector<DeviceLinear>& group, int64_t m) const {
     return std::all_of(group.begin(), group.end(),
                        [&](const DeviceLinear& linear) { return Fusable(linear, m); });
-  }
-  // NIBBLE_CUDA_L2_AHEAD_MB (Init): where `linear` at m tokens runs on the ring kernel, sets
-  // `fusion` to ask the first l2_ahead_bytes_ of `next`'s 4-bit weight (at most all of it) and
-  // the same tiles' scale/zero words (zs is tile-major like qw: the same share of it) into L2
-  // before `linear` waits for the kernel before it. Returns whether it did.
-  bool AddL2Ahead(const DeviceLinear& linear, int64_t m, const DeviceLinear& next,
-                  kc::W4A16Fusion* fusion) const {
-    if (l2_ahead_bytes_ == 0 || !next.int4 || !OnRingKernel(linear, m)) return false;
-    const int64_t qw_bytes = static_cast<int64_t>(next.qw.bytes());
-    const int64_t bytes = std::min(l2_ahead_bytes_, qw_bytes);
-    if (bytes == 0) return false;
-    fusion->l2_ahead = next.qw.as<void>();
-    fusion->l2_ahead_bytes = bytes;
-    fusion->l2_ahead_zs = next.zs.as<void>();
-    fusion->l2_ahead_zs_bytes = static_cast<int64_t>(next.zs.bytes()) * bytes / qw_bytes;
-    return true;
   }
 
   // y[m, out] = x[m, in] · Wᵀ (+ bias). A 4-bit weight goes through the W4A16 kernels while
@@ -551,7 +518,7 @@ class CudaBackend final : public Backend {
   // cuBLAS, whose wgmma tiles outrun mma.sync there.
   absl::Status RunLinear(const DeviceLinear& linear, const uint16_t* x, int64_t m, uint16_t* y,
                          const kc::W4A16Fusion* fusion = nullptr) {
-    if (fusion != nullptr) {  // the caller checked OnRingKernel(linear, m)
+    if (fusion != nullptr) {  // the caller checked Fusable(linear, m)
       NIBBLE_CUDA_OR_RETURN(kc::MatMulW4A16Fused(linear.layout, x, linear.qw.as<uint32_t>(),
                                                  linear.zs.as<uint32_t>(), linear.bias.as<float>(),
                                                  y, m, stream_, DecodeKernel(linear, m), *fusion),
@@ -987,13 +954,11 @@ class CudaBackend final : public Backend {
         }
       }
       const bool ffn_folded = Fusable(layer.o, n) && Fusable(layer.gate_up, n);
-      kc::W4A16Fusion o_fusion;
-      if (ffn_folded) o_fusion = residual_output(layer.ffn_norm, layer.ffn_norm_c, ffn_sumsq);
-      // gate_up[0]: the stacked [gate | up], or the gate alone (the first to run).
-      const bool o_fused = AddL2Ahead(layer.o, n, layer.gate_up[0], &o_fusion) || ffn_folded;
-      NIBBLE_RETURN_IF_ERROR(RunLinear(layer.o, attention_.as<uint16_t>(), n,
-                                       ffn_folded ? x : projected, o_fused ? &o_fusion : nullptr));
-      if (!ffn_folded) {
+      if (ffn_folded) {
+        const kc::W4A16Fusion fusion = residual_output(layer.ffn_norm, layer.ffn_norm_c, ffn_sumsq);
+        NIBBLE_RETURN_IF_ERROR(RunLinear(layer.o, attention_.as<uint16_t>(), n, x, &fusion));
+      } else {
+        NIBBLE_RETURN_IF_ERROR(RunLinear(layer.o, attention_.as<uint16_t>(), n, projected));
         NIBBLE_CUDA_OR_RETURN(kc::AddRmsNorm(x, projected, layer.ffn_norm.as<uint16_t>(), n,
                                              hidden, eps, normed, stream_, dependent_launch_),
                               "the residual add and FFN norm");
@@ -1109,7 +1074,6 @@ class CudaBackend final : public Backend {
   bool fuse_ = false;              // the decode step's fusions (Init, Fusable)
   bool rope_in_attention_ = true;  // RoPE folded into decode attention (Init)
   bool cluster_combine_ = true;    // decode attention's splits combined in a cluster (Init)
-  int64_t l2_ahead_bytes_ = 0;     // the o product's L2 prefetch of gate/up (Init, AddL2Ahead)
   // Decode-step graphs by (batch size, block-table width, spans sampled on the device).
   std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<GraphExec>> graphs_;
   PinnedBuffer host_meta_;

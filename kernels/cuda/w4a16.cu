@@ -53,15 +53,6 @@ __device__ __forceinline__ void PrefetchL1(const void* p) {
   asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
 }
 
-// Asks the 128-byte line holding p into L2; nothing waits for it. Plain (evict-normal) rather
-// than prefetch.global.L2::evict_last: the next product reads each line once, and evict_last
-// would keep the dead lines ahead of the later layers' weights (and their own prefetches) until
-// the step ends. The o product's own weight streams with evict-first, so its lines leave L2
-// before these.
-__device__ __forceinline__ void PrefetchL2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(p)));
-}
-
 __device__ __forceinline__ void Mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};"
@@ -205,10 +196,6 @@ struct DecodeFusionArgs {
   float norm_c;
   __half* normed;   // [m][n]
   float* sumsq;     // [m][n_pad / 16]
-  // W4A16Fusion::l2_ahead in 128-byte lines (0: none), read by the FLAGS & 32 kernels only.
-  const char* l2_ahead;
-  const char* l2_ahead_zs;
-  int64_t l2_ahead_lines, l2_ahead_zs_lines;
 };
 
 // Gated (the stacked [gate | up] product, n = 2 * half): the gate tile's accumulators (+ bias)
@@ -393,8 +380,7 @@ __global__ void __launch_bounds__(512)
   constexpr bool ring = (FLAGS & 8) != 0;
   constexpr bool gated = (FLAGS & 16) != 0;
   // FLAGS & 32 (and gated): the fusions (DecodeFusionArgs) are read; without it the kernel
-  // compiles to the code measured before them (run 24) and ignores `fusion`. The L2 prefetch
-  // (prefetch_next_product) is compiled into the FLAGS & 32 kernels only, not the gated one.
+  // compiles to the code measured before them (run 24) and ignores `fusion`.
   constexpr bool fused = (FLAGS & 32) != 0 || gated;
   static_assert(!fused || ring, "the fusions run on the ring");
   constexpr int kTiles = gated ? 2 : 1;
@@ -494,21 +480,6 @@ __global__ void __launch_bounds__(512)
       PrefetchL1(y + static_cast<size_t>(tok0 + lane) * n + tile * 16);
     }
   };
-  // The FLAGS & 32 kernels, before WaitForPriorGrid: the next product's first lines asked into
-  // L2 (W4A16Fusion::l2_ahead), line = this thread's index in the grid + pass * the grid's
-  // threads, over the weight's lines and then the scale/zero words'. A runtime branch: with no
-  // lines the loop does not run.
-  const auto prefetch_next_product = [&]() {
-    const int64_t lines = fusion.l2_ahead_lines + fusion.l2_ahead_zs_lines;
-    const int64_t grid_threads = static_cast<int64_t>(gridDim.x) * gridDim.y * blockDim.x;
-    for (int64_t line = (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x +
-                        threadIdx.x;
-         line < lines; line += grid_threads) {
-      PrefetchL2(line < fusion.l2_ahead_lines
-                     ? fusion.l2_ahead + line * 128
-                     : fusion.l2_ahead_zs + (line - fusion.l2_ahead_lines) * 128);
-    }
-  };
   constexpr bool ring_first = gated;
   float* partial =
       !fused ? decode_smem
@@ -542,7 +513,6 @@ __global__ void __launch_bounds__(512)
     };
 #pragma unroll
     for (int s = 0; s < KPF; ++s) fill(s);
-    if constexpr ((FLAGS & 32) != 0) prefetch_next_product();
     if constexpr ((FLAGS & 4) != 0) WaitForPriorGrid();
     if constexpr (fused) prefetch_epilogue();
     for (int i = 0; i < nch; ++i) {
@@ -1124,10 +1094,6 @@ cudaError_t LaunchDecode(const W4A16Layout& l, const uint16_t* x, const uint32_t
     args.norm_c = fusion->norm_c;
     args.normed = reinterpret_cast<__half*>(fusion->normed);
     args.sumsq = fusion->sumsq;
-    args.l2_ahead = static_cast<const char*>(fusion->l2_ahead);
-    args.l2_ahead_zs = static_cast<const char*>(fusion->l2_ahead_zs);
-    args.l2_ahead_lines = (fusion->l2_ahead_bytes + 127) / 128;
-    args.l2_ahead_zs_lines = (fusion->l2_ahead_zs_bytes + 127) / 128;
   }
   NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(
       dependent, W4A16DecodeKernel<TT, KPF, FLAGS>, grid, 32 * warps, smem, stream,
@@ -1258,14 +1224,6 @@ const char* CheckW4A16Fusion(const W4A16Layout& layout, const W4A16Fusion& fusio
   }
   if (fusion.gated && fusion.norm_weight != nullptr) {
     return "the gated product has no residual epilogue";
-  }
-  if (fusion.l2_ahead_bytes < 0 || fusion.l2_ahead_zs_bytes < 0 ||
-      (fusion.l2_ahead_bytes > 0 && fusion.l2_ahead == nullptr) ||
-      (fusion.l2_ahead_zs_bytes > 0 && fusion.l2_ahead_zs == nullptr)) {
-    return "an L2 prefetch range needs bytes >= 0 and, when bytes > 0, its pointer";
-  }
-  if (fusion.gated && (fusion.l2_ahead_bytes > 0 || fusion.l2_ahead_zs_bytes > 0)) {
-    return "the gated product has no L2 prefetch";
   }
   if (fusion.norm_weight != nullptr && (fusion.normed == nullptr || fusion.sumsq == nullptr)) {
     return "the residual epilogue needs normed and sumsq";

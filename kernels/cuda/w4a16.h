@@ -85,9 +85,7 @@ cudaError_t MatMulW4A16WithWarps(const W4A16Layout& layout, const uint16_t* x,
 // The engine uses them where kernels launch without PDL (before sm_90): on the H100 with PDL
 // the kernels they replace already overlap the next product's first loads, and the fused step
 // measured slower there (tests/gpu/NOTES.md run 25). Each part is off when its pointer is null
-// (gated: false); gated and the residual epilogue exclude each other. The L2 prefetch below
-// is not a fusion but rides on the same kernels; it combines with every part except gated, and
-// the engine sets it with or without PDL (NIBBLE_CUDA_L2_AHEAD_MB, engine/cuda_backend.cc).
+// (gated: false); gated and the residual epilogue exclude each other.
 struct W4A16Fusion {
   // The RMSNorm of the activations, folded: x[tok] holds fp16(r * (norm_weight * x_norm_c)) of a
   // residual row r (as the residual epilogue below writes it) and x_sumsq[tok * x_sumsq_parts +
@@ -111,18 +109,6 @@ struct W4A16Fusion {
   float norm_c = 1.0f;
   uint16_t* normed = nullptr;
   float* sumsq = nullptr;
-  // An experiment (tests/gpu/NOTES.md, l2-ahead): the first l2_ahead_bytes of the next
-  // product's weight (l2_ahead: its qw) and the first l2_ahead_zs_bytes of its scale/zero words
-  // (l2_ahead_zs: its zs) asked into L2 (prefetch.global.L2, one 128-byte line per thread per
-  // pass over the whole grid) after this kernel's first ring copies and before its
-  // griddepcontrol.wait, so that the bus, idle while the kernels before it end, already carries
-  // the next product's first bytes. Off when l2_ahead_bytes and l2_ahead_zs_bytes are 0; a
-  // range with bytes > 0 needs its pointer. Nothing is read from it and no result changes. The
-  // caller keeps each range within its allocation.
-  const void* l2_ahead = nullptr;
-  int64_t l2_ahead_bytes = 0;
-  const void* l2_ahead_zs = nullptr;
-  int64_t l2_ahead_zs_bytes = 0;
 };
 
 // nullptr when `fusion` fits the layout, else what is wrong.
