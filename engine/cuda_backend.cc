@@ -427,9 +427,10 @@ class CudaBackend final : public Backend {
     // (PagedDecodeAttentionWithRope: one kernel fewer a layer, the same bits);
     // NIBBLE_CUDA_ROPE_IN_ATTENTION=0 runs RoPE as its own kernel first, for comparison.
     rope_in_attention_ = switched_on("NIBBLE_CUDA_ROPE_IN_ATTENTION");
-    // Decode attention's splits (2 to 16 of them, on sm_90) combine inside a thread block
-    // cluster (DecodeAttentionPlan::combine_in_cluster: no combine kernel, the same bits);
-    // NIBBLE_CUDA_CLUSTER_COMBINE=0 runs the combine kernel, for comparison.
+    // Decode attention's splits combine inside a thread block cluster where the planner takes
+    // it (DecodeAttentionPlan::combine_in_cluster: sm_90, 2 to 16 splits, a grid of at most one
+    // block per multiprocessor; no combine kernel, the same bits); NIBBLE_CUDA_CLUSTER_COMBINE=0
+    // runs the combine kernel there too, for comparison.
     cluster_combine_ = switched_on("NIBBLE_CUDA_CLUSTER_COMBINE");
     // The decode step (batch <= 8) folds the norms, the residual adds and SiLU·mul into its
     // 4-bit products (kc::W4A16Fusion, Enqueue) where the kernels launch without PDL (before

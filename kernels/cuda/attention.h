@@ -22,7 +22,7 @@
 // sum) and the unnormalized weighted sum of the values, into the workspace; a second kernel
 // combines the splits (rescaled by exp(m_i - max)). With a single split the first kernel writes
 // the output directly and the second does not run. On sm_90 and later, with at most 16 splits
-// (plan.combine_in_cluster), the splits of one (sequence, kv head, up to 8 of its query heads)
+// and a small grid (plan.combine_in_cluster), the splits of one (sequence, kv head, up to 8 of its query heads)
 // are one thread block cluster and combine through distributed shared memory instead: one
 // kernel, no workspace, the same bits as the combine kernel. Query heads of one kv head share its K/V
 // reads (GQA: heads % kv_heads == 0, query head h reads kv head h / (heads / kv_heads)).
@@ -62,10 +62,14 @@ struct DecodeAttentionPlan {
   int32_t split_tokens = 0;  // positions per split
   int32_t max_splits = 0;    // ceil(max_seq_len / split_tokens)
   int64_t workspace_bytes = 0;  // 0 when max_splits == 1; unused with combine_in_cluster
-  // The splits combine inside a thread block cluster (no combine kernel, no workspace): the
-  // planner sets it for 2 to 16 splits on sm_90 and later, where the kernels have sm_90 code
-  // and a cluster of max_splits blocks fits the device; a caller may clear it (to compare),
-  // never set it otherwise.
+  // The splits can combine inside a thread block cluster (no combine kernel, no workspace):
+  // 2 to 16 splits on sm_90 and later, where the kernels have sm_90 code and a cluster of
+  // max_splits blocks fits the device.
+  bool cluster_fits = false;
+  // They do: the planner sets it where cluster_fits and the split kernel's grid is at most one
+  // block per multiprocessor (batch 1 at short contexts: one kernel fewer; larger grids measured
+  // slower in clusters, tests/gpu/NOTES.md run 27). A caller may set or clear it where
+  // cluster_fits (tests, benchmarks), never set it otherwise.
   bool combine_in_cluster = false;
   // Launch with programmatic dependent launch (kernels/cuda/dependent_launch.h) on a stream of
   // the caller's own: the kernels may start while the one before them ends. The caller sets it

@@ -2,9 +2,8 @@
 // head_dim 128, blocks of 128 positions: the engine's default cache_block_seq_len), contexts
 // 1k / 4k / 16k, batch 1 and 16, and 384 (gpu_engine_bench's longest) at batch 1 and 8, beside
 // the floor (K and V read once + q + out) at the device-to-device copy bandwidth measured in the
-// same run. Where the plan combines the splits in a cluster (sm_90, <= 16 splits), the same call
-// with the combine kernel is timed beside it; where it has more splits, the same call in at most
-// 16 longer ones combined in a cluster.
+// same run. Where the splits can combine in a cluster (sm_90, <= 16 splits: the plan's
+// cluster_fits), both ways are timed (the planner takes the cluster for small grids only).
 //
 // Timing: a CUDA graph of one call per layer (split + combine kernels, or the split kernel alone) over L layer views of a
 // pool of >= 512 MB (so nothing sits in the 50 MB L2 between calls; L = 2 .. 64), 20 replays
@@ -197,17 +196,10 @@ int main(int argc, char** argv) {
       dq.CopyFrom(q.data());
       cu::DecodeAttentionPlan planned;
       NIBBLE_TEST_CUDA_CHECK(cu::PlanPagedDecodeAttention({heads, kv_heads, d}, batch, ctx, &planned));
-      // Past 16 splits the plan combines with the kernel; the same call cut into at most 16
-      // longer splits, combined in a cluster, is timed beside it (fewer blocks, one kernel).
-      cu::DecodeAttentionPlan longer;
-      NIBBLE_TEST_CUDA_CHECK(cu::PlanPagedDecodeAttention({heads, kv_heads, d}, batch, ctx, &longer,
-                                                          static_cast<int32_t>(std::min<int64_t>((ctx + 15) / 16, 512))));
       DeviceBuffer<char> ws(std::max<int64_t>(planned.workspace_bytes, 1));
-      for (int variant = 0; variant < 3; ++variant) {
-        const bool cluster = variant != 1;
-        if (variant == 0 && !planned.combine_in_cluster) continue;
-        if (variant == 2 && (planned.combine_in_cluster || !longer.combine_in_cluster)) continue;
-        cu::DecodeAttentionPlan plan = variant == 2 ? longer : planned;
+      for (bool cluster : {true, false}) {
+        if (cluster && !planned.cluster_fits) continue;
+        cu::DecodeAttentionPlan plan = planned;
         plan.combine_in_cluster = cluster;
         const char* combine = plan.max_splits == 1 ? "none" : cluster ? "cluster" : "kernel";
 

@@ -150,10 +150,30 @@ std::string CaseName(const char* what, const Shape& s, int bsl, const std::vecto
          std::to_string(plan.max_splits) + (plan.combine_in_cluster ? " cluster" : "") + ")";
 }
 
-// `plan` with the splits combined by the combine kernel (where the planner chose a cluster).
-cu::DecodeAttentionPlan WithCombineKernel(cu::DecodeAttentionPlan plan) {
-  plan.combine_in_cluster = false;
+// `plan` with the splits combined inside a cluster wherever one fits (`cluster`), whatever the
+// planner chose for speed, or by the combine kernel (!cluster).
+cu::DecodeAttentionPlan WithCombine(cu::DecodeAttentionPlan plan, bool cluster) {
+  plan.combine_in_cluster = cluster && plan.cluster_fits;
   return plan;
+}
+
+// The planner's cluster choices (attention.h): it fits exactly where the device has clusters
+// (sm_90) and there are 2-16 splits; it is taken where the split grid has at most one block per
+// multiprocessor. Prints and counts a failure otherwise.
+int CheckClusterPlan(const std::string& name, const Shape& s, int64_t seqs,
+                     const cu::DecodeAttentionPlan& plan) {
+  int device = 0, major = 0, sms = 0;
+  NIBBLE_TEST_CUDA_CHECK(cudaGetDevice(&device));
+  NIBBLE_TEST_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  NIBBLE_TEST_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t group = s.heads / s.kv_heads, maxg = group <= 4 ? 4 : 8;
+  const int64_t blocks = s.kv_heads * ((group + maxg - 1) / maxg) * seqs * plan.max_splits;
+  const bool fits = major >= 9 && plan.max_splits > 1 && plan.max_splits <= 16;
+  if (plan.cluster_fits == fits && plan.combine_in_cluster == (fits && blocks <= sms)) return 0;
+  std::printf("FAIL %s.plan: cluster_fits %d, combine_in_cluster %d with %d splits, %lld blocks "
+              "on sm_%d with %d multiprocessors\n", name.c_str(), plan.cluster_fits,
+              plan.combine_in_cluster, plan.max_splits, static_cast<long long>(blocks), major, sms);
+  return 1;
 }
 
 // The cluster's combine and the combine kernel gave different bits: prints and counts a failure.
@@ -222,26 +242,20 @@ int RunCase(std::mt19937& rng, const Shape& s, int bsl, const std::vector<int>& 
     dout.CopyTo(got.data());
     return got;
   };
-  const std::vector<uint16_t> got = run(plan);
-  const std::string name = CaseName("decode_attention", s, bsl, lens, split_name, plan);
-  int fails = CheckClose(name, got, ref, 1e-3, 1e-4);
-  // The planner combines in a cluster exactly where the device has clusters and 2-16 splits.
-  int device = 0, major = 0;
-  NIBBLE_TEST_CUDA_CHECK(cudaGetDevice(&device));
-  NIBBLE_TEST_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (plan.combine_in_cluster != (major >= 9 && plan.max_splits > 1 && plan.max_splits <= 16)) {
-    std::printf("FAIL %s.plan: combine_in_cluster %d with %d splits on sm_%d\n", name.c_str(),
-                plan.combine_in_cluster, plan.max_splits, major);
-    ++fails;
-  }
-  if (plan.combine_in_cluster) fails += CheckSameCombine(name, got, run(WithCombineKernel(plan)));
+  // In a cluster wherever one fits (the planner takes it for small grids only), and there
+  // also with the combine kernel: the same bits.
+  const cu::DecodeAttentionPlan tested = WithCombine(plan, true);
+  const std::vector<uint16_t> got = run(tested);
+  const std::string name = CaseName("decode_attention", s, bsl, lens, split_name, tested);
+  int fails = CheckClose(name, got, ref, 1e-3, 1e-4) + CheckClusterPlan(name, s, seqs, plan);
+  if (tested.combine_in_cluster) fails += CheckSameCombine(name, got, run(WithCombine(plan, false)));
 
   // The contract on lengths: sequence 0 given max_len + 1 positions comes out NaN, the others
   // unchanged.
   std::vector<int> bad_lens = lens;
   bad_lens[0] = max_len + 1;
   dlens.CopyFrom(bad_lens.data());
-  const std::vector<uint16_t> got_bad = run(plan);
+  const std::vector<uint16_t> got_bad = run(tested);
   const BadLength c = CountBadLength(got_bad, got, s.heads * s.d);
   if (!c.ok()) {
     std::printf("FAIL %s.bad_len: NaN %lld/%lld, others unchanged %lld/%lld\n", name.c_str(),
@@ -345,7 +359,7 @@ int RunRopeCase(std::mt19937& rng, const Shape& s, int bsl, const std::vector<in
   NIBBLE_TEST_CUDA_CHECK(cudaMemcpy2D(dq.get(), q_dim * 2, dqkv_two.get(), q_stride * 2, q_dim * 2,
                                       seqs, cudaMemcpyDeviceToDevice));
   NIBBLE_TEST_CUDA_CHECK(cudaMemset(ws.get(), 0xff, ws.bytes()));
-  NIBBLE_TEST_CUDA_CHECK(cu::PagedDecodeAttention(WithCombineKernel(plan), dq.get(), view_two, dtables.get(),
+  NIBBLE_TEST_CUDA_CHECK(cu::PagedDecodeAttention(WithCombine(plan, false), dq.get(), view_two, dtables.get(),
                                                   tp.table_stride, dlens.get(), seqs, ws.get(),
                                                   dout_two.get(), nullptr));
   // One kernel (two with the combine).
@@ -364,42 +378,50 @@ int RunRopeCase(std::mt19937& rng, const Shape& s, int bsl, const std::vector<in
   rope.slots = dslots.get();
   rope.keys = keys_one;
   rope.values = keys_one + bsl * kv_dim;
-  const auto run_one = [&](DeviceBuffer<uint16_t>& out) {
+  // From a fresh copy of the pool: in a cluster wherever one fits (the planner takes it for
+  // small grids only), and there also with the combine kernel.
+  const cu::DecodeAttentionPlan tested = WithCombine(plan, true);
+  const auto run_one = [&](const cu::DecodeAttentionPlan& p, DeviceBuffer<uint16_t>& out) {
+    dpool_one.CopyFrom(tp.pool.data());
+    NIBBLE_TEST_CUDA_CHECK(cudaMemset(out.get(), 0xff, out.bytes()));
     NIBBLE_TEST_CUDA_CHECK(cudaMemset(ws.get(), 0xff, ws.bytes()));
-    NIBBLE_TEST_CUDA_CHECK(cu::PagedDecodeAttentionWithRope(plan, rope, view_one, dtables.get(),
+    NIBBLE_TEST_CUDA_CHECK(cu::PagedDecodeAttentionWithRope(p, rope, view_one, dtables.get(),
                                                             tp.table_stride, dlens.get(), seqs,
                                                             ws.get(), out.get(), nullptr));
     NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
   };
-  run_one(dout_one);
   std::vector<uint16_t> out_two(seqs * q_dim), out_one(seqs * q_dim), pool_two(tp.pool.size()),
       pool_one(tp.pool.size()), qkv_after(qkv.size());
   dout_two.CopyTo(out_two.data());
-  dout_one.CopyTo(out_one.data());
   dpool_two.CopyTo(pool_two.data());
-  dpool_one.CopyTo(pool_one.data());
-  dqkv_one.CopyTo(qkv_after.data());
   const std::string name =
       CaseName(packed ? "decode_attention+rope packed" : "decode_attention+rope", s, bsl, lens,
-               split_name, plan);
-  int fails = CheckClose(name, out_one, ref, 2e-3, 2e-4);
-  if (out_one != out_two || pool_one != pool_two || qkv_after != qkv) {
-    int64_t out_diff = 0, pool_diff = 0;
-    for (size_t i = 0; i < out_one.size(); ++i) out_diff += out_one[i] != out_two[i];
-    for (size_t i = 0; i < pool_one.size(); ++i) pool_diff += pool_one[i] != pool_two[i];
-    std::printf("FAIL %s.same_bits: output %lld, pool %lld elements differ from RoPE + attention; "
-                "q/k/v %s\n", name.c_str(), static_cast<long long>(out_diff),
-                static_cast<long long>(pool_diff), qkv_after == qkv ? "unchanged" : "CHANGED");
-    ++fails;
+               split_name, tested);
+  int fails = 0;
+  for (bool cluster : {true, false}) {
+    if (!cluster && !tested.combine_in_cluster) break;  // the first pass was the combine kernel
+    run_one(WithCombine(plan, cluster), dout_one);
+    dout_one.CopyTo(out_one.data());
+    dpool_one.CopyTo(pool_one.data());
+    dqkv_one.CopyTo(qkv_after.data());
+    if (cluster) fails += CheckClose(name, out_one, ref, 2e-3, 2e-4);
+    if (out_one != out_two || pool_one != pool_two || qkv_after != qkv) {
+      int64_t out_diff = 0, pool_diff = 0;
+      for (size_t i = 0; i < out_one.size(); ++i) out_diff += out_one[i] != out_two[i];
+      for (size_t i = 0; i < pool_one.size(); ++i) pool_diff += pool_one[i] != pool_two[i];
+      std::printf("FAIL %s.same_bits%s: output %lld, pool %lld elements differ from RoPE + "
+                  "attention; q/k/v %s\n", name.c_str(), cluster ? "" : " (combine kernel)",
+                  static_cast<long long>(out_diff), static_cast<long long>(pool_diff),
+                  qkv_after == qkv ? "unchanged" : "CHANGED");
+      ++fails;
+    }
   }
 
   // Sequence 0 past the plan's maximum: NaN row, nothing stored for it, the rest the same.
   std::vector<int> bad_lens = lens;
   bad_lens[0] = max_len + 1;
   dlens.CopyFrom(bad_lens.data());
-  dpool_one.CopyFrom(tp.pool.data());
-  NIBBLE_TEST_CUDA_CHECK(cudaMemset(dout_one.get(), 0xff, dout_one.bytes()));
-  run_one(dout_one);
+  run_one(tested, dout_one);
   std::vector<uint16_t> got_bad(out_one.size()), pool_bad(tp.pool.size());
   dout_one.CopyTo(got_bad.data());
   dpool_one.CopyTo(pool_bad.data());
