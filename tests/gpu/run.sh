@@ -27,6 +27,7 @@
 #     bound the two steps so that the logs come back within a lent host's 10-minute call.
 #     NIBBLE_FULL_PREBUILT=1 skips configure, build and ctest: BUILD_DIR then holds binaries
 #     built elsewhere for this host and carried (bin/, and test-models/ from the fixtures).
+#     tests/gpu/pack-prebuilt.sh makes one (.gpu-prebuilt) on the dev machine, within the carry.
 #     NIBBLE_DEVICE_SAMPLING_FILTER (default '*Sampled*'): which gpu_engine_test cases run a
 #     second time with NIBBLE_CUDA_DEVICE_SAMPLING=0 (the device sampler off);
 #     NIBBLE_NO_PDL_FILTER (default '*Paged*:*Synthetic*'): which run again with
