@@ -187,6 +187,12 @@ __global__ void __launch_bounds__(kThreads, 4)
                       int split_tokens, int max_splits, int max_seq_len, float scale,
                       float* __restrict__ ws_acc, float2* __restrict__ ws_ml,
                       __half* __restrict__ out, RopeArgs rope) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  if constexpr (CLUSTER) {  // never planned below sm_90 (no clusters): no code for it there
+    __trap();
+    return;
+  }
+#endif
   AllowDependentLaunch();  // the o projection after it (kernels/cuda/dependent_launch.h)
   WaitForPriorGrid();
   constexpr int LPT = D / 8;     // lanes per position row
