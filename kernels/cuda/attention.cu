@@ -35,7 +35,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <type_traits>
 
 #include <cooperative_groups.h>
 #include <cuda_fp16.h>
@@ -85,44 +84,29 @@ struct RopeArgs {
   __half* values;
 };
 
-// CLUSTER: the splits of one (sequence, kv head, chunk of query heads) are one thread block
-// cluster along z, ranks = split indices. Each block leaves its unnormalized partial output
-// (fp32, [MAXG][D], in the q staging area, free by then) and its (max, sum) per query head in
-// its own shared memory; after a cluster barrier the cluster's blocks, empty splits included,
-// combine them through distributed shared memory, each taking every (splits * kThreads)-th of
-// the ng * D outputs, with DecodeCombineKernel's arithmetic in its order (the same bits).
-// What it saves: the combine kernel's launch, its wait for the whole split grid, and the
-// partial sums' round trip through the workspace; the o product's PDL wait then ends with the
-// split kernel itself. A second barrier keeps every block (and its shared memory) alive until
-// the others have read it. The max and sum of every (query head, split) are gathered into
-// `staged` first, one remote load each, so that the per-output loops read them locally.
 // Distributed shared memory (sm_90): the address of the same shared variable in the cluster's
 // block `rank`, and loads from it. 32-bit addresses (mapa .u32), formed where they are used:
 // cooperative_groups' map_shared_rank gives 64-bit generic ones, and ptxas hoisted all sixteen
 // ranks' out of the loop (ten more registers).
-__device__ __forceinline__ uint32_t ClusterSmemAddress(const void* p, int rank) {
-  uint32_t remote = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ uint32_t ClusterSmemAddress(const void* p, int rank) {
+  uint32_t remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
                : "=r"(remote)
                : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(rank));
-#endif
   return remote;
 }
 __device__ __forceinline__ float LoadClusterFloat(uint32_t address) {
-  float v = 0.0f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  float v;
   asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(address));
-#endif
   return v;
 }
 __device__ __forceinline__ float2 LoadClusterFloat2(uint32_t address) {
-  float2 v = make_float2(0.0f, 0.0f);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  float2 v;
   asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(address));
-#endif
   return v;
 }
+#endif
 
 // CLUSTER: the splits of one (sequence, kv head, chunk of up to MAXG query heads) are one
 // thread block cluster along z, of max_splits blocks (grid.z), so that a block's rank in it is
@@ -532,9 +516,52 @@ __global__ void DecodeCombineKernel(const float* __restrict__ ws_acc,
 
 int MaxGroupFor(int64_t group) { return group <= 4 ? 4 : 8; }
 
+// The split kernel's grid (kv heads x chunks of up to MAXG query heads, sequences, splits) and
+// dynamic shared memory (q staged, the scores, the warps' partial sums), for the planner's
+// cluster check and the launch alike.
+dim3 SplitGrid(const DecodeAttentionShape& s, int64_t num_seqs, int32_t splits) {
+  const int64_t group = s.heads / s.kv_heads, maxg = MaxGroupFor(group);
+  return dim3(static_cast<unsigned>(s.kv_heads * ((group + maxg - 1) / maxg)),
+              static_cast<unsigned>(num_seqs), static_cast<unsigned>(splits));
+}
+size_t SplitSmemBytes(const DecodeAttentionShape& s, int32_t split_tokens) {
+  return static_cast<size_t>(MaxGroupFor(s.heads / s.kv_heads)) * (4 * s.head_dim + split_tokens) * sizeof(float);
+}
+
 // Whether the split kernel runs its EARLY variant (splits of one round, MAXG 4).
 bool EarlyFor(int maxg, int32_t split_tokens, int64_t head_dim) {
   return maxg == 4 && split_tokens <= RoundPositions(static_cast<int>(head_dim));
+}
+
+// Every DecodeSplitKernel instantiation has this signature.
+using SplitKernel = decltype(&DecodeSplitKernel<128, 4, false, false, false>);
+
+// The split kernel for a head size, query-head chunk (MAXG), split length (EARLY), with or
+// without the RoPE and the cluster combine: the planner's check and the launch pick the same.
+template <bool ROPE, bool CLUSTER>
+SplitKernel SplitKernelFor(int64_t head_dim, int maxg, bool early) {
+  switch (head_dim) {
+    case 128:
+      return maxg == 8 ? DecodeSplitKernel<128, 8, false, ROPE, CLUSTER>
+             : early   ? DecodeSplitKernel<128, 4, true, ROPE, CLUSTER>
+                       : DecodeSplitKernel<128, 4, false, ROPE, CLUSTER>;
+    case 64:
+      return maxg == 8 ? DecodeSplitKernel<64, 8, false, ROPE, CLUSTER>
+             : early   ? DecodeSplitKernel<64, 4, true, ROPE, CLUSTER>
+                       : DecodeSplitKernel<64, 4, false, ROPE, CLUSTER>;
+    default:
+      return maxg == 8 ? DecodeSplitKernel<8, 8, false, ROPE, CLUSTER>
+             : early   ? DecodeSplitKernel<8, 4, true, ROPE, CLUSTER>
+                       : DecodeSplitKernel<8, 4, false, ROPE, CLUSTER>;
+  }
+}
+SplitKernel SplitKernelFor(int64_t head_dim, int maxg, bool early, bool rope, bool cluster) {
+  if (rope) {
+    return cluster ? SplitKernelFor<true, true>(head_dim, maxg, early)
+                   : SplitKernelFor<true, false>(head_dim, maxg, early);
+  }
+  return cluster ? SplitKernelFor<false, true>(head_dim, maxg, early)
+                 : SplitKernelFor<false, false>(head_dim, maxg, early);
 }
 
 // Whether `kernel` (a CLUSTER variant) can run here in clusters of `splits` blocks on `grid`:
@@ -542,8 +569,7 @@ bool EarlyFor(int maxg, int32_t split_tokens, int64_t head_dim) {
 // least one such cluster fits the device (cudaOccupancyMaxActiveClusters; past 8 blocks the
 // size is non-portable: Hopper has 16, other parts or a MIG slice may not). Any error says no
 // (and is cleared): the plan then combines with the combine kernel.
-template <typename... Params>
-bool ClusterFits(void (*kernel)(Params...), dim3 grid, size_t smem, int splits) {
+bool ClusterFits(SplitKernel kernel, dim3 grid, size_t smem, int splits) {
   cudaFuncAttributes attributes{};
   int clusters = 0;
   cudaLaunchAttribute cluster{};
@@ -564,29 +590,6 @@ bool ClusterFits(void (*kernel)(Params...), dim3 grid, size_t smem, int splits) 
       cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
   (void)cudaGetLastError();
   return fits;
-}
-
-template <int D, int MAXG, bool EARLY, bool ROPE, bool CLUSTER>
-cudaError_t LaunchSplit(const DecodeAttentionPlan& p, dim3 grid, size_t smem, cudaStream_t stream,
-                        const uint16_t* q, const PagedKvView& kv, const int32_t* tables,
-                        int64_t table_stride, const int32_t* seq_lens, int gchunks, float* ws_acc,
-                        float2* ws_ml, uint16_t* out, const RopeArgs& rope) {
-  const auto kernel = DecodeSplitKernel<D, MAXG, EARLY, ROPE, CLUSTER>;
-  dim3 cluster(1, 1, 1);
-  if constexpr (CLUSTER) {
-    cluster.z = grid.z;  // every split of a (sequence, kv head, chunk) in one cluster
-    if (cluster.z > 8) {
-      NIBBLE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    }
-  }
-  return LaunchKernelInClusters(
-      p.dependent_launch, cluster, kernel, grid, kThreads, smem, stream,
-      reinterpret_cast<const __half*>(q), reinterpret_cast<const __half*>(kv.keys),
-      reinterpret_cast<const __half*>(kv.values), kv.block_stride, kv.block_seq_len, tables,
-      table_stride, seq_lens, static_cast<int>(p.shape.heads), static_cast<int>(p.shape.kv_heads),
-      gchunks, p.split_tokens, p.max_splits, static_cast<int>(p.max_seq_len),
-      static_cast<float>(1.0 / std::sqrt(static_cast<double>(D))), ws_acc, ws_ml,
-      reinterpret_cast<__half*>(out), rope);
 }
 
 bool ShapeOk(const DecodeAttentionShape& s) {
@@ -642,26 +645,9 @@ cudaError_t PlanPagedDecodeAttention(const DecodeAttentionShape& shape, int64_t 
   if (major >= 9 && plan->max_splits > 1 && plan->max_splits <= kMaxClusterSplits) {
     // Checked on the RoPE variant, the one the engine runs and the one with more registers.
     const bool early = EarlyFor(static_cast<int>(maxg), plan->split_tokens, shape.head_dim);
-    const dim3 grid(static_cast<unsigned>(shape.kv_heads * ((group + maxg - 1) / maxg)),
-                    static_cast<unsigned>(num_seqs), static_cast<unsigned>(plan->max_splits));
-    const size_t smem = static_cast<size_t>(maxg) * (4 * shape.head_dim + plan->split_tokens) * sizeof(float);
-    const auto fits = [&](auto kernel) { return ClusterFits(kernel, grid, smem, plan->max_splits); };
-    switch (shape.head_dim) {
-      case 128:
-        plan->cluster_fits = maxg == 8 ? fits(DecodeSplitKernel<128, 8, false, true, true>)
-                                   : early   ? fits(DecodeSplitKernel<128, 4, true, true, true>)
-                                             : fits(DecodeSplitKernel<128, 4, false, true, true>);
-        break;
-      case 64:
-        plan->cluster_fits = maxg == 8 ? fits(DecodeSplitKernel<64, 8, false, true, true>)
-                                   : early   ? fits(DecodeSplitKernel<64, 4, true, true, true>)
-                                             : fits(DecodeSplitKernel<64, 4, false, true, true>);
-        break;
-      default:
-        plan->cluster_fits = maxg == 8 ? fits(DecodeSplitKernel<8, 8, false, true, true>)
-                                   : early   ? fits(DecodeSplitKernel<8, 4, true, true, true>)
-                                             : fits(DecodeSplitKernel<8, 4, false, true, true>);
-    }
+    plan->cluster_fits = ClusterFits(SplitKernelFor(shape.head_dim, static_cast<int>(maxg), early, true, true),
+                                     SplitGrid(shape, num_seqs, plan->max_splits),
+                                     SplitSmemBytes(shape, plan->split_tokens), plan->max_splits);
   }
   plan->workspace_bytes = plan->max_splits == 1
                               ? 0
@@ -672,8 +658,7 @@ cudaError_t PlanPagedDecodeAttention(const DecodeAttentionShape& shape, int64_t 
   // attention_bench, clusters were 0.9 µs faster at 96 blocks and 1-3 % slower at 1024 and
   // more: every block of a cluster is placed in one GPC at once and holds its multiprocessor
   // until the cluster's last block is done).
-  plan->combine_in_cluster =
-      plan->cluster_fits && units * plan->max_splits <= sms;
+  plan->combine_in_cluster = plan->cluster_fits && units * plan->max_splits <= sms;
   return cudaSuccess;
 }
 
@@ -717,40 +702,31 @@ cudaError_t DecodeAttention(const DecodeAttentionPlan& plan, const uint16_t* q,
   const int64_t group = s.heads / s.kv_heads;
   const int maxg = MaxGroupFor(group);
   const int gchunks = static_cast<int>((group + maxg - 1) / maxg);
-  const dim3 grid(static_cast<unsigned>(s.kv_heads * gchunks), static_cast<unsigned>(num_seqs),
-                  static_cast<unsigned>(plan.max_splits));
-  const size_t smem = static_cast<size_t>(maxg) * (4 * s.head_dim + plan.split_tokens) * sizeof(float);
+  const dim3 grid = SplitGrid(s, num_seqs, plan.max_splits);
+  const size_t smem = SplitSmemBytes(s, plan.split_tokens);
   // Workspace: the partial outputs [num_seqs][heads][max_splits][head_dim] fp32, then
   // (max, sum) [num_seqs][heads][max_splits] float2.
   float* ws_acc = static_cast<float*>(workspace);
   float2* ws_ml = plan.max_splits > 1 && !plan.combine_in_cluster
                       ? reinterpret_cast<float2*>(ws_acc + plan.num_seqs * s.heads * plan.max_splits * s.head_dim)
                       : nullptr;
-  const auto split = [&](auto launch) {
-    return launch(plan, grid, smem, stream, q, kv, block_tables, block_table_stride, seq_lens,
-                  gchunks, ws_acc, ws_ml, out, rope_args);
-  };
-  const bool early = EarlyFor(maxg, plan.split_tokens, s.head_dim);
-  // The kernel for this head size, group and split length, with or without RoPE and clusters.
-  const auto by_shape = [&](auto rope_tag, auto cluster_tag) {
-    constexpr bool R = decltype(rope_tag)::value, C = decltype(cluster_tag)::value;
-    switch (s.head_dim) {
-      case 128:
-        return maxg == 8 ? split(LaunchSplit<128, 8, false, R, C>)
-                         : early ? split(LaunchSplit<128, 4, true, R, C>) : split(LaunchSplit<128, 4, false, R, C>);
-      case 64:
-        return maxg == 8 ? split(LaunchSplit<64, 8, false, R, C>)
-                         : early ? split(LaunchSplit<64, 4, true, R, C>) : split(LaunchSplit<64, 4, false, R, C>);
-      default:
-        return maxg == 8 ? split(LaunchSplit<8, 8, false, R, C>)
-                         : early ? split(LaunchSplit<8, 4, true, R, C>) : split(LaunchSplit<8, 4, false, R, C>);
+  const SplitKernel kernel = SplitKernelFor(s.head_dim, maxg, EarlyFor(maxg, plan.split_tokens, s.head_dim),
+                                             rope != nullptr, plan.combine_in_cluster);
+  dim3 cluster(1, 1, 1);
+  if (plan.combine_in_cluster) {
+    cluster.z = grid.z;  // every split of a (sequence, kv head, chunk) in one cluster
+    if (cluster.z > 8) {
+      NIBBLE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     }
-  };
-  using Yes = std::true_type;
-  using No = std::false_type;
-  const cudaError_t launched =
-      rope != nullptr ? (plan.combine_in_cluster ? by_shape(Yes{}, Yes{}) : by_shape(Yes{}, No{}))
-                      : (plan.combine_in_cluster ? by_shape(No{}, Yes{}) : by_shape(No{}, No{}));
+  }
+  const cudaError_t launched = LaunchKernelInClusters(
+      plan.dependent_launch, cluster, kernel, grid, kThreads, smem, stream,
+      reinterpret_cast<const __half*>(q), reinterpret_cast<const __half*>(kv.keys),
+      reinterpret_cast<const __half*>(kv.values), kv.block_stride, kv.block_seq_len, block_tables,
+      block_table_stride, seq_lens, static_cast<int>(s.heads), static_cast<int>(s.kv_heads),
+      gchunks, plan.split_tokens, plan.max_splits, static_cast<int>(plan.max_seq_len),
+      static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.head_dim))), ws_acc, ws_ml,
+      reinterpret_cast<__half*>(out), rope_args);
   NIBBLE_CUDA_RETURN_IF_ERROR(launched);
   if (plan.max_splits > 1 && !plan.combine_in_cluster) {
     const int threads = static_cast<int>((s.head_dim + 31) / 32 * 32);
