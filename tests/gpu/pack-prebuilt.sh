@@ -5,10 +5,13 @@
 #   bin/          the GPU tests and benchmarks (stripped; the CUDA code stays in them)
 #   test-models/  the fixtures gpu_engine_test and gpu_awq_test read (ctest makes them here),
 #                 less those only the CPU tests read (broken, sharded, llama_bf16,
-#                 internlm_zero_bias: ~17 MB the 64 MiB carry cannot spare)
-# and prints the size of the usual carry (.gpu-deps, .gpu-shared, .gpu-prebuilt, plus the
-# tracked files) against the device tool's 64 MiB.
+#                 internlm_zero_bias: ~17 MB)
+# all of it compressed into .gpu-prebuilt/prebuilt.tar.xz (the only file left there: the
+# binaries' CUDA code compresses ~6x, so every GPU test and benchmark fits the carry), and
+# prints the size of the usual carry (.gpu-deps, .gpu-shared, .gpu-prebuilt, plus the tracked
+# files) against the device tool's 64 MiB.
 #   tests/gpu/pack-prebuilt.sh [BUILD] [BINARY ...]
+#   (on the host, first: tar -xJf .gpu-prebuilt/prebuilt.tar.xz -C .gpu-prebuilt)
 #     BUILD: a build folder configured with CMAKE_CUDA_ARCHITECTURES holding the host's arch
 #     (default build; e.g. `cmake --preset release -DCMAKE_CUDA_ARCHITECTURES=90`), built, with
 #     ctest run at least once (its fixtures write BUILD/test-models).
@@ -26,10 +29,8 @@ build="${1:-build}"
 shift || true
 binaries=("$@")
 if [[ ${#binaries[@]} -eq 0 ]]; then
-  # attention_bench (4 MB) and gpu_awq_test (7 MB) do not fit beside these: name them instead
-  # of others when a run needs them.
-  binaries=(attention_test gpu_engine_test gpu_engine_bench sampling_test w4a16_test w4a16_bench
-            ops_test)
+  binaries=(attention_test attention_bench gpu_engine_test gpu_engine_bench gpu_awq_test
+            sampling_test w4a16_test w4a16_bench ops_test)
 fi
 out=.gpu-prebuilt
 [[ -d "$build/test-models" ]] || { echo "pack-prebuilt: no $build/test-models (run ctest in $build first)" >&2; exit 1; }
@@ -42,6 +43,10 @@ for b in "${binaries[@]}"; do
 done
 (cd "$build/test-models" && tar --exclude=./broken --exclude=./sharded --exclude='./llama_bf16*' \
    --exclude=./internlm_zero_bias -cf - .) | (cd "$out/test-models" && tar -xf -)
+tar -cJf "$out.tar.xz" -C "$out" bin test-models
+rm -rf "$out"
+mkdir -p "$out"
+mv "$out.tar.xz" "$out/prebuilt.tar.xz"
 total=0
 for d in .gpu-deps .gpu-shared "$out"; do
   [[ -d "$d" ]] || { echo "pack-prebuilt: no $d (tests/gpu/fetch-deps.sh makes .gpu-deps and .gpu-shared)" >&2; continue; }

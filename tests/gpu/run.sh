@@ -120,7 +120,10 @@ full_build() {
   python=$(command -v python3)
   if [[ "${NIBBLE_FULL_PREBUILT:-0}" == 1 ]]; then
     # Binaries built elsewhere for this host and carried (BUILD_DIR/bin, BUILD_DIR/test-models):
-    # no configure, build or ctest here.
+    # no configure, build or ctest here. pack-prebuilt.sh carries them compressed.
+    if [[ ! -d "$build/bin" && -f "$build/prebuilt.tar.xz" ]]; then
+      tar -xJf "$build/prebuilt.tar.xz" -C "$build"
+    fi
     [[ -d "$build/bin" ]] || { echo "run.sh --full: NIBBLE_FULL_PREBUILT=1 but no $build/bin" >&2; exit 1; }
     build_status=ok
     ctest_status="skipped (prebuilt binaries)"
