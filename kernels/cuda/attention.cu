@@ -178,7 +178,14 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
 #endif
   AllowDependentLaunch();  // the o projection after it (kernels/cuda/dependent_launch.h)
-  WaitForPriorGrid();
+  // ROPE waits for the kernel before it (the q/k/v product) only where it first reads what that
+  // kernel writes (rope.q / k / v) or writes anything itself: first it reads what no kernel of
+  // the step writes before it (the lengths, block tables, positions and frequencies, copied in
+  // before the step; the cache rows of positions before the new token, written by earlier
+  // steps; PagedDecodeAttentionWithRope's contract) and, EARLY, requests its first round of
+  // keys and values: those three dependent round trips overlap the product's tail and its
+  // grid-completion handoff instead of following them.
+  if constexpr (!ROPE) WaitForPriorGrid();
   constexpr int LPT = D / 8;     // lanes per position row
   constexpr int TPW = 32 / LPT;  // positions per warp per load
   constexpr int TPB = kWarps * TPW;
@@ -204,6 +211,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   const int len = seq_lens[seq];
   const int start = split * split_tokens;
   if (len < 1 || len > max_seq_len) {
+    if constexpr (ROPE) WaitForPriorGrid();  // before the writes below
     // No combine kernel runs (one split, or the cluster's: every block returns here): say so.
     if (max_splits == 1 || (CLUSTER && split == 0)) {
       for (int i = threadIdx.x; i < ng * D; i += kThreads) out[row0 * D + i] = __ushort_as_half(0x7e00);
@@ -212,6 +220,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
   const int used_splits = (len + split_tokens - 1) / split_tokens;
   if (start >= len) {  // an empty split: the combine counts only the used ones
+    if constexpr (ROPE) WaitForPriorGrid();  // the combine writes out
     if constexpr (CLUSTER) CombineInCluster<D, MAXG>(qs, ml, cluster_ml, used_splits, ng, out + row0 * D);
     return;
   }
@@ -246,6 +255,10 @@ __global__ void __launch_bounds__(kThreads, 4)
     }
   };
   static_assert(!EARLY || MAXG <= 4, "EARLY holds the values in registers: MAXG <= 4 only");
+  // Splits of several rounds at MAXG 4 (bound by bandwidth: batches and contexts that fill the
+  // card) keep the next round's keys or values in flight while a round is used: 16 registers
+  // more. MAXG 8 has no room under the 4-block bound (118-125 registers already).
+  constexpr bool kPipelined = !EARLY && MAXG <= 4;
   static_assert(RoundPositions(D) == kUnroll * TPB, "the planner's round is the kernel's");
   const int first = warp * TPW;
   uint4 k_first[kUnroll], v_first[kUnroll];
@@ -263,6 +276,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
 
   if constexpr (ROPE) {
+    WaitForPriorGrid();  // rope.q / k / v are the product's output
     // Loads first (q's pairs, the new key's pairs, the value), then the angles, so that the
     // loads' latency hides behind the double-precision reduction.
     constexpr int HALF = D / 2;
@@ -341,13 +355,19 @@ __global__ void __launch_bounds__(kThreads, 4)
     for (int g = 0; g < MAXG; ++g)
 #pragma unroll
       for (int j = 0; j < 8; ++j) qr[g][j] = g < ng ? qs[g * D + ds + j] : 0.0f;
-    for (int base = first; base < n; base += kUnroll * TPB) {  // warp-uniform
-      uint4 kr[kUnroll];
-      if (EARLY && base == first) {
+    // kPipelined: the next round's keys are requested before this round's are used.
+    uint4 kr[kUnroll];
+    if constexpr (EARLY) {
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) kr[u] = k_first[u];
-      } else {
-        load_slices(keys, new_k, base, kr);
+      for (int u = 0; u < kUnroll; ++u) kr[u] = k_first[u];
+    } else if constexpr (kPipelined) {
+      if (first < n) load_slices(keys, new_k, first, kr);
+    }
+    for (int base = first; base < n; base += kUnroll * TPB) {  // warp-uniform
+      if (!EARLY && !kPipelined) load_slices(keys, new_k, base, kr);
+      uint4 kn[kPipelined ? kUnroll : 1];
+      if constexpr (kPipelined) {
+        if (base + kUnroll * TPB < n) load_slices(keys, new_k, base + kUnroll * TPB, kn);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -372,7 +392,20 @@ __global__ void __launch_bounds__(kThreads, 4)
             if (g < ng) scores[g * split_tokens + t] = dot[g];
         }
       }
+      if constexpr (kPipelined) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) kr[u] = kn[u];
+      }
     }
+  }
+  // kPipelined: the values' first round is requested before the softmax (it does not depend on
+  // the scores), as EARLY requests it before the scores.
+  uint4 vr[kUnroll];
+  if constexpr (EARLY) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) vr[u] = v_first[u];
+  } else if constexpr (kPipelined) {
+    if (first < n) load_slices(values, new_v, first, vr);
   }
   __syncthreads();
 
@@ -402,12 +435,10 @@ __global__ void __launch_bounds__(kThreads, 4)
 #pragma unroll
     for (int j = 0; j < 8; ++j) acc[g][j] = 0.0f;
   for (int base = first; base < n; base += kUnroll * TPB) {
-    uint4 vr[kUnroll];
-    if (EARLY && base == first) {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) vr[u] = v_first[u];
-    } else {
-      load_slices(values, new_v, base, vr);
+    if (!EARLY && !kPipelined) load_slices(values, new_v, base, vr);
+    uint4 vn[kPipelined ? kUnroll : 1];
+    if constexpr (kPipelined) {
+      if (base + kUnroll * TPB < n) load_slices(values, new_v, base + kUnroll * TPB, vn);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -424,6 +455,10 @@ __global__ void __launch_bounds__(kThreads, 4)
           }
         }
       }
+    }
+    if constexpr (kPipelined) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) vr[u] = vn[u];
     }
   }
   // Sum over the warp's positions (lanes with the same ds), then over the warps.
