@@ -432,6 +432,12 @@ class CudaBackend final : public Backend {
     // block per multiprocessor; no combine kernel, the same bits); NIBBLE_CUDA_CLUSTER_COMBINE=0
     // runs the combine kernel there too, for comparison.
     cluster_combine_ = switched_on("NIBBLE_CUDA_CLUSTER_COMBINE");
+    // The split-k GEMM's partial sums of the o, gate/up and down products (batches of 9 to
+    // kDequantizeRows - 1 tokens) are added up by the residual-add norm and SiLU·mul kernels
+    // after them as they load them (kc::SplitSums), not by a reduce kernel of their own in
+    // between (the same bits); NIBBLE_CUDA_FOLD_REDUCE=0 runs the reduce kernels, for
+    // comparison.
+    fold_reduce_ = switched_on("NIBBLE_CUDA_FOLD_REDUCE");
     // The decode step (batch <= 8) folds the norms, the residual adds and SiLU·mul into its
     // 4-bit products (kc::W4A16Fusion, Enqueue) where the kernels launch without PDL (before
     // sm_90: the Jetson Orin, the A100): there each of those kernels is a full launch gap. With
@@ -517,8 +523,13 @@ class CudaBackend final : public Backend {
   // m is small (decode kernels, then the tensor-core GEMM reading the weight once per 16 or 32
   // tokens); from kDequantizeRows tokens on it is dequantized to fp16 scratch and multiplied by
   // cuBLAS, whose wgmma tiles outrun mma.sync there.
+  // unreduced (not with fusion): where the W4A16 GEMM splits k and fold_reduce_, y is left
+  // unwritten and *unreduced describes the partial sums (in dequantized_) for the caller's next
+  // kernel to add up; elsewhere unreduced->splits = 0 and y is written.
   absl::Status RunLinear(const DeviceLinear& linear, const uint16_t* x, int64_t m, uint16_t* y,
-                         const kc::W4A16Fusion* fusion = nullptr) {
+                         const kc::W4A16Fusion* fusion = nullptr,
+                         kc::SplitSums* unreduced = nullptr) {
+    if (unreduced != nullptr) *unreduced = kc::SplitSums{};
     if (fusion != nullptr) {  // the caller checked Fusable(linear, m)
       NIBBLE_CUDA_OR_RETURN(kc::MatMulW4A16Fused(linear.layout, x, linear.qw.as<uint32_t>(),
                                                  linear.zs.as<uint32_t>(), linear.bias.as<float>(),
@@ -531,7 +542,8 @@ class CudaBackend final : public Backend {
       NIBBLE_CUDA_OR_RETURN(kc::MatMulW4A16(linear.layout, x, linear.qw.as<uint32_t>(),
                                             linear.zs.as<uint32_t>(), linear.bias.as<float>(), y,
                                             m, stream_, DecodeKernel(linear, m),
-                                            dequantized_.as<void>(), dequantized_.bytes()),
+                                            dequantized_.as<void>(), dequantized_.bytes(),
+                                            fold_reduce_ ? unreduced : nullptr),
                             "the W4A16 matrix multiply");
       return absl::OkStatus();
     }
@@ -959,10 +971,16 @@ class CudaBackend final : public Backend {
         const kc::W4A16Fusion fusion = residual_output(layer.ffn_norm, layer.ffn_norm_c, ffn_sumsq);
         NIBBLE_RETURN_IF_ERROR(RunLinear(layer.o, attention_.as<uint16_t>(), n, x, &fusion));
       } else {
-        NIBBLE_RETURN_IF_ERROR(RunLinear(layer.o, attention_.as<uint16_t>(), n, projected));
-        NIBBLE_CUDA_OR_RETURN(kc::AddRmsNorm(x, projected, layer.ffn_norm.as<uint16_t>(), n,
-                                             hidden, eps, normed, stream_, dependent_launch_),
-                              "the residual add and FFN norm");
+        kc::SplitSums o_sums;
+        NIBBLE_RETURN_IF_ERROR(
+            RunLinear(layer.o, attention_.as<uint16_t>(), n, projected, nullptr, &o_sums));
+        NIBBLE_CUDA_OR_RETURN(
+            o_sums.splits > 0
+                ? kc::AddRmsNorm(x, o_sums, layer.ffn_norm.as<uint16_t>(), n, hidden, eps, normed,
+                                 stream_, dependent_launch_)
+                : kc::AddRmsNorm(x, projected, layer.ffn_norm.as<uint16_t>(), n, hidden, eps,
+                                 normed, stream_, dependent_launch_),
+            "the residual add and FFN norm");
       }
       kc::W4A16Fusion gate_up_fusion;
       if (ffn_folded) gate_up_fusion = folded_input(ffn_sumsq, layer.ffn_norm_c);
@@ -973,6 +991,18 @@ class CudaBackend final : public Backend {
       if (Fusable(layer.gate_up, n) && layer.gate_up.size() == 1 &&
           kc::CheckW4A16Fusion(layer.gate_up[0].layout, gated) == nullptr) {
         NIBBLE_RETURN_IF_ERROR(RunLinear(layer.gate_up[0], normed, n, act_.as<uint16_t>(), &gated));
+      } else if (layer.gate_up.size() == 1 && !ffn_folded) {  // stacked [gate | up]
+        kc::SplitSums sums;
+        NIBBLE_RETURN_IF_ERROR(RunLinear(layer.gate_up[0], normed, n, gate_up_.as<uint16_t>(),
+                                         nullptr, &sums));
+        const uint16_t* gate = gate_up_.as<uint16_t>();
+        NIBBLE_CUDA_OR_RETURN(
+            sums.splits > 0
+                ? kc::SiluMul(sums, sums.Columns(ffn), n, ffn, act_.as<uint16_t>(), ffn, stream_,
+                              dependent_launch_)
+                : kc::SiluMul(gate, 2 * ffn, gate + ffn, 2 * ffn, n, ffn, act_.as<uint16_t>(),
+                              ffn, stream_, dependent_launch_),
+            "SiLU(gate) * up");
       } else {
         Part gate_up[2];
         NIBBLE_RETURN_IF_ERROR(RunGroup(layer.gate_up, gate_up_out, 2, normed, n,
@@ -992,12 +1022,18 @@ class CudaBackend final : public Backend {
             residual_output(next.attention_norm, next.attention_norm_c, attention_sumsq);
         NIBBLE_RETURN_IF_ERROR(RunLinear(layer.down, act_.as<uint16_t>(), n, x, &fusion));
       } else {
-        NIBBLE_RETURN_IF_ERROR(RunLinear(layer.down, act_.as<uint16_t>(), n, projected));
+        kc::SplitSums down_sums;
+        NIBBLE_RETURN_IF_ERROR(
+            RunLinear(layer.down, act_.as<uint16_t>(), n, projected, nullptr, &down_sums));
         const uint16_t* next_norm =
             last ? final_norm_.as<uint16_t>() : layers_[l + 1].attention_norm.as<uint16_t>();
-        NIBBLE_CUDA_OR_RETURN(kc::AddRmsNorm(x, projected, next_norm, n, hidden, eps, normed,
-                                             stream_, dependent_launch_),
-                              "the residual add and norm");
+        NIBBLE_CUDA_OR_RETURN(
+            down_sums.splits > 0
+                ? kc::AddRmsNorm(x, down_sums, next_norm, n, hidden, eps, normed, stream_,
+                                 dependent_launch_)
+                : kc::AddRmsNorm(x, projected, next_norm, n, hidden, eps, normed, stream_,
+                                 dependent_launch_),
+            "the residual add and norm");
       }
     }
     if (r == 0) return absl::OkStatus();
@@ -1075,6 +1111,7 @@ class CudaBackend final : public Backend {
   bool fuse_ = false;              // the decode step's fusions (Init, Fusable)
   bool rope_in_attention_ = true;  // RoPE folded into decode attention (Init)
   bool cluster_combine_ = true;    // decode attention's splits combined in a cluster (Init)
+  bool fold_reduce_ = true;        // split-k sums added up by the kernel after the product (Init)
   // Decode-step graphs by (batch size, block-table width, spans sampled on the device).
   std::map<std::tuple<int64_t, int64_t, int64_t>, std::unique_ptr<GraphExec>> graphs_;
   PinnedBuffer host_meta_;

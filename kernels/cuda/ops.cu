@@ -13,6 +13,7 @@
 #include "kernels/cuda/dependent_launch.h"
 #include "kernels/cuda/half8.h"
 #include "kernels/cuda/rope_math.h"
+#include "kernels/cuda/split_sums.h"
 
 namespace nibble::kernels::cuda {
 namespace {
@@ -60,11 +61,12 @@ __device__ __forceinline__ float BlockSum(float v) {
 }
 
 // One block per row (grid-stride over rows). kAdd: x += residual first (rounded to fp16 and
-// stored), and the norm is of the stored value.
-template <bool kAdd, int V>
+// stored), and the norm is of the stored value. kSums: the residual is a product's split-k
+// partial sums (split_sums.h), added up as they are loaded.
+template <bool kAdd, int V, bool kSums = false>
 __global__ void RmsNormKernel(__half* x, const __half* __restrict__ residual,
                               const __half* __restrict__ weight, int64_t rows, int dim,
-                              float eps, __half* y) {
+                              float eps, __half* y, SplitSums sums) {
   AllowDependentLaunch();  // the products after the norms (kernels/cuda/dependent_launch.h)
   WaitForPriorGrid();
   const int nv = dim / V;
@@ -76,7 +78,11 @@ __global__ void RmsNormKernel(__half* x, const __half* __restrict__ residual,
       LoadF<V>(xr + i * V, f);
       if constexpr (kAdd) {
         float r[V];
-        LoadF<V>(residual + row * dim + i * V, r);
+        if constexpr (kSums) {
+          LoadSplitSums<V>(sums, row, static_cast<int64_t>(i) * V, r);
+        } else {
+          LoadF<V>(residual + row * dim + i * V, r);
+        }
 #pragma unroll
         for (int j = 0; j < V; ++j) f[j] = __half2float(__float2half_rn(f[j] + r[j]));
         StoreF<V>(xr + i * V, f);  // exact: f[j] is already an fp16 value
@@ -99,14 +105,19 @@ __global__ void RmsNormKernel(__half* x, const __half* __restrict__ residual,
   }
 }
 
-template <bool kAdd>
+// Whether split sums can be read 8 floats at a time (two 16-byte loads per split).
+bool SumsVec(const SplitSums& s) {
+  return Aligned16(s.sums) && s.row_stride % 4 == 0 && s.split_stride % 4 == 0;
+}
+
+template <bool kAdd, bool kSums = false>
 cudaError_t LaunchRmsNorm(uint16_t* x, const uint16_t* residual, const uint16_t* weight,
                           int64_t rows, int64_t dim, float eps, uint16_t* y,
-                          cudaStream_t stream, bool dependent) {
+                          cudaStream_t stream, bool dependent, const SplitSums& sums = {}) {
   if (rows < 0 || dim <= 0 || dim > (int64_t{1} << 30)) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   const bool vec = dim % 8 == 0 && Aligned16(x) && Aligned16(weight) && Aligned16(y) &&
-                   (!kAdd || Aligned16(residual));
+                   (!kAdd || (kSums ? SumsVec(sums) : Aligned16(residual)));
   const int64_t items = vec ? dim / 8 : dim;
   const int threads = static_cast<int>(std::clamp<int64_t>((items + 31) / 32 * 32, 32, 1024));
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(rows, 1 << 30));
@@ -114,24 +125,32 @@ cudaError_t LaunchRmsNorm(uint16_t* x, const uint16_t* residual, const uint16_t*
   auto* rh = reinterpret_cast<const __half*>(residual);
   auto* wh = reinterpret_cast<const __half*>(weight);
   auto* yh = reinterpret_cast<__half*>(y);
-  NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(dependent, vec ? RmsNormKernel<kAdd, 8> : RmsNormKernel<kAdd, 1>,
+  NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(dependent,
+                                           vec ? RmsNormKernel<kAdd, 8, kSums> : RmsNormKernel<kAdd, 1, kSums>,
                                            grid, threads, 0, stream, xh, rh, wh, rows,
-                                           static_cast<int>(dim), eps, yh));
+                                           static_cast<int>(dim), eps, yh, sums));
   return cudaSuccess;
 }
 
-template <int V>
+// kSums: gate and up are a product's split-k partial sums (split_sums.h), added up as they are
+// loaded.
+template <int V, bool kSums = false>
 __global__ void SiluMulKernel(const __half* gate, int64_t gate_stride, const __half* up,
                               int64_t up_stride, int64_t rows, int cols, __half* out,
-                              int64_t out_stride) {
+                              int64_t out_stride, SplitSums gate_sums, SplitSums up_sums) {
   AllowDependentLaunch();  // the down projection after it
   WaitForPriorGrid();
   const int i = (blockIdx.x * blockDim.x + threadIdx.x) * V;
   if (i >= cols) return;
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
     float g[V], u[V];
-    LoadF<V>(gate + row * gate_stride + i, g);
-    LoadF<V>(up + row * up_stride + i, u);
+    if constexpr (kSums) {
+      LoadSplitSums<V>(gate_sums, row, i, g);
+      LoadSplitSums<V>(up_sums, row, i, u);
+    } else {
+      LoadF<V>(gate + row * gate_stride + i, g);
+      LoadF<V>(up + row * up_stride + i, u);
+    }
 #pragma unroll
     for (int j = 0; j < V; ++j) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
     StoreF<V>(out + row * out_stride + i, g);
@@ -284,16 +303,42 @@ cudaError_t AddRmsNorm(uint16_t* x, const uint16_t* residual, const uint16_t* we
   return LaunchRmsNorm<true>(x, residual, weight, rows, dim, eps, y, stream, dependent);
 }
 
-cudaError_t SiluMul(const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
-                    int64_t up_stride, int64_t rows, int64_t cols, uint16_t* out,
-                    int64_t out_stride, cudaStream_t stream, bool dependent) {
-  if (rows < 0 || cols <= 0 || cols > (int64_t{1} << 30) || gate_stride < cols ||
-      up_stride < cols || out_stride < cols) {
+namespace {
+
+// Split sums of `rows` x `cols` that a kernel may read: at least one split, strides that keep
+// the rows and splits apart.
+bool SumsOk(const SplitSums& s, int64_t rows, int64_t cols) {
+  return s.sums != nullptr && s.splits >= 1 && s.row_stride >= cols &&
+         s.split_stride >= s.row_stride * rows;
+}
+
+}  // namespace
+
+cudaError_t AddRmsNorm(uint16_t* x, const SplitSums& residual, const uint16_t* weight,
+                       int64_t rows, int64_t dim, float eps, uint16_t* y, cudaStream_t stream,
+                       bool dependent) {
+  if (y == x || !SumsOk(residual, rows, dim)) return cudaErrorInvalidValue;
+  return LaunchRmsNorm<true, true>(x, nullptr, weight, rows, dim, eps, y, stream, dependent,
+                                   residual);
+}
+
+namespace {
+
+template <bool kSums>
+cudaError_t LaunchSiluMul(const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
+                          int64_t up_stride, const SplitSums& gate_sums, const SplitSums& up_sums,
+                          int64_t rows, int64_t cols, uint16_t* out, int64_t out_stride,
+                          cudaStream_t stream, bool dependent) {
+  if (rows < 0 || cols <= 0 || cols > (int64_t{1} << 30) || out_stride < cols ||
+      (kSums ? !SumsOk(gate_sums, rows, cols) || !SumsOk(up_sums, rows, cols)
+             : gate_stride < cols || up_stride < cols)) {
     return cudaErrorInvalidValue;
   }
   if (rows == 0) return cudaSuccess;
-  const bool vec = cols % 8 == 0 && gate_stride % 8 == 0 && up_stride % 8 == 0 &&
-                   out_stride % 8 == 0 && Aligned16(gate) && Aligned16(up) && Aligned16(out);
+  const bool vec = cols % 8 == 0 && out_stride % 8 == 0 && Aligned16(out) &&
+                   (kSums ? SumsVec(gate_sums) && SumsVec(up_sums)
+                          : gate_stride % 8 == 0 && up_stride % 8 == 0 && Aligned16(gate) &&
+                                Aligned16(up));
   const int v = vec ? 8 : 1;
   const int threads = 128;
   const dim3 grid(static_cast<unsigned>((cols / v + threads - 1) / threads),
@@ -301,10 +346,27 @@ cudaError_t SiluMul(const uint16_t* gate, int64_t gate_stride, const uint16_t* u
   auto* g = reinterpret_cast<const __half*>(gate);
   auto* u = reinterpret_cast<const __half*>(up);
   auto* o = reinterpret_cast<__half*>(out);
-  NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(dependent, vec ? SiluMulKernel<8> : SiluMulKernel<1>, grid,
-                                           threads, 0, stream, g, gate_stride, u, up_stride, rows,
-                                           static_cast<int>(cols), o, out_stride));
+  NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(dependent,
+                                           vec ? SiluMulKernel<8, kSums> : SiluMulKernel<1, kSums>,
+                                           grid, threads, 0, stream, g, gate_stride, u, up_stride,
+                                           rows, static_cast<int>(cols), o, out_stride, gate_sums,
+                                           up_sums));
   return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t SiluMul(const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
+                    int64_t up_stride, int64_t rows, int64_t cols, uint16_t* out,
+                    int64_t out_stride, cudaStream_t stream, bool dependent) {
+  return LaunchSiluMul<false>(gate, gate_stride, up, up_stride, {}, {}, rows, cols, out,
+                              out_stride, stream, dependent);
+}
+
+cudaError_t SiluMul(const SplitSums& gate, const SplitSums& up, int64_t rows, int64_t cols,
+                    uint16_t* out, int64_t out_stride, cudaStream_t stream, bool dependent) {
+  return LaunchSiluMul<true>(nullptr, 0, nullptr, 0, gate, up, rows, cols, out, out_stride, stream,
+                             dependent);
 }
 
 cudaError_t RopeRotateHalf(uint16_t* q, int64_t q_stride, int64_t heads, uint16_t* k,

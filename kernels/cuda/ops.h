@@ -22,6 +22,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kernels/cuda/split_sums.h"
+
 namespace nibble::kernels::cuda {
 
 // y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight, for `rows` rows of `dim`; x, y
@@ -36,11 +38,24 @@ cudaError_t AddRmsNorm(uint16_t* x, const uint16_t* residual, const uint16_t* we
                        int64_t rows, int64_t dim, float eps, uint16_t* y, cudaStream_t stream,
                        bool dependent = false);
 
+// AddRmsNorm with the residual given as a product's split-k partial sums (split_sums.h): the
+// same bits as the reduce kernel's fp16 output passed to AddRmsNorm, without that kernel.
+cudaError_t AddRmsNorm(uint16_t* x, const SplitSums& residual, const uint16_t* weight,
+                       int64_t rows, int64_t dim, float eps, uint16_t* y, cudaStream_t stream,
+                       bool dependent = false);
+
 // out[r, c] = silu(gate[r, c]) * up[r, c] = gate / (1 + exp(-gate)) * up, c < cols.
 // out may alias gate (same stride).
 cudaError_t SiluMul(const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
                     int64_t up_stride, int64_t rows, int64_t cols, uint16_t* out,
                     int64_t out_stride, cudaStream_t stream, bool dependent = false);
+
+// SiluMul of a product's split-k partial sums (split_sums.h; for a stacked [gate | up] product,
+// up = gate.Columns(cols)): the same bits as the reduce kernel's fp16 output passed to SiluMul.
+// out must not overlap the sums.
+cudaError_t SiluMul(const SplitSums& gate, const SplitSums& up, int64_t rows, int64_t cols,
+                    uint16_t* out, int64_t out_stride, cudaStream_t stream,
+                    bool dependent = false);
 
 // Rotary embedding, "rotate_half" layout (kernels/cpu/ops.h RopeRotateHalf), in place on the
 // q heads and the k heads of `tokens` tokens: token t's q heads start at q + t * q_stride

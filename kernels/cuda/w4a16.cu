@@ -859,7 +859,8 @@ __global__ void W4A16SplitReduceKernel(const float4* __restrict__ partial,
 template <int WN, int WM, int TN, int TM, int STAGES>
 cudaError_t LaunchGemm(const W4A16Layout& l, const uint16_t* x, const uint32_t* qw,
                        const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
-                       cudaStream_t stream, void* workspace, size_t workspace_bytes) {
+                       cudaStream_t stream, void* workspace, size_t workspace_bytes,
+                       SplitSums* unreduced) {
   using S = GemmShape<WN, WM, TN, TM>;
   constexpr int kSmem = S::kStageBytes * STAGES;
   auto* kernel = &W4A16GemmKernel<WN, WM, TN, TM, STAGES>;
@@ -906,6 +907,14 @@ cudaError_t LaunchGemm(const W4A16Layout& l, const uint16_t* x, const uint32_t* 
         static_cast<int>(l.n), static_cast<int>(l.k), n_tiles, k_chunks, per,
         static_cast<int>(l.groups_pad), group_shift);
     NIBBLE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  if (partial != nullptr && unreduced != nullptr) {  // the caller's next kernel adds them up
+    unreduced->sums = partial;
+    unreduced->row_stride = l.n;
+    unreduced->split_stride = m * l.n;
+    unreduced->splits = splits;
+    unreduced->bias = bias;
+    return cudaSuccess;
   }
   if (partial != nullptr) {
     const int64_t quads = m * l.n / 4;
@@ -1163,7 +1172,8 @@ W4A16Kernel ChooseW4A16Kernel(const W4A16Layout& layout, int64_t m, bool workspa
 cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint32_t* qw,
                         const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
                         cudaStream_t stream, W4A16Kernel kernel, void* workspace,
-                        size_t workspace_bytes) {
+                        size_t workspace_bytes, SplitSums* unreduced) {
+  if (unreduced != nullptr) *unreduced = SplitSums{};
   if (const char* why = CheckW4A16Shape(layout.n, layout.k, layout.group)) {
     std::fprintf(stderr, "%s:%d: MatMulW4A16: %s\n", __FILE__, __LINE__, why);
     return cudaErrorInvalidValue;
@@ -1187,10 +1197,10 @@ cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint
       return LaunchDecodeKernel(kernel, layout, x, qw, zs, bias, y, m, stream, 0);
     case W4A16Kernel::kGemm16:
       return LaunchGemm<4, 1, 2, 2, 6>(layout, x, qw, zs, bias, y, m, stream, workspace,
-                                       workspace_bytes);
+                                       workspace_bytes, unreduced);
     case W4A16Kernel::kGemm32:
       return LaunchGemm<4, 1, 2, 4, 5>(layout, x, qw, zs, bias, y, m, stream, workspace,
-                                       workspace_bytes);
+                                       workspace_bytes, unreduced);
     case W4A16Kernel::kTiled64:
     default:
       return Launch<8, 4, 2>(layout, x, qw, zs, bias, y, m, stream);

@@ -20,6 +20,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kernels/cuda/split_sums.h"
 #include "kernels/cuda/w4a16_layout.h"
 
 namespace nibble::kernels::cuda {
@@ -64,10 +65,17 @@ enum class W4A16Kernel {
 // else gemm16 / gemm32.
 W4A16Kernel ChooseW4A16Kernel(const W4A16Layout& layout, int64_t m, bool workspace);
 
+// unreduced (optional): where the launch splits k (a GEMM kernel with a workspace), the split
+// reduce is left to the caller: *unreduced describes the fp32 partial sums (and the bias) in the
+// workspace, y is not written, and the caller's next kernel on `stream` adds them up as it
+// loads them (ops.h AddRmsNorm / SiluMul with SplitSums; the same bits as y). The workspace
+// must then stay untouched until that kernel has run. Elsewhere unreduced->splits = 0 and y is
+// written.
 cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint32_t* qw,
                         const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
                         cudaStream_t stream, W4A16Kernel kernel = W4A16Kernel::kAuto,
-                        void* workspace = nullptr, size_t workspace_bytes = 0);
+                        void* workspace = nullptr, size_t workspace_bytes = 0,
+                        SplitSums* unreduced = nullptr);
 
 // For benchmarks: decode8, decode8ring (each with or without PDL) or decode16 (`kernel`; others
 // are refused) with `warps` warps per block (at most 16 and k / 64; the ring at most what its

@@ -216,6 +216,53 @@ int RunCase(const Case& c, std::mt19937& rng) {
                 (long long)unwritten, (long long)outside);
     failures += !ok;
   }
+  // The split GEMM's partial sums left to the caller (`unreduced`, for the kernel after the
+  // product to add up): read back and added on the host in split order (+ the bias, rounded
+  // once), they must give the reduce kernel's output bit for bit, and y must stay unwritten.
+  for (cu::W4A16Kernel kernel : {cu::W4A16Kernel::kGemm16, cu::W4A16Kernel::kGemm32}) {
+    const float* bias = c.bias ? d_bias.get() : nullptr;
+    NIBBLE_TEST_CUDA_CHECK(cu::MatMulW4A16(l, d_x.get(), d_qw.get(), d_zs.get(), bias, d_y.get(),
+                                           c.m, nullptr, kernel, d_ws.get(), d_ws.bytes()));
+    NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<uint16_t> reduced(ref.size());
+    d_y.CopyTo(reduced.data());
+    NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_y.get(), 0xff, d_y.bytes()));
+    NIBBLE_TEST_CUDA_CHECK(cudaMemset(d_ws.get(), 0xff, d_ws.bytes()));
+    cu::SplitSums sums;
+    sums.splits = -1;
+    NIBBLE_TEST_CUDA_CHECK(cu::MatMulW4A16(l, d_x.get(), d_qw.get(), d_zs.get(), bias, d_y.get(),
+                                           c.m, nullptr, kernel, d_ws.get(), d_ws.bytes(),
+                                           &sums));
+    NIBBLE_TEST_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<uint16_t> y16(ref.size());
+    d_y.CopyTo(y16.data());
+    int64_t differ = 0, written = 0;
+    if (sums.splits == 0) {  // not split here: y written as usual
+      for (size_t i = 0; i < y16.size(); ++i) differ += y16[i] != reduced[i];
+    } else {
+      const bool layout_ok = sums.sums == reinterpret_cast<const float*>(d_ws.get()) &&
+                             sums.row_stride == c.n && sums.split_stride == c.m * c.n &&
+                             sums.bias == bias && sums.splits > 1;
+      std::vector<float> parts(static_cast<size_t>(sums.splits) * c.m * c.n);
+      NIBBLE_TEST_CUDA_CHECK(cudaMemcpy(parts.data(), d_ws.get(), parts.size() * sizeof(float),
+                                        cudaMemcpyDeviceToHost));
+      for (int64_t i = 0; i < c.m * c.n; ++i) {
+        float sum = parts[i];
+        for (int32_t sp = 1; sp < sums.splits; ++sp) sum += parts[sp * c.m * c.n + i];
+        if (c.bias) sum += weight.bias[i % c.n];
+        differ += cpu::FloatToHalf(sum) != reduced[i];
+        written += y16[i] != 0xffff;
+      }
+      differ += !layout_ok;
+    }
+    const bool ok = differ == 0 && written == 0;
+    std::printf("%s m=%lld n=%lld k=%lld group=%lld bias=%d kernel=%s+ws unreduced splits=%d "
+                "differ=%lld y_written=%lld\n",
+                ok ? "PASS" : "FAIL", (long long)c.m, (long long)c.n, (long long)c.k,
+                (long long)c.group, c.bias, KernelName(kernel), sums.splits, (long long)differ,
+                (long long)written);
+    failures += !ok;
+  }
   return failures;
 }
 
