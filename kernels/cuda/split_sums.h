@@ -18,10 +18,11 @@ struct SplitSums {
   const float* sums = nullptr;  // device; 16-byte aligned for the vector paths
   int64_t row_stride = 0;       // floats from one row to the next
   int64_t split_stride = 0;     // floats from one split's sums to the next
-  int32_t splits = 0;           // >= 1
+  int32_t splits = 0;           // >= 1 to be read; MatMulW4A16 leaves 0 where it did not split
   const float* bias = nullptr;  // device [columns], or null
   // The sums of columns [column, ...): a part of a stacked product's output (e.g. up of
-  // [gate | up]).
+  // [gate | up]). The kernels cannot check that the part's columns end within the row: the
+  // caller's column + width <= row_stride.
   SplitSums Columns(int64_t column) const {
     SplitSums part = *this;
     part.sums += column;
@@ -51,7 +52,14 @@ __device__ __forceinline__ void LoadSplitSums(const SplitSums& s, int64_t r, int
       b.z += v.z;
       b.w += v.w;
     }
-    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+    f[0] = a.x;
+    f[1] = a.y;
+    f[2] = a.z;
+    f[3] = a.w;
+    f[4] = b.x;
+    f[5] = b.y;
+    f[6] = b.z;
+    f[7] = b.w;
   } else {
 #pragma unroll
     for (int j = 0; j < V; ++j) {

@@ -69,8 +69,10 @@ W4A16Kernel ChooseW4A16Kernel(const W4A16Layout& layout, int64_t m, bool workspa
 // reduce is left to the caller: *unreduced describes the fp32 partial sums (and the bias) in the
 // workspace, y is not written, and the caller's next kernel on `stream` adds them up as it
 // loads them (ops.h AddRmsNorm / SiluMul with SplitSums; the same bits as y). The workspace
-// must then stay untouched until that kernel has run. Elsewhere unreduced->splits = 0 and y is
-// written.
+// must then stay untouched until that kernel has run; since it allows the kernel after it an
+// early (programmatic) launch, that next kernel must not write the workspace before its
+// griddepcontrol.wait (a plain launch, as every W4A16 GEMM's, is safe). Elsewhere
+// unreduced->splits = 0 and y is written.
 cudaError_t MatMulW4A16(const W4A16Layout& layout, const uint16_t* x, const uint32_t* qw,
                         const uint32_t* zs, const float* bias, uint16_t* y, int64_t m,
                         cudaStream_t stream, W4A16Kernel kernel = W4A16Kernel::kAuto,

@@ -127,29 +127,38 @@ int TestSiluMul(std::mt19937& rng, int64_t rows, int64_t cols) {
 // split's share of values in [-1, 1] / splits) and a bias [width], their reduction on the host
 // (fp32 additions in split order, then the bias, rounded once: the reduce kernel's rule) as
 // fp16 [rows, width].
+// misaligned: the sums start one float past a 16-byte boundary and the rows are width + 1
+// floats apart, so the kernels must take their scalar path even where the width allows the
+// vector one.
 struct RandomSplitSums {
-  RandomSplitSums(std::mt19937& rng, int32_t splits, int64_t rows, int64_t width, bool with_bias)
-      : splits(splits), rows(rows), width(width), sums(splits * rows * width), bias(width),
-        reduced(rows * width), d_sums(sums.size()), d_bias(width) {
+  RandomSplitSums(std::mt19937& rng, int32_t splits, int64_t rows, int64_t width, bool with_bias,
+                  bool misaligned = false)
+      : splits(splits), rows(rows), width(width), stride(width + (misaligned ? 1 : 0)),
+        sums(1 + splits * rows * stride), bias(width), reduced(rows * width),
+        d_sums(sums.size()), d_bias(width) {
     std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
     for (float& v : sums) v = unit(rng) / static_cast<float>(splits);
     for (float& v : bias) v = with_bias ? unit(rng) : 0.0f;
-    for (int64_t i = 0; i < rows * width; ++i) {
-      float sum = sums[i];
-      for (int32_t sp = 1; sp < splits; ++sp) sum += sums[sp * rows * width + i];
-      if (with_bias) sum += bias[i % width];
-      reduced[i] = cpu::FloatToHalf(sum);
+    const int64_t first = misaligned ? 1 : 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < width; ++c) {
+        const int64_t i = first + r * stride + c;
+        float sum = sums[i];
+        for (int32_t sp = 1; sp < splits; ++sp) sum += sums[i + sp * rows * stride];
+        if (with_bias) sum += bias[c];
+        reduced[r * width + c] = cpu::FloatToHalf(sum);
+      }
     }
     d_sums.CopyFrom(sums.data());
     d_bias.CopyFrom(bias.data());
-    view.sums = d_sums.get();
-    view.row_stride = width;
-    view.split_stride = rows * width;
+    view.sums = d_sums.get() + first;
+    view.row_stride = stride;
+    view.split_stride = rows * stride;
     view.splits = splits;
     view.bias = with_bias ? d_bias.get() : nullptr;
   }
   int32_t splits;
-  int64_t rows, width;
+  int64_t rows, width, stride;
   std::vector<float> sums, bias;
   std::vector<uint16_t> reduced;
   DeviceBuffer<float> d_sums, d_bias;
@@ -167,11 +176,13 @@ int Bitwise(const std::string& name, const std::vector<uint16_t>& got,
 
 // AddRmsNorm and SiluMul fed split sums against the same kernels fed their host reduction:
 // the same bits in x, y and out.
-int TestSplitSums(std::mt19937& rng, int32_t splits, int64_t rows, int64_t dim, bool with_bias) {
-  const std::string tag = " splits=" + std::to_string(splits) + " bias=" + std::to_string(with_bias);
+int TestSplitSums(std::mt19937& rng, int32_t splits, int64_t rows, int64_t dim, bool with_bias,
+                  bool misaligned = false) {
+  const std::string tag = " splits=" + std::to_string(splits) + " bias=" + std::to_string(with_bias) +
+                          (misaligned ? " misaligned" : "");
   int fails = 0;
   {
-    const RandomSplitSums product(rng, splits, rows, dim, with_bias);
+    const RandomSplitSums product(rng, splits, rows, dim, with_bias, misaligned);
     const auto x = RandomHalf(rng, rows * dim, -1.0f, 1.0f);
     const auto w = RandomHalf(rng, dim, -1.5f, 1.5f);
     auto dw = Upload(w), dr = Upload(product.reduced);
@@ -187,7 +198,7 @@ int TestSplitSums(std::mt19937& rng, int32_t splits, int64_t rows, int64_t dim, 
   }
   {
     // A stacked [gate | up] product: up is the sums' second half of columns.
-    const RandomSplitSums product(rng, splits, rows, 2 * dim, with_bias);
+    const RandomSplitSums product(rng, splits, rows, 2 * dim, with_bias, misaligned);
     auto dgu = Upload(product.reduced);
     auto dout_ref = Poisoned(rows * dim), dout = Poisoned(rows * dim);
     NIBBLE_TEST_CUDA_CHECK(cu::SiluMul(dgu.get(), 2 * dim, dgu.get() + dim, 2 * dim, rows, dim,
@@ -430,14 +441,15 @@ int main(int argc, char** argv) {
   fails += TestRope(rng, 5, 64, 64, 128, true);  // 4,096 items: one token in 16 blocks
   fails += TestRope(rng, 2, 1, 0, 4);            // q only, one item
   fails += TestRope(rng, 100, 32, 8, 128, true);  // past kRopeSlicedTokens: a block per token
-  // Split sums: the engine's shapes (7B hidden 4096, ffn 14336) at its split counts, one split,
-  // and dims that take the scalar path (100: not a multiple of 8; 1030: columns offset by 1030,
-  // not 16-byte aligned).
+  // Split sums: the engine's shapes (7B hidden 4096, ffn 14336) at its split counts and one
+  // split; the scalar path for dims not a multiple of 8 (100, 1030), and for sums neither
+  // aligned nor with a row stride a multiple of 4 at a dim that would take the vector path.
   fails += TestSplitSums(rng, 9, 32, 4096, false);
   fails += TestSplitSums(rng, 3, 32, 14336, true);
   fails += TestSplitSums(rng, 1, 17, 4096, true);
   fails += TestSplitSums(rng, 5, 3, 100, true);
   fails += TestSplitSums(rng, 4, 7, 1030, false);
+  fails += TestSplitSums(rng, 3, 5, 4096, true, true);
   fails += TestRmsNorm(rng, 300, 4096);  // more rows than one block wave
   fails += TestEmbedding(rng, 92544, 4096, 17);
   for (int64_t cols : {1, 31, 512, 1030, 92544}) fails += TestArgMax(rng, 13, cols);

@@ -103,6 +103,9 @@ struct RandomWeight {
   DeviceBuffer<float> d_bias;
 };
 
+// How many `unreduced` launches split k (main checks that some did).
+int split_runs = 0;
+
 int RunCase(const Case& c, std::mt19937& rng) {
   const RandomWeight weight(c.n, c.k, c.group, rng);
   const cu::W4A16Layout& l = weight.l;
@@ -262,6 +265,7 @@ int RunCase(const Case& c, std::mt19937& rng) {
                 (long long)c.group, c.bias, KernelName(kernel), sums.splits, (long long)differ,
                 (long long)written);
     failures += !ok;
+    split_runs += sums.splits > 0;
   }
   return failures;
 }
@@ -522,6 +526,11 @@ int main(int argc, char** argv) {
   const bool fusion_only = argc > 2 && std::string(argv[2]) == "fusion";
   if (!fusion_only) {
     for (const Case& c : cases) failures += RunCase(c, rng);
+  }
+  if (!fusion_only) {
+    const bool split = split_runs > 0;
+    std::printf("%s unreduced: %d launches split k\n", split ? "PASS" : "FAIL", split_runs);
+    failures += !split;
   }
   failures += RunFusionCases(rng);
   // Unsupported shapes are refused, not run.
