@@ -257,7 +257,9 @@ __global__ void __launch_bounds__(kThreads, 4)
   static_assert(!EARLY || MAXG <= 4, "EARLY holds the values in registers: MAXG <= 4 only");
   // Splits of several rounds at MAXG 4 (bound by bandwidth: batches and contexts that fill the
   // card) keep the next round's keys or values in flight while a round is used: 16 registers
-  // more. MAXG 8 has no room under the 4-block bound (118-125 registers already).
+  // more (99-106: 4 blocks of 128 threads per multiprocessor instead of 5). 10 % faster at
+  // 1024 and 4096 positions x 16 sequences, 12 % slower at 16384 x 16 (tests/gpu/NOTES.md run
+  // 28). MAXG 8 has no room under the 4-block bound (118-125 registers already).
   constexpr bool kPipelined = !EARLY && MAXG <= 4;
   static_assert(RoundPositions(D) == kUnroll * TPB, "the planner's round is the kernel's");
   const int first = warp * TPW;

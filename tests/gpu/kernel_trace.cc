@@ -90,7 +90,11 @@ void CUPTIAPI BufferCompleted(CUcontext, uint32_t, uint8_t* buffer, size_t, size
 std::string ShortName(const std::string& full) {
   std::string s = full;
   if (s.rfind("void ", 0) == 0) s = s.substr(5);
-  // Cut the parameter list: the last '(' at template depth 0.
+  // The namespaces first: "(anonymous namespace)" would otherwise read as the parameter list.
+  for (const char* ns : {"nibble::kernels::cuda::", "(anonymous namespace)::"}) {
+    for (size_t at; (at = s.find(ns)) != std::string::npos;) s.erase(at, std::strlen(ns));
+  }
+  // Cut the parameter list: the first '(' at template depth 0.
   int depth = 0;
   size_t cut = std::string::npos;
   for (size_t i = 0; i < s.size(); ++i) {
@@ -102,9 +106,6 @@ std::string ShortName(const std::string& full) {
     }
   }
   if (cut != std::string::npos) s = s.substr(0, cut);
-  for (const char* ns : {"nibble::kernels::cuda::", "(anonymous namespace)::"}) {
-    for (size_t at; (at = s.find(ns)) != std::string::npos;) s.erase(at, std::strlen(ns));
-  }
   for (char& c : s) {
     if (c == ',') c = ';';
   }
