@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# run 28b (not run: no device time was left; for the next session, after repacking the binaries
-# it names with tests/gpu/pack-prebuilt.sh): the pipelined attention rounds under a 5-block bound (96 registers) against run 28a's
-# (4 blocks) and main's; the split-sums test fixed; the engine on the final build.
+# run 28b (not run: no device time was left). For the next session: give DecodeSplitKernel
+# __launch_bounds__(kThreads, (!EARLY && MAXG <= 4) ? 5 : 4) (ptxas: 93-96 registers, no
+# spills), build, keep run 28a's attention_bench as attention_bench_pipe4 and main's as
+# attention_bench_base in build/bin, repack with tests/gpu/pack-prebuilt.sh (the binaries named
+# below), then run this: the pipelined rounds under a 5-block bound against the 4-block ones and
+# main's; ops_test's fixed split-sums case; the engine; a batch-1 timeline with kernel names.
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 L=$OUT/logs; mkdir -p $L
 finish() {
