@@ -350,6 +350,18 @@ __global__ void __launch_bounds__(kThreads, 4)
     __syncthreads();
   }
 
+  // A phase's first round of keys or values into r: EARLY's, requested first thing; kPipelined's,
+  // requested now; otherwise the phase's loop loads each round itself.
+  const auto first_round = [&](const __half* __restrict__ src, const __half* new_row,
+                               const uint4 (&early)[kUnroll], uint4 (&r)[kUnroll]) {
+    if constexpr (EARLY) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) r[u] = early[u];
+    } else if constexpr (kPipelined) {
+      if (first < n) load_slices(src, new_row, first, r);
+    }
+  };
+
   // 1. Scores.
   {
     float qr[MAXG][8];
@@ -359,12 +371,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       for (int j = 0; j < 8; ++j) qr[g][j] = g < ng ? qs[g * D + ds + j] : 0.0f;
     // kPipelined: the next round's keys are requested before this round's are used.
     uint4 kr[kUnroll];
-    if constexpr (EARLY) {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) kr[u] = k_first[u];
-    } else if constexpr (kPipelined) {
-      if (first < n) load_slices(keys, new_k, first, kr);
-    }
+    first_round(keys, new_k, k_first, kr);
     for (int base = first; base < n; base += kUnroll * TPB) {  // warp-uniform
       if (!EARLY && !kPipelined) load_slices(keys, new_k, base, kr);
       uint4 kn[kPipelined ? kUnroll : 1];
@@ -403,12 +410,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   // kPipelined: the values' first round is requested before the softmax (it does not depend on
   // the scores), as EARLY requests it before the scores.
   uint4 vr[kUnroll];
-  if constexpr (EARLY) {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) vr[u] = v_first[u];
-  } else if constexpr (kPipelined) {
-    if (first < n) load_slices(values, new_v, first, vr);
-  }
+  first_round(values, new_v, v_first, vr);
   __syncthreads();
 
   // 2. Softmax of each query head's scores (unnormalized: exp(s - max), and the sum).
