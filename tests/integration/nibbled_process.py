@@ -9,6 +9,7 @@ daemon is) is killed at exit if it still runs, as a last resort after a failure.
 """
 import atexit
 import os
+import random
 import shutil
 import signal
 import socket
@@ -44,7 +45,31 @@ def terminate(process, timeout=20):
             process.wait()
 
 
+def _ephemeral_low():
+    """The first port of the kernel's ephemeral range (where bind(0) and outgoing connections
+    take theirs), 32768 where it cannot be read."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port():
+    """A loopback port that nothing holds now, for a daemon about to be started on it. Taken
+    below the ephemeral range where there is room: a port from bind(0) lies in that range, where
+    any outgoing connection (another test's gRPC client, under ctest -j) may take it as its
+    source port before the daemon binds it ("Address already in use", seen in CI)."""
+    low = _ephemeral_low()
+    if low > 11000:
+        for _ in range(200):
+            port = random.randrange(10000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
