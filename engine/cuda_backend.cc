@@ -867,6 +867,14 @@ class CudaBackend final : public Backend {
     uint16_t* x = x_.as<uint16_t>();
     uint16_t* normed = normed_.as<uint16_t>();
     uint16_t* projected = projected_.as<uint16_t>();
+    // x += the o or down product's output (its split sums where RunLinear left them, else
+    // `projected`), then normed = RmsNorm(x) with `weight`.
+    const auto add_norm = [&](const kc::SplitSums& sums, const uint16_t* weight) {
+      return sums.splits > 0
+                 ? kc::AddRmsNorm(x, sums, weight, n, hidden, eps, normed, stream_, dependent_launch_)
+                 : kc::AddRmsNorm(x, projected, weight, n, hidden, eps, normed, stream_,
+                                  dependent_launch_);
+    };
     NIBBLE_CUDA_OR_RETURN(kc::Embedding(embedding_.as<uint16_t>(), config_.vocab_size, hidden,
                                         meta.ids, n, x, stream_),
                           "the embedding lookup");
@@ -974,13 +982,8 @@ class CudaBackend final : public Backend {
         kc::SplitSums o_sums;
         NIBBLE_RETURN_IF_ERROR(
             RunLinear(layer.o, attention_.as<uint16_t>(), n, projected, nullptr, &o_sums));
-        NIBBLE_CUDA_OR_RETURN(
-            o_sums.splits > 0
-                ? kc::AddRmsNorm(x, o_sums, layer.ffn_norm.as<uint16_t>(), n, hidden, eps, normed,
-                                 stream_, dependent_launch_)
-                : kc::AddRmsNorm(x, projected, layer.ffn_norm.as<uint16_t>(), n, hidden, eps,
-                                 normed, stream_, dependent_launch_),
-            "the residual add and FFN norm");
+        NIBBLE_CUDA_OR_RETURN(add_norm(o_sums, layer.ffn_norm.as<uint16_t>()),
+                              "the residual add and FFN norm");
       }
       kc::W4A16Fusion gate_up_fusion;
       if (ffn_folded) gate_up_fusion = folded_input(ffn_sumsq, layer.ffn_norm_c);
@@ -1027,13 +1030,7 @@ class CudaBackend final : public Backend {
             RunLinear(layer.down, act_.as<uint16_t>(), n, projected, nullptr, &down_sums));
         const uint16_t* next_norm =
             last ? final_norm_.as<uint16_t>() : layers_[l + 1].attention_norm.as<uint16_t>();
-        NIBBLE_CUDA_OR_RETURN(
-            down_sums.splits > 0
-                ? kc::AddRmsNorm(x, down_sums, next_norm, n, hidden, eps, normed, stream_,
-                                 dependent_launch_)
-                : kc::AddRmsNorm(x, projected, next_norm, n, hidden, eps, normed, stream_,
-                                 dependent_launch_),
-            "the residual add and norm");
+        NIBBLE_CUDA_OR_RETURN(add_norm(down_sums, next_norm), "the residual add and norm");
       }
     }
     if (r == 0) return absl::OkStatus();

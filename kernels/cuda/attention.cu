@@ -180,10 +180,10 @@ __global__ void __launch_bounds__(kThreads, 4)
   AllowDependentLaunch();  // the o projection after it (kernels/cuda/dependent_launch.h)
   // ROPE waits for the kernel before it (the q/k/v product) only where it first reads what that
   // kernel writes (rope.q / k / v) or writes anything itself: first it reads what no kernel of
-  // the step writes before it (the lengths, block tables, positions and frequencies, copied in
-  // before the step; the cache rows of positions before the new token, written by earlier
-  // steps; PagedDecodeAttentionWithRope's contract) and, EARLY, requests its first round of
-  // keys and values: those three dependent round trips overlap the product's tail and its
+  // the step writes before it (the lengths and block tables, copied in before the step; the
+  // cache rows of positions before the new token, written by earlier steps;
+  // PagedDecodeAttentionWithRope's contract) and, EARLY, requests its first round of keys and
+  // values: those three dependent round trips overlap the product's tail and its
   // grid-completion handoff instead of following them.
   if constexpr (!ROPE) WaitForPriorGrid();
   constexpr int LPT = D / 8;     // lanes per position row

@@ -123,9 +123,9 @@ struct DecodeRopeInput {
 // (rope.q is only read). The new token's key and value are written at slot slots[s] and, for
 // the attention, taken from the block's shared memory, never read back from the cache: the rest
 // of sequence s (positions < len_s - 1) must already be there. With dependent_launch the kernel
-// reads those cache rows, seq_lens, the block tables, positions, inv_freq and freq_index before
-// it waits for the kernel before it: no kernel still running when it starts may write them
-// (the engine copies the metadata in before the step; earlier steps wrote those rows). A sequence whose length is
+// reads those cache rows, seq_lens and the block tables before it waits for the kernel before
+// it: no kernel still running when it starts may write them (the engine copies the metadata in
+// before the step; earlier steps wrote those rows). A sequence whose length is
 // outside [1, max_seq_len] gets a NaN output row and nothing written to the cache.
 cudaError_t PagedDecodeAttentionWithRope(const DecodeAttentionPlan& plan,
                                          const DecodeRopeInput& rope, const PagedKvView& kv,

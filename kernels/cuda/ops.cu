@@ -105,6 +105,13 @@ __global__ void RmsNormKernel(__half* x, const __half* __restrict__ residual,
   }
 }
 
+// Split sums of `rows` x `cols` that a kernel may read: at least one split, strides that keep
+// the rows and splits apart.
+bool SumsOk(const SplitSums& s, int64_t rows, int64_t cols) {
+  return s.sums != nullptr && s.splits >= 1 && s.row_stride >= cols &&
+         s.split_stride >= s.row_stride * rows;
+}
+
 // Whether split sums can be read 8 floats at a time (two 16-byte loads per split).
 bool SumsVec(const SplitSums& s) {
   return Aligned16(s.sums) && s.row_stride % 4 == 0 && s.split_stride % 4 == 0;
@@ -155,6 +162,36 @@ __global__ void SiluMulKernel(const __half* gate, int64_t gate_stride, const __h
     for (int j = 0; j < V; ++j) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
     StoreF<V>(out + row * out_stride + i, g);
   }
+}
+
+template <bool kSums>
+cudaError_t LaunchSiluMul(const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
+                          int64_t up_stride, const SplitSums& gate_sums, const SplitSums& up_sums,
+                          int64_t rows, int64_t cols, uint16_t* out, int64_t out_stride,
+                          cudaStream_t stream, bool dependent) {
+  if (rows < 0 || cols <= 0 || cols > (int64_t{1} << 30) || out_stride < cols ||
+      (kSums ? !SumsOk(gate_sums, rows, cols) || !SumsOk(up_sums, rows, cols)
+             : gate_stride < cols || up_stride < cols)) {
+    return cudaErrorInvalidValue;
+  }
+  if (rows == 0) return cudaSuccess;
+  const bool vec = cols % 8 == 0 && out_stride % 8 == 0 && Aligned16(out) &&
+                   (kSums ? SumsVec(gate_sums) && SumsVec(up_sums)
+                          : gate_stride % 8 == 0 && up_stride % 8 == 0 && Aligned16(gate) &&
+                                Aligned16(up));
+  const int v = vec ? 8 : 1;
+  const int threads = 128;
+  const dim3 grid(static_cast<unsigned>((cols / v + threads - 1) / threads),
+                  static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+  auto* g = reinterpret_cast<const __half*>(gate);
+  auto* u = reinterpret_cast<const __half*>(up);
+  auto* o = reinterpret_cast<__half*>(out);
+  NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(dependent,
+                                           vec ? SiluMulKernel<8, kSums> : SiluMulKernel<1, kSums>,
+                                           grid, threads, 0, stream, g, gate_stride, u, up_stride,
+                                           rows, static_cast<int>(cols), o, out_stride, gate_sums,
+                                           up_sums));
+  return cudaSuccess;
 }
 
 // Where RopeKernel<kStore = true> writes a token's keys and values (ops.h RopeKvStore).
@@ -303,17 +340,6 @@ cudaError_t AddRmsNorm(uint16_t* x, const uint16_t* residual, const uint16_t* we
   return LaunchRmsNorm<true>(x, residual, weight, rows, dim, eps, y, stream, dependent);
 }
 
-namespace {
-
-// Split sums of `rows` x `cols` that a kernel may read: at least one split, strides that keep
-// the rows and splits apart.
-bool SumsOk(const SplitSums& s, int64_t rows, int64_t cols) {
-  return s.sums != nullptr && s.splits >= 1 && s.row_stride >= cols &&
-         s.split_stride >= s.row_stride * rows;
-}
-
-}  // namespace
-
 cudaError_t AddRmsNorm(uint16_t* x, const SplitSums& residual, const uint16_t* weight,
                        int64_t rows, int64_t dim, float eps, uint16_t* y, cudaStream_t stream,
                        bool dependent) {
@@ -321,40 +347,6 @@ cudaError_t AddRmsNorm(uint16_t* x, const SplitSums& residual, const uint16_t* w
   return LaunchRmsNorm<true, true>(x, nullptr, weight, rows, dim, eps, y, stream, dependent,
                                    residual);
 }
-
-namespace {
-
-template <bool kSums>
-cudaError_t LaunchSiluMul(const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
-                          int64_t up_stride, const SplitSums& gate_sums, const SplitSums& up_sums,
-                          int64_t rows, int64_t cols, uint16_t* out, int64_t out_stride,
-                          cudaStream_t stream, bool dependent) {
-  if (rows < 0 || cols <= 0 || cols > (int64_t{1} << 30) || out_stride < cols ||
-      (kSums ? !SumsOk(gate_sums, rows, cols) || !SumsOk(up_sums, rows, cols)
-             : gate_stride < cols || up_stride < cols)) {
-    return cudaErrorInvalidValue;
-  }
-  if (rows == 0) return cudaSuccess;
-  const bool vec = cols % 8 == 0 && out_stride % 8 == 0 && Aligned16(out) &&
-                   (kSums ? SumsVec(gate_sums) && SumsVec(up_sums)
-                          : gate_stride % 8 == 0 && up_stride % 8 == 0 && Aligned16(gate) &&
-                                Aligned16(up));
-  const int v = vec ? 8 : 1;
-  const int threads = 128;
-  const dim3 grid(static_cast<unsigned>((cols / v + threads - 1) / threads),
-                  static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
-  auto* g = reinterpret_cast<const __half*>(gate);
-  auto* u = reinterpret_cast<const __half*>(up);
-  auto* o = reinterpret_cast<__half*>(out);
-  NIBBLE_CUDA_RETURN_IF_ERROR(LaunchKernel(dependent,
-                                           vec ? SiluMulKernel<8, kSums> : SiluMulKernel<1, kSums>,
-                                           grid, threads, 0, stream, g, gate_stride, u, up_stride,
-                                           rows, static_cast<int>(cols), o, out_stride, gate_sums,
-                                           up_sums));
-  return cudaSuccess;
-}
-
-}  // namespace
 
 cudaError_t SiluMul(const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
                     int64_t up_stride, int64_t rows, int64_t cols, uint16_t* out,
