@@ -162,8 +162,10 @@ __device__ __forceinline__ void CombineInCluster(const float* part, const float2
 #endif
 }
 
+// The pipelined variants (!EARLY, MAXG 4; kPipelined below) are bound to 5 blocks of 128
+// threads per multiprocessor (93-96 registers, no spills), the others to 4.
 template <int D, int MAXG, bool EARLY, bool ROPE = false, bool CLUSTER = false>
-__global__ void __launch_bounds__(kThreads, 4)
+__global__ void __launch_bounds__(kThreads, (!EARLY && MAXG <= 4) ? 5 : 4)
     DecodeSplitKernel(const __half* __restrict__ q, const __half* __restrict__ keys,
                       const __half* __restrict__ values, int64_t block_stride, int bsl,
                       const int32_t* __restrict__ tables, int64_t table_stride,
@@ -256,10 +258,12 @@ __global__ void __launch_bounds__(kThreads, 4)
   };
   static_assert(!EARLY || MAXG <= 4, "EARLY holds the values in registers: MAXG <= 4 only");
   // Splits of several rounds at MAXG 4 (bound by bandwidth: batches and contexts that fill the
-  // card) keep the next round's keys or values in flight while a round is used: 16 registers
-  // more (99-106: 4 blocks of 128 threads per multiprocessor instead of 5). 10 % faster at
-  // 1024 and 4096 positions x 16 sequences, 12 % slower at 16384 x 16 (tests/gpu/NOTES.md run
-  // 28). MAXG 8 has no room under the 4-block bound (118-125 registers already).
+  // card) keep the next round's keys or values in flight while a round is used. Left to
+  // itself ptxas gave that 99-106 registers (4 blocks of 128 threads per multiprocessor, not
+  // 5): 10 % faster at 1024 and 4096 positions x 16 sequences but 11 % slower at 16384 x 16
+  // (~8 waves) and 19-47 % in large clusters. Under the 5-block bound (93-96 registers) it keeps
+  // the first two gains and gives back the losses (16384 x 16 +2 % against one round at a
+  // time; tests/gpu/NOTES.md runs 28 and 29). MAXG 8 has no room (118-125 registers already).
   constexpr bool kPipelined = !EARLY && MAXG <= 4;
   static_assert(RoundPositions(D) == kUnroll * TPB, "the planner's round is the kernel's");
   const int first = warp * TPW;

@@ -11,9 +11,11 @@ kernel in capture order (graph node id), its
          durations do not add up; these do, to the step's time from its first start);
   dur    end minus start (under PDL the start is the early launch: it includes the wait);
   lead   the previous kernel's end minus this one's start: how early it was resident.
-Kernels of the same name and grid are summed per step (the layers' repeats); the table lists
-them in the order of their first appearance, with how many run per step. Times in µs, means
-over the steps.
+Kernels of the same name and grid that follow the same kernel are summed per step (the
+layers' repeats: a layer's o and down products share a name and grid, but one follows the
+attention and the other SiLU·mul); the table lists them in the order of their first
+appearance, with the kernel before them and how many run per step. Times in µs, means over the
+steps.
 """
 import argparse
 import collections
@@ -44,7 +46,7 @@ def main():
 
 def report(graph, steps, label):
     size = len(steps[0])
-    order = []  # (name, grid, cluster) in first-appearance order
+    order = []  # (name, grid, cluster, previous kernel's name) in first-appearance order
     per_key = collections.defaultdict(lambda: {"inc": [], "dur": [], "lead": [], "n": 0})
     step_times = []
     for i, kernels in enumerate(steps):
@@ -53,9 +55,11 @@ def report(graph, steps, label):
         t0 = min(int(r["start_ns"]) for r in kernels)
         latest = t0
         prev_end = None
+        prev_name = ""
         for r in kernels:
             s, e = int(r["start_ns"]), int(r["end_ns"])
-            key = (r["name"], r["grid"], r["cluster"])
+            key = (r["name"], r["grid"], r["cluster"], prev_name)
+            prev_name = r["name"]
             if key not in order:
                 order.append(key)
             acc = sums[key]
@@ -75,16 +79,17 @@ def report(graph, steps, label):
     mean = statistics.fmean
     print(f"kernel timeline {label} (graph {graph}): {len(steps)} steps of {size} kernels, "
           f"step {mean(step_times):.1f} µs (min {min(step_times):.1f}, max {max(step_times):.1f})")
-    print("| kernel | grid | cluster | per step | end+ µs/step | end+ µs each | dur µs each | lead µs each |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kernel | grid | cluster | after | per step | end+ µs/step | end+ µs each | dur µs each | lead µs each |")
+    print("|---|---|---|---|---|---|---|---|---|")
     total = 0.0
     for key in order:
         d = per_key[key]
         inc = mean(d["inc"])
         total += inc
-        print(f"| {key[0]} | {key[1]} | {key[2]} | {d['n']} | {inc:.1f} | {inc / d['n']:.2f} | "
+        after = key[3].split("<")[0]
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {after} | {d['n']} | {inc:.1f} | {inc / d['n']:.2f} | "
               f"{mean(d['dur']):.2f} | {mean(d['lead']):.2f} |")
-    print(f"| (sum of end+) | | | | {total:.1f} | | | |")
+    print(f"| (sum of end+) | | | | | {total:.1f} | | | |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# run 28b (not run: no device time was left). For the next session: give DecodeSplitKernel
+# run 28b (run as run 29a in the tenth session: results/run29a_*). Before it: give DecodeSplitKernel
 # __launch_bounds__(kThreads, (!EARLY && MAXG <= 4) ? 5 : 4) (ptxas: 93-96 registers, no
 # spills), build, keep run 28a's attention_bench as attention_bench_pipe4 and main's as
 # attention_bench_base in build/bin, repack with tests/gpu/pack-prebuilt.sh (the binaries named
