@@ -11,11 +11,12 @@ kernel in capture order (graph node id), its
          durations do not add up; these do, to the step's time from its first start);
   dur    end minus start (under PDL the start is the early launch: it includes the wait);
   lead   the previous kernel's end minus this one's start: how early it was resident.
-Kernels of the same name and grid that follow the same kernel are summed per step (the
+Kernels of the same name and grid that follow the same two kernels are summed per step (the
 layers' repeats: a layer's o and down products share a name and grid, but one follows the
-attention and the other SiLU·mul); the table lists them in the order of their first
-appearance, with the kernel before them and how many run per step. Times in µs, means over the
-steps.
+attention and the other SiLU·mul; the norms after them share their predecessor's name too, so
+the one before that tells them apart); the table lists them in the order of their first
+appearance, with the two kernels before them and how many run per step. Times in µs, means
+over the steps.
 """
 import argparse
 import collections
@@ -46,7 +47,7 @@ def main():
 
 def report(graph, steps, label):
     size = len(steps[0])
-    order = []  # (name, grid, cluster, previous kernel's name) in first-appearance order
+    order = []  # (name, grid, cluster, the two previous kernels' names) in first-appearance order
     per_key = collections.defaultdict(lambda: {"inc": [], "dur": [], "lead": [], "n": 0})
     step_times = []
     for i, kernels in enumerate(steps):
@@ -55,11 +56,11 @@ def report(graph, steps, label):
         t0 = min(int(r["start_ns"]) for r in kernels)
         latest = t0
         prev_end = None
-        prev_name = ""
+        before = ("", "")  # the names of the kernel before this one and of the one before that
         for r in kernels:
             s, e = int(r["start_ns"]), int(r["end_ns"])
-            key = (r["name"], r["grid"], r["cluster"], prev_name)
-            prev_name = r["name"]
+            key = (r["name"], r["grid"], r["cluster"], before)
+            before = (r["name"], before[0])
             if key not in order:
                 order.append(key)
             acc = sums[key]
@@ -86,7 +87,7 @@ def report(graph, steps, label):
         d = per_key[key]
         inc = mean(d["inc"])
         total += inc
-        after = key[3].split("<")[0]
+        after = " ← ".join(n.split("<")[0] for n in key[3] if n)
         print(f"| {key[0]} | {key[1]} | {key[2]} | {after} | {d['n']} | {inc:.1f} | {inc / d['n']:.2f} | "
               f"{mean(d['dur']):.2f} | {mean(d['lead']):.2f} |")
     print(f"| (sum of end+) | | | | | {total:.1f} | | | |")
