@@ -60,14 +60,28 @@ struct Shared {
   int candidate_id[kCompactCapacity];
 };
 
+// Loads a thread of a full-row pass keeps in flight: a pass is a chain of ~vocab / kThreads
+// loads from L2 per thread, so one at a time (32 warps x 1 load per SM) made every pass cost a
+// round trip per element, ~35 us for 92,544 logits, whatever the pass computed.
+constexpr int kRowLoadsInFlight = 8;
+
 // The elements of a row, in global memory or copied to shared memory; the order a thread sees
-// them in does not matter to any caller.
+// them in does not matter to any caller (sums are of integers, or, in SampleInIdOrder, not
+// taken through here).
 struct RowElements {
   const float* row;
   int vocab;
   template <class F>
   __device__ void ForEach(F&& f) const {
-    for (int i = threadIdx.x; i < vocab; i += kThreads) f(row[i], i);
+    int i = threadIdx.x;
+    for (; i + (kRowLoadsInFlight - 1) * kThreads < vocab; i += kRowLoadsInFlight * kThreads) {
+      float v[kRowLoadsInFlight];
+#pragma unroll
+      for (int u = 0; u < kRowLoadsInFlight; ++u) v[u] = row[i + u * kThreads];
+#pragma unroll
+      for (int u = 0; u < kRowLoadsInFlight; ++u) f(v[u], i + u * kThreads);
+    }
+    for (; i < vocab; i += kThreads) f(row[i], i);
   }
 };
 
@@ -365,9 +379,21 @@ __device__ int SampleInIdOrder(const float* row, int vocab, double max_logit,
   const int span = (vocab + kWarps - 1) / kWarps;
   const int begin = min(warp * span, vocab), end = min(begin + span, vocab);
   const double temperature = p.temperature;
-  auto weight = [&](int i) { return exp((static_cast<double>(row[i]) - max_logit) / temperature); };
+  auto weight = [&](float value) {
+    return exp((static_cast<double>(value) - max_logit) / temperature);
+  };
+  // The range's sum in id order, as before, with kRowLoadsInFlight loads issued ahead of the
+  // additions (the same additions in the same order: the same double).
   double sum = 0;
-  for (int i = begin + lane; i < end; i += 32) sum += weight(i);
+  int at = begin + lane;
+  for (; at + (kRowLoadsInFlight - 1) * 32 < end; at += kRowLoadsInFlight * 32) {
+    float v[kRowLoadsInFlight];
+#pragma unroll
+    for (int u = 0; u < kRowLoadsInFlight; ++u) v[u] = row[at + u * 32];
+#pragma unroll
+    for (int u = 0; u < kRowLoadsInFlight; ++u) sum += weight(v[u]);
+  }
+  for (; at < end; at += 32) sum += weight(row[at]);
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(kFullMask, sum, o);
   if (lane == 0) sh.warp_weight[warp] = sum;
   __syncthreads();
@@ -392,9 +418,13 @@ __device__ int SampleInIdOrder(const float* row, int vocab, double max_logit,
     const double target = sh.target;
     double running = 0;
     int id = end - 1;  // this range's sums in another order may end just short of the target
+    // Each 32 ids' logits are loaded while the previous 32 are summed: the walk is one warp.
+    float next = begin + lane < end ? row[begin + lane] : 0.0f;
     for (int base = begin; base < end; base += 32) {
       const int i = base + lane;
-      double incl = i < end ? weight(i) : 0.0;
+      const float value = next;
+      if (i + 32 < end) next = row[i + 32];
+      double incl = i < end ? weight(value) : 0.0;
       for (int o = 1; o < 32; o <<= 1) {
         const double up = __shfl_up_sync(kFullMask, incl, o);
         if (lane >= o) incl += up;

@@ -47,6 +47,11 @@ inline constexpr int64_t kSampleRowsMaxVocab = int64_t{1} << 19;
 // passes each; once the candidates number at most 2048 (top_k <= 2048, or a nucleus that
 // small) they are copied to shared memory and the remaining passes run there. Large top_k
 // (up to the vocabulary) and nuclei of thousands of tokens take the slower full-row passes.
+// Where the time goes (tests/gpu/RESULTS.md, run 31): one multiprocessor per row, and each
+// pass that needs weights recomputes them as double-precision exps (~30 us a pass over
+// 92,544 logits on an H100; far longer where FP64 is slow, as on a Jetson's GPU), so top-p
+// costs 0.3-0.6 ms a launch at any batch. Loads are not the limit (8 in flight a thread gained
+// 7-10 %).
 cudaError_t SampleRows(float* logits, int64_t rows, int64_t vocab, int64_t row_stride,
                        const SampleRowParams* params, const int32_t* penalty_offsets,
                        const int32_t* penalty_ids, int32_t* out_ids, cudaStream_t stream);

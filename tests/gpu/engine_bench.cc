@@ -2,11 +2,14 @@
 // random weights made in memory (speed does not depend on the values), W4A16 (g128) and fp16:
 //   gpu_engine_bench CONFIG [--batches 1,8,32,64] [--prompt 128] [--new 256] [--ttft 2048]
 //                    [--storage w4,fp16] [--layers N] [--host-argmax 1]
+//                    [--temperature T] [--top-k K] [--top-p P]
 // For each storage and batch size: B sequences are prefilled together (prompt tokens each),
 // then decoded together for `new` steps through Backend::ForwardBatch over the paged KV
 // cache, greedy: the argmax found on the device (BatchSpan::sample with temperature 0, as the
 // serving engine asks for every request), or with --host-argmax 1 every step's logits copied back
-// and scanned on the host (what any sampling with temperature costs). Prints tokens/s, and the roofline: the bytes one step must read (every weight
+// and scanned on the host. With --temperature > 0 every step samples on the device instead
+// (kernels/cuda/sampling.h, with --top-k / --top-p and a fresh uniform draw per token), so the
+// table shows what a sampled chat costs beside greedy. Prints tokens/s, and the roofline: the bytes one step must read (every weight
 // once, plus each sequence's keys and values so far, averaged over the steps) over the
 // bandwidth of a device-to-device copy measured in the same run. Then the time to first token
 // of one `ttft`-token prompt (one prefill pass, its last logits back on the host).
@@ -28,6 +31,7 @@
 #include "engine/model_config.h"
 #include "engine/model_weights.h"
 #include "kernels/cpu/half.h"
+#include "kernels/sample_row.h"
 #include "tests/gpu/device_buffer.h"
 #include "tests/gpu/timing.h"
 
@@ -122,12 +126,14 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
 int Main(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr, "usage: gpu_engine_bench CONFIG [--batches 1,8,32,64] [--prompt 128] "
-                         "[--new 256] [--ttft 2048] [--storage w4,fp16] [--layers N]\n");
+                         "[--new 256] [--ttft 2048] [--storage w4,fp16] [--layers N] "
+                         "[--host-argmax 1] [--temperature T] [--top-k K] [--top-p P]\n");
     return 2;
   }
   std::vector<int> batches = {1, 8, 32, 64};
   int prompt = 128, new_tokens = 256, ttft_tokens = 2048, layers = 0;
   bool host_argmax = false;  // --host-argmax 1: every step's logits to the host, argmax there
+  kernels::SampleRowParams sampling;  // temperature 0: greedy
   std::vector<std::string> storages = {"w4", "fp16"};
   for (int i = 2; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
@@ -137,6 +143,9 @@ int Main(int argc, char** argv) {
     else if (flag == "--ttft") ttft_tokens = std::stoi(value);
     else if (flag == "--layers") layers = std::stoi(value);
     else if (flag == "--host-argmax") host_argmax = value == "1";
+    else if (flag == "--temperature") sampling.temperature = std::stof(value);
+    else if (flag == "--top-k") sampling.top_k = std::stoi(value);
+    else if (flag == "--top-p") sampling.top_p = std::stof(value);
     else if (flag == "--storage") {
       storages.clear();
       std::stringstream ss(value);
@@ -145,6 +154,12 @@ int Main(int argc, char** argv) {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       return 2;
     }
+  }
+  if (!(sampling.temperature >= 0) || sampling.top_k < 0 ||
+      !(sampling.top_p > 0 && sampling.top_p <= 1) || (host_argmax && sampling.temperature > 0)) {
+    std::fprintf(stderr, "bad sampling flags: temperature >= 0, top-k >= 0, top-p in (0, 1], "
+                         "and --host-argmax only with greedy\n");
+    return 2;
   }
   std::ifstream file(argv[1]);
   std::stringstream text;
@@ -161,6 +176,10 @@ int Main(int argc, char** argv) {
   const double copy_gbs = testing::CopyBandwidth(nullptr);
   std::printf("device: %s; model: %s, %lld layers; copy bandwidth %.0f GB/s (read + write)\n",
               prop.name, argv[1], static_cast<long long>(config.num_layers), copy_gbs);
+  if (sampling.temperature > 0) {
+    std::printf("decode samples on the device: temperature %g, top-k %d, top-p %g\n",
+                sampling.temperature, sampling.top_k, sampling.top_p);
+  }
 
   std::printf("\n| weights | batch | prompt | new | decode tok/s | ms/step | roofline tok/s | "
               "%% of roofline | prefill s |\n|---|---|---|---|---|---|---|---|---|\n");
@@ -218,13 +237,18 @@ int Main(int argc, char** argv) {
         }
       };
       greedy();
-      for (int s = 0; s < batch; ++s) spans[s].sample = !host_argmax;  // greedy on the device
+      for (int s = 0; s < batch; ++s) {
+        spans[s].sample = !host_argmax;  // on the device: greedy, or sampled with --temperature
+        spans[s].sampling = sampling;
+      }
       // Two warm-up steps (cuBLAS heuristics, first-touch of the scratch buffers).
       int64_t length = prompt;
       const auto step = [&] {
         for (int s = 0; s < batch; ++s) {
           spans[s].tokens = std::span<const int32_t>(&next[s], 1);
           spans[s].start = length;
+          // A fresh draw in [0, 1) per token (53 bits), as the engine's Sampler takes one.
+          spans[s].sampling.u = static_cast<double>(SplitMix(length * 4096 + s) >> 11) * 0x1p-53;
         }
         BENCH_CHECK(backend->ForwardBatch(spans, logits, sampled));
         if (host_argmax) {
