@@ -173,6 +173,21 @@ struct Min {
   }
 };
 
+// word += v for a 64-bit word in shared memory, with 32-bit atomics. A 64-bit atomicAdd on
+// shared memory compiles for sm_90 to a load / add / compare-and-store loop. On the few
+// crowded bins of a selection's first digit (most of a row in a few dozen bins) those loops
+// retried one another: top-k 40 took 258 us a launch, now 77, and top-p 0.9 328 -> 177
+// (NOTES.md, sampling, run 33). The native 32-bit add returns the low word's old value, so its
+// carry into the high word is known exactly. Once every add is done (a barrier), the word holds the exact sum:
+// little-endian halves, and totals stay below 2^63.
+__device__ __forceinline__ void SharedAdd64(unsigned long long* word, unsigned long long v) {
+  unsigned int* halves = reinterpret_cast<unsigned int*>(word);
+  const unsigned int lo = static_cast<unsigned int>(v);
+  const unsigned int old = atomicAdd(&halves[0], lo);
+  const unsigned int hi = static_cast<unsigned int>(v >> 32) + (old + lo < old ? 1u : 0u);
+  if (hi != 0) atomicAdd(&halves[1], hi);
+}
+
 struct Selection {
   bool found;
   uint64_t key;
@@ -194,6 +209,9 @@ __device__ Selection Select(const Elements& elements, uint64_t floor, Weight wei
   unsigned long long above = 0;
   unsigned int above_count = 0;
   uint64_t known = 0;  // the key bits found so far
+  // A count selection (top-k) weighs every element 1: its bin weights are its bin counts, so
+  // it adds only the counts and copies them over before the scan.
+  constexpr bool kCountsAreWeights = std::is_same_v<Weight, CountWeight>;
   for (int shift = kFirstShift;; shift = shift > kRadixBits ? shift - kRadixBits : 0) {
     for (int b = threadIdx.x; b < kBins; b += kThreads) {
       sh.bin_weight[b] = 0;
@@ -216,7 +234,7 @@ __device__ Selection Select(const Elements& elements, uint64_t floor, Weight wei
       const int bin = static_cast<int>((key >> shift) & (kBins - 1));
       if (bin != run_bin) {
         if (run_count > 0) {
-          atomicAdd(&sh.bin_weight[run_bin], run_weight);
+          if constexpr (!kCountsAreWeights) SharedAdd64(&sh.bin_weight[run_bin], run_weight);
           atomicAdd(&sh.bin_count[run_bin], run_count);
         }
         run_bin = bin;
@@ -227,10 +245,14 @@ __device__ Selection Select(const Elements& elements, uint64_t floor, Weight wei
       ++run_count;
     });
     if (run_count > 0) {
-      atomicAdd(&sh.bin_weight[run_bin], run_weight);
+      if constexpr (!kCountsAreWeights) SharedAdd64(&sh.bin_weight[run_bin], run_weight);
       atomicAdd(&sh.bin_count[run_bin], run_count);
     }
     __syncthreads();
+    if constexpr (kCountsAreWeights) {
+      for (int b = threadIdx.x; b < kBins; b += kThreads) sh.bin_weight[b] = sh.bin_count[b];
+      __syncthreads();
+    }
     // The running sums in descending bin order: thread t holds bins kBins - 1 - 2t and
     // kBins - 2 - 2t; a block-wide prefix sum over the threads; the one thread whose range
     // crosses the threshold names the bin.

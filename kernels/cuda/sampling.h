@@ -47,11 +47,13 @@ inline constexpr int64_t kSampleRowsMaxVocab = int64_t{1} << 19;
 // passes each; once the candidates number at most 2048 (top_k <= 2048, or a nucleus that
 // small) they are copied to shared memory and the remaining passes run there. Large top_k
 // (up to the vocabulary) and nuclei of thousands of tokens take the slower full-row passes.
-// Where the time goes (tests/gpu/RESULTS.md, run 31): one multiprocessor per row, and each
-// pass that needs weights recomputes them as double-precision exps (~30 us a pass over
-// 92,544 logits on an H100; far longer where FP64 is slow, as on a Jetson's GPU), so top-p
-// costs 0.3-0.6 ms a launch at any batch. Loads are not the limit (8 in flight a thread gained
-// 7-10 %).
+// Where the time goes (tests/gpu/NOTES.md, sampling, runs 31 and 33; 92,544 logits on an
+// H100): one multiprocessor per row. Each pass that needs weights recomputes them as
+// double-precision exps (~50 us such a pass, far longer where FP64 is slow, as on a Jetson's
+// GPU). The selections' bins take 32-bit shared atomics only (64-bit ones are
+// compare-and-store loops that crowded bins made retry). Per launch: greedy 12 us,
+// temperature 74, top-k 40 77-84, top-p 0.9 177-300, at any batch up to the card's
+// multiprocessors.
 cudaError_t SampleRows(float* logits, int64_t rows, int64_t vocab, int64_t row_stride,
                        const SampleRowParams* params, const int32_t* penalty_offsets,
                        const int32_t* penalty_ids, int32_t* out_ids, cudaStream_t stream);
