@@ -16,7 +16,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // Candidates that fit in shared memory (as value and id): past this, passes read the row.
 constexpr int kCompactCapacity = 2048;
 // Fixed-point weights: exp(...) <= 1 becomes an integer of 2^-44 units, and 2^19 of them
-// (kSampleRowsMaxVocab) sum below 2^63.
+// (kSampleRowsMaxVocab) sum to at most 2^63: inside an unsigned 64-bit sum.
 constexpr double kWeightScale = 0x1p44;
 // 11-bit digits: the float's sign, exponent and 2 mantissa bits first, so that even the first
 // pass spreads a row over many bins; the value is known after 3 passes (33 bits), the id
@@ -179,7 +179,7 @@ struct Min {
 // retried one another: top-k 40 took 258 us a launch, now 77, and top-p 0.9 328 -> 177
 // (NOTES.md, sampling, run 33). The native 32-bit add returns the low word's old value, so its
 // carry into the high word is known exactly. Once every add is done (a barrier), the word holds the exact sum:
-// little-endian halves, and totals stay below 2^63.
+// little-endian halves, and a row's total is at most 2^63 (2^19 weights of at most 2^44).
 __device__ __forceinline__ void SharedAdd64(unsigned long long* word, unsigned long long v) {
   unsigned int* halves = reinterpret_cast<unsigned int*>(word);
   const unsigned int lo = static_cast<unsigned int>(v);

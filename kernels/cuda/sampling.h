@@ -30,7 +30,8 @@
 
 namespace nibble::kernels::cuda {
 
-// The largest vocabulary SampleRows takes (the integer weights of a row must sum below 2^63).
+// The largest vocabulary SampleRows takes (the integer weights of a row, each at most 2^44,
+// must fit an unsigned 64-bit sum).
 inline constexpr int64_t kSampleRowsMaxVocab = int64_t{1} << 19;
 
 // out_ids[r] = the token kernels/cpu/sampling.h's SampleRow picks from row r of `logits`

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -155,10 +156,13 @@ int Main(int argc, char** argv) {
       return 2;
     }
   }
-  if (!(sampling.temperature >= 0) || sampling.top_k < 0 ||
-      !(sampling.top_p > 0 && sampling.top_p <= 1) || (host_argmax && sampling.temperature > 0)) {
-    std::fprintf(stderr, "bad sampling flags: temperature >= 0, top-k >= 0, top-p in (0, 1], "
-                         "and --host-argmax only with greedy\n");
+  const bool sampled = sampling.temperature > 0;
+  if (!std::isfinite(sampling.temperature) || sampling.temperature < 0 || sampling.top_k < 0 ||
+      !(sampling.top_p > 0 && sampling.top_p <= 1) || (host_argmax && sampled) ||
+      (!sampled && (sampling.top_k != 0 || sampling.top_p != 1.0f))) {
+    std::fprintf(stderr, "bad sampling flags: a finite temperature >= 0, top-k >= 0, top-p in "
+                         "(0, 1]; --top-k / --top-p only with --temperature > 0, --host-argmax "
+                         "only without\n");
     return 2;
   }
   std::ifstream file(argv[1]);
@@ -176,7 +180,7 @@ int Main(int argc, char** argv) {
   const double copy_gbs = testing::CopyBandwidth(nullptr);
   std::printf("device: %s; model: %s, %lld layers; copy bandwidth %.0f GB/s (read + write)\n",
               prop.name, argv[1], static_cast<long long>(config.num_layers), copy_gbs);
-  if (sampling.temperature > 0) {
+  if (sampled) {
     std::printf("decode samples on the device: temperature %g, top-k %d, top-p %g\n",
                 sampling.temperature, sampling.top_k, sampling.top_p);
   }
