@@ -60,9 +60,10 @@ struct Shared {
   int candidate_id[kCompactCapacity];
 };
 
-// Loads a thread of a full-row pass keeps in flight: a pass is a chain of ~vocab / kThreads
-// loads from L2 per thread, so one at a time (32 warps x 1 load per SM) made every pass cost a
-// round trip per element, ~35 us for 92,544 logits, whatever the pass computed.
+// Loads a thread of a full-row pass issues before using them (a pass is ~vocab / kThreads
+// loads a thread). Measured 7-10 % faster than one at a time (NOTES.md, sampling, run 31):
+// loads were not what bound the passes; the double-precision weights and the bins' atomics
+// were.
 constexpr int kRowLoadsInFlight = 8;
 
 // The elements of a row, in global memory or copied to shared memory; the order a thread sees
@@ -178,8 +179,9 @@ struct Min {
 // crowded bins of a selection's first digit (most of a row in a few dozen bins) those loops
 // retried one another: top-k 40 took 258 us a launch, now 77, and top-p 0.9 328 -> 177
 // (NOTES.md, sampling, run 33). The native 32-bit add returns the low word's old value, so its
-// carry into the high word is known exactly. Once every add is done (a barrier), the word holds the exact sum:
-// little-endian halves, and a row's total is at most 2^63 (2^19 weights of at most 2^44).
+// carry into the high word is known exactly. Once every add is done (a barrier), the word
+// (little-endian halves) holds the exact sum; a row's total is at most 2^63 (2^19 weights of
+// at most 2^44).
 __device__ __forceinline__ void SharedAdd64(unsigned long long* word, unsigned long long v) {
   unsigned int* halves = reinterpret_cast<unsigned int*>(word);
   const unsigned int lo = static_cast<unsigned int>(v);

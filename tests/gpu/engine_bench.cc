@@ -9,10 +9,11 @@
 // serving engine asks for every request), or with --host-argmax 1 every step's logits copied back
 // and scanned on the host. With --temperature > 0 every step samples on the device instead
 // (kernels/cuda/sampling.h, with --top-k / --top-p and a fresh uniform draw per token), so the
-// table shows what a sampled chat costs beside greedy. Prints tokens/s, and the roofline: the bytes one step must read (every weight
-// once, plus each sequence's keys and values so far, averaged over the steps) over the
-// bandwidth of a device-to-device copy measured in the same run. Then the time to first token
-// of one `ttft`-token prompt (one prefill pass, its last logits back on the host).
+// table shows what a sampled chat costs beside greedy. Prints tokens/s, and the roofline: the
+// bytes one step must read (every weight once, plus each sequence's keys and values so far,
+// averaged over the steps) over the bandwidth of a device-to-device copy measured in the same
+// run. Then the time to first token of one `ttft`-token prompt (one prefill pass, its last
+// logits back on the host).
 #include <cuda_runtime_api.h>
 
 #include <algorithm>

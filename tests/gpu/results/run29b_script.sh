@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# run 29b (not run: the tenth session's device time went to starts that found no machine).
+# run 29b (prepared in the tenth session, run in the eleventh: results/run29b_*; every change
+# lost or did nothing, none is on main; RESULTS.md "Run 29b").
 # It measures tests/gpu/results/run29b.patch (NOTES.md "Run 29"): the decode products'
 # activation lines asked into L1 after the PDL wait (w4a16.cu), the rotary angles and cache row
 # before the attention's wait (attention.cu), NIBBLE_CUDA_O_WARPS and NIBBLE_CUDA_GATE_UP_WARPS
